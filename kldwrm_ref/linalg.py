@@ -1,0 +1,91 @@
+"""Robust symmetric eigendecompositions and dense damped solves."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import scipy.linalg
+from scipy.sparse.linalg import LinearOperator
+
+
+class CurvatureError(RuntimeError):
+    """A curvature matrix could not be decomposed; the message names it and where it was saved."""
+
+
+class Eigen(NamedTuple):
+    """A = vectors @ diag(values) @ vectors.T (values ascending)."""
+
+    values: np.ndarray
+    vectors: np.ndarray
+
+
+def symmetrize(matrix: np.ndarray) -> np.ndarray:
+    return 0.5 * (matrix + matrix.T)
+
+
+def save_offending(name: str, **matrices: np.ndarray) -> str:
+    """Save matrices that broke a decomposition to a fresh .npz in the temp dir; return its path."""
+    fd, path = tempfile.mkstemp(prefix=f"kldwrm-{name.replace(' ', '_')}-", suffix=".npz")
+    with os.fdopen(fd, "wb") as fh:
+        np.savez(fh, **matrices)
+    return path
+
+
+def safe_eigh(matrix: np.ndarray, name: str, other: np.ndarray | None = None) -> Eigen:
+    """eigh of the symmetrised ``matrix`` (generalised: A v = mu B v with ``other`` = B SPD).
+
+    Checks finiteness; on failure retries in float64 with jitter 1e-10 * mean|diag| (warning);
+    if that fails too, raises CurvatureError naming ``name`` and the .npz holding the matrices.
+    """
+    sym = symmetrize(matrix)
+    oth = None if other is None else symmetrize(other)
+    if not np.all(np.isfinite(sym)) or (oth is not None and not np.all(np.isfinite(oth))):
+        path = save_offending(name, matrix=matrix, **({} if other is None else {"other": other}))
+        raise CurvatureError(f"{name} has non-finite entries; saved to {path}")
+    try:
+        values, vectors = scipy.linalg.eigh(sym, oth)
+        if np.all(np.isfinite(values)):
+            return Eigen(values, vectors)
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
+        pass
+    warnings.warn(f"eigh of {name} failed; retrying in float64 with jitter", RuntimeWarning, stacklevel=2)
+    sym64 = sym.astype(np.float64)
+    jitter = 1e-10 * max(float(np.mean(np.abs(np.diag(sym64)))), 1e-30)
+    eye = np.eye(sym64.shape[0])
+    try:
+        oth64 = None if oth is None else oth.astype(np.float64) + jitter * eye
+        values, vectors = scipy.linalg.eigh(sym64 + jitter * eye, oth64)
+        if np.all(np.isfinite(values)):
+            return Eigen(values.astype(matrix.dtype), vectors.astype(matrix.dtype))
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
+        pass
+    path = save_offending(name, matrix=matrix, **({} if other is None else {"other": other}))
+    raise CurvatureError(f"eigendecomposition of {name} failed even with jitter in float64; saved to {path}")
+
+
+class DenseInverse(LinearOperator):
+    """(M + damping I)^{-1} of a dense SPD matrix M by Cholesky; ``matrix()`` gives M + damping I."""
+
+    def __init__(self, matrix: np.ndarray, damping: float = 0.0, name: str = "curvature"):
+        self.damped = symmetrize(matrix) + damping * np.eye(matrix.shape[0], dtype=matrix.dtype)
+        if not np.all(np.isfinite(self.damped)):
+            raise CurvatureError(f"{name} has non-finite entries")
+        try:
+            self.factor = scipy.linalg.cho_factor(self.damped)
+        except np.linalg.LinAlgError as exc:
+            path = save_offending(name, matrix=self.damped)
+            raise CurvatureError(f"{name} + damping is not positive definite (Cholesky failed); saved to {path}") from exc
+        super().__init__(dtype=matrix.dtype, shape=matrix.shape)
+
+    def _matvec(self, v):
+        return scipy.linalg.cho_solve(self.factor, np.ravel(v))
+
+    def _matmat(self, V):
+        return scipy.linalg.cho_solve(self.factor, V)
+
+    def _rmatvec(self, v):
+        return self._matvec(v)

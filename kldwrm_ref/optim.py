@@ -1,0 +1,328 @@
+"""The optimisers, optax style: ``opt = make(name, mlp, ...)``, ``state = opt.init(theta)``,
+``theta, state, info = opt.step(theta, state, X, y)`` with an immutable :class:`OptState`.
+
+Names (THEORY.md sections 2-5):
+
+- ``"sgd"``: theta -= alpha v, v = momentum v + g.
+- ``"ea-cm"``: natural gradient with the exponentially averaged curvature,
+  s = -alpha (Mbar_k + eta I)^{-1} g_k; on the K-FAC platform this is K-FAC, also named ``"kfac"``.
+- ``"so-kld-wrm"`` (4.1): s = -alpha (Mbar_k + eta I)^{-1} ghat_k, ghat_k = g_k - rho (alpha_{k-1}/alpha_k) g_{k-1}.
+- ``"q-kld-wrm"`` (4.2): s = -alpha (Mbar_k + eta I + alpha B_k)^{-1} ghat_k,
+  ghat_k = g_k - rho (alpha_{k-1}/alpha_k) (g_{k-1} + B_{k-1} s_{k-1}) with the *actual* previous step.
+- ``"qe-kld-wrm"`` (4.3): the Q step, then an inner solve of E_k (exact KL to the last m iterates,
+  evaluated on the current batch) started from it.
+
+Weight decay wd is treated as an L2 term of the loss: wd * theta is added to the (corrected)
+gradient before preconditioning and wd to the damping (curvature of wd/2 |theta|^2), as the
+authors do.  ``preset="paper"`` follows REFERENCE.md; where it departs from THEORY.md:
+(i) the empirical Fisher, (ii) refresh period T = 30 with the wake correction still applied every
+step, (iii) separate bias blocks, (iv) eigenvalues below 1e-6 floored to 0, (v) the kl_clip trust
+region and the per-layer RMS clip (Q, QE), (vi) weight decay 0.001, (vii) the "factored"
+Kronecker sum and B_k := Mbar_k on steps without refresh (Q, QE), (viii) QE: symmetric KL,
+kappa = 1/660, 7 inner momentum-SGD steps of size 0.1 alpha, momentum 0.5, and plain Q steps
+until the wake holds m = 3 iterates.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from kldwrm_ref.averaging import EAState, ExponentialAverage
+from kldwrm_ref.backend import get_backend
+from kldwrm_ref.curvature import DenseCurvature, KFACCurvature
+from kldwrm_ref.fisher import FISHER_TYPES
+from kldwrm_ref.kfac import BIAS_MODES, DAMPING_STYLES, KRON_SUM_MODES
+from kldwrm_ref.mlp import MLP
+from kldwrm_ref.validation import check_choice, check_nonnegative, check_positive, check_positive_int, check_rho
+from kldwrm_ref.wake import damped_solve_step, step_size_at, truncated_wake_weights, wake_corrected_gradient
+
+NAMES = ("sgd", "ea-cm", "kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm")
+PLATFORMS = ("dense", "kfac")
+PRESETS = ("theory", "paper")
+STALE_CURRENT = ("last", "average")
+INNER_SOLVERS = ("sgd", "preconditioned")
+KL_KINDS = ("forward", "symmetric")
+PAPER_RHO = {"ea-cm": 0.95, "kfac": 0.95, "so-kld-wrm": 0.33, "q-kld-wrm": 0.5, "qe-kld-wrm": 0.5, "sgd": 0.0}
+
+
+class DivergenceError(FloatingPointError):
+    """A training step produced a non-finite quantity; ``step`` and ``quantity`` say which."""
+
+    def __init__(self, step: int, quantity: str):
+        super().__init__(f"diverged at step {step}: {quantity} is not finite")
+        self.step, self.quantity = step, quantity
+
+
+class OptState(NamedTuple):
+    """Optimiser state (immutable). Fields unused by a method stay None."""
+
+    step: int
+    ea: EAState | None = None
+    inverse: Any = None  # cached (Mbar + eta I)^{-1}, rebuilt on refresh steps
+    current: tuple | None = None  # the latest current curvature B (Q, QE)
+    previous_model_gradient: np.ndarray | None = None  # grad h_{k-1}(theta_k)
+    previous_alpha: float | None = None
+    wake: tuple = ()  # QE: the last m iterates, oldest first
+    velocity: np.ndarray | None = None  # SGD momentum
+
+
+class Optimizer(NamedTuple):
+    name: str
+    hyper: dict
+    init: Callable[[np.ndarray], OptState]
+    step: Callable[[np.ndarray, OptState, np.ndarray, np.ndarray], tuple[np.ndarray, OptState, dict]]
+
+
+def default_hyper(name: str, platform: str, preset: str) -> dict:
+    """The full hyperparameter set for (name, platform, preset), before user overrides."""
+    hyper = dict(
+        step_size=0.01, rho=PAPER_RHO[name], damping=0.01, weight_decay=0.0, momentum=0.0,
+        period=1, fisher_type="exact", samples=1, seed=0, bias="joint", damping_style="eigen",
+        kron_sum="exact", eig_floor=0.0, kl_clip=None, rms_clip=None, stale_current="last",
+        m=3, kl="forward", kappa=1.0, inner="preconditioned", inner_steps=5, inner_step_factor=1.0,
+        inner_momentum=0.0, inner_after_full_wake=False,
+    )
+    if name == "sgd":
+        hyper.update(step_size=0.1)
+    if preset == "paper":
+        hyper.update(weight_decay=0.001, period=30, fisher_type="empirical", bias="separate", eig_floor=1e-6, kl_clip=0.1)
+        if name in ("q-kld-wrm", "qe-kld-wrm"):
+            hyper.update(rms_clip=2.0, kron_sum="factored", stale_current="average")
+        if name == "qe-kld-wrm":
+            hyper.update(kl="symmetric", kappa=1.0 / 660.0, inner="sgd", inner_steps=7, inner_step_factor=0.1, inner_momentum=0.5, inner_after_full_wake=True)
+    return hyper
+
+
+def validate_hyper(hyper: dict) -> dict:
+    """Check every hyperparameter; errors name the argument and the accepted range."""
+    h = dict(hyper)
+    if not callable(h["step_size"]):
+        check_positive(h["step_size"], "step_size")
+    check_rho(h["rho"])
+    check_nonnegative(h["damping"], "damping")
+    check_nonnegative(h["weight_decay"], "weight_decay")
+    if not 0 <= h["momentum"] < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {h['momentum']!r}")
+    check_positive_int(h["period"], "period")
+    check_choice(h["fisher_type"], "fisher_type", FISHER_TYPES)
+    check_positive_int(h["samples"], "samples")
+    check_choice(h["bias"], "bias", BIAS_MODES)
+    check_choice(h["damping_style"], "damping_style", DAMPING_STYLES)
+    check_choice(h["kron_sum"], "kron_sum", KRON_SUM_MODES)
+    check_nonnegative(h["eig_floor"], "eig_floor")
+    for clip in ("kl_clip", "rms_clip"):
+        if h[clip] is not None:
+            check_positive(h[clip], clip)
+    check_choice(h["stale_current"], "stale_current", STALE_CURRENT)
+    check_positive_int(h["m"], "m")
+    check_choice(h["kl"], "kl", KL_KINDS)
+    check_positive(h["kappa"], "kappa")
+    check_choice(h["inner"], "inner", INNER_SOLVERS)
+    if isinstance(h["inner_steps"], bool) or not isinstance(h["inner_steps"], int) or h["inner_steps"] < 0:
+        raise ValueError(f"inner_steps must be an integer >= 0, got {h['inner_steps']!r}")
+    check_positive(h["inner_step_factor"], "inner_step_factor")
+    if not 0 <= h["inner_momentum"] < 1:
+        raise ValueError(f"inner_momentum must be in [0, 1), got {h['inner_momentum']!r}")
+    return h
+
+
+def make(name: str, mlp: MLP, platform: str | None = None, preset: str = "theory", backend: str = "numpy", **overrides) -> Optimizer:
+    """Build optimiser ``name`` for ``mlp``; see the module docstring and :func:`default_hyper`."""
+    name = check_choice(name, "name", NAMES)
+    platform = check_choice(platform or ("kfac" if name == "kfac" else "dense"), "platform", PLATFORMS)
+    if name == "kfac" and platform != "kfac":
+        raise ValueError("name='kfac' needs platform='kfac' (use 'ea-cm' for the dense platform)")
+    preset = check_choice(preset, "preset", PRESETS)
+    backend = get_backend(backend).name
+    hyper = default_hyper(name, platform, preset)
+    unknown = set(overrides) - set(hyper)
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)}; accepted: {sorted(hyper)}")
+    hyper = validate_hyper({**hyper, **overrides})
+    hyper.update(platform=platform, preset=preset, backend=backend)
+    if name == "sgd":
+        return _make_sgd(mlp, hyper)
+    return _make_curvature_method(name, mlp, hyper)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _finite_or_raise(step: int, quantity: str, value) -> None:
+    if not np.all(np.isfinite(value)):
+        raise DivergenceError(step, quantity)
+
+
+def _layer_slices(mlp: MLP) -> list[slice]:
+    return [slice(mlp.offsets[l], mlp.offsets[l + 1]) for l in range(mlp.n_layers)]
+
+
+def rms_clip(mlp: MLP, v: np.ndarray, limit: float) -> tuple[np.ndarray, float]:
+    """Per layer v_l *= min(1, limit / RMS(v_l)), RMS = |v_l| / sqrt(size); returns (v, smallest factor)."""
+    out, smallest = v.copy(), 1.0
+    for sl in _layer_slices(mlp):
+        rms = np.linalg.norm(v[sl]) / np.sqrt(v[sl].size)
+        factor = min(1.0, limit / rms) if rms > 0 else 1.0
+        out[sl] *= factor
+        smallest = min(smallest, factor)
+    return out, smallest
+
+
+def kl_clip_factor(v: np.ndarray, ghat: np.ndarray, alpha: float, kl_clip: float) -> float:
+    """Trust region nu = min(1, sqrt(kl_clip / (alpha^2 v^T ghat))) for the preconditioned v."""
+    vg = float(v @ ghat) * alpha * alpha
+    return min(1.0, float(np.sqrt(kl_clip / vg))) if vg > 0 else 1.0
+
+
+def _make_sgd(mlp: MLP, hyper: dict) -> Optimizer:
+    def init(theta):
+        return OptState(0, velocity=np.zeros_like(theta))
+
+    def step(theta, state, X, y):
+        start = time.perf_counter()
+        k = state.step
+        loss, g, _ = mlp.loss_grad_cache(theta, X, y)
+        _finite_or_raise(k, "loss", loss)
+        _finite_or_raise(k, "gradient", g)
+        g = g + hyper["weight_decay"] * theta
+        velocity = hyper["momentum"] * state.velocity + g
+        s = -step_size_at(hyper["step_size"], k) * velocity
+        _finite_or_raise(k, "step", s)
+        elapsed = time.perf_counter() - start
+        info = dict(loss=loss, step_norm=float(np.linalg.norm(s)), time=dict(forward_backward=elapsed, total=elapsed))
+        return theta + s, state._replace(step=k + 1, velocity=velocity), info
+
+    return Optimizer("sgd", hyper, init, step)
+
+
+def _make_curvature_method(name: str, mlp: MLP, hyper: dict) -> Optimizer:
+    damping = hyper["damping"] + hyper["weight_decay"]
+    common = dict(mlp=mlp, damping=damping, fisher_type=hyper["fisher_type"], samples=hyper["samples"], backend=hyper["backend"])
+    if hyper["platform"] == "dense":
+        estimate = DenseCurvature(**common)
+    else:
+        estimate = KFACCurvature(**common, bias=hyper["bias"], damping_style=hyper["damping_style"], kron_sum=hyper["kron_sum"], eig_floor=hyper["eig_floor"])
+    average = ExponentialAverage.create(hyper["rho"], hyper["period"])
+    backend = get_backend(hyper["backend"])
+    rho, wd = hyper["rho"], hyper["weight_decay"]
+    uses_current = name in ("q-kld-wrm", "qe-kld-wrm")
+    corrects = name in ("so-kld-wrm", "q-kld-wrm", "qe-kld-wrm")
+
+    def init(theta):
+        mlp.check_theta(theta)
+        return OptState(0, ea=average.init())
+
+    def step(theta, state, X, y):
+        times = {}
+        clock = time.perf_counter()
+        k = state.step
+        alpha = step_size_at(hyper["step_size"], k)
+        loss, g, cache = mlp.loss_grad_cache(theta, X, y)
+        _finite_or_raise(k, "loss", loss)
+        _finite_or_raise(k, "gradient", g)
+        times["forward_backward"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        refresh = average.due(state.ea)
+        current = state.current
+        if refresh:
+            rng = np.random.default_rng([hyper["seed"], k])
+            current = estimate.compute(theta, X, y, cache, rng)
+            for m in current:
+                _finite_or_raise(k, "curvature", m)
+        ea = average.update(state.ea, current if refresh else None, backend)
+        averaged = average.value(ea)
+        times["curvature"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        inverse = state.inverse
+        if uses_current:
+            B = current if (refresh or hyper["stale_current"] == "last") else averaged
+            solver = estimate.sum_inverse(averaged, B, alpha)
+        else:
+            if refresh or inverse is None:
+                inverse = estimate.inverse(averaged)
+            solver = inverse
+        times["inverse"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        ghat = wake_corrected_gradient(g, state.previous_model_gradient, rho, alpha, state.previous_alpha) if corrects else g
+        ghat = ghat + wd * theta
+        v = solver.matvec(ghat)
+        info = {}
+        if hyper["rms_clip"] is not None:
+            v, info["rms_clip_factor"] = rms_clip(mlp, v, hyper["rms_clip"])
+        if hyper["kl_clip"] is not None:
+            info["kl_clip_factor"] = kl_clip_factor(v, ghat, alpha, hyper["kl_clip"])
+            v = v * info["kl_clip_factor"]
+        s = -alpha * v
+        _finite_or_raise(k, "step", s)
+        times["precondition"] = time.perf_counter() - clock
+
+        wake = state.wake
+        if name == "qe-kld-wrm":
+            clock = time.perf_counter()
+            wake = (wake + (theta,))[-hyper["m"]:]
+            if len(wake) == hyper["m"] or not hyper["inner_after_full_wake"]:
+                inner_solver = solver if hyper["kappa"] == 1.0 else estimate.sum_inverse(averaged, B, alpha / hyper["kappa"])
+                s = _qe_inner_solve(mlp, hyper, backend, estimate, theta, s, g, B, inner_solver, alpha, wake, X, k)
+                _finite_or_raise(k, "inner-solve step", s)
+            times["inner"] = time.perf_counter() - clock
+
+        previous_model_gradient = None
+        if name == "so-kld-wrm":
+            previous_model_gradient = g
+        elif uses_current:
+            previous_model_gradient = g + estimate.operator(B).matvec(s)
+        new_state = OptState(k + 1, ea, inverse, current, previous_model_gradient, alpha, wake)
+        times["total"] = sum(times.values())
+        info.update(loss=loss, step_norm=float(np.linalg.norm(s)), refreshed=refresh, time=times)
+        return theta + s, new_state, info
+
+    return Optimizer(name, hyper, init, step)
+
+
+def qe_gradient(mlp: MLP, backend, theta_k, g, B_operator, alpha, kappa, kind, wake, weights, ref_logits, X, theta) -> tuple[float, np.ndarray]:
+    """E_k and its gradient at theta (section 4.3), KL terms on the batch X against ``ref_logits``."""
+    s = theta - theta_k
+    Bs = B_operator.matvec(s)
+    cache = mlp.forward(theta, X)
+    total_dlogits = np.zeros_like(cache.logits)
+    kl_value = 0.0
+    for w, ref in zip(weights, ref_logits):
+        values, dlogits = backend.kl_and_grad(ref, cache.logits, kind)
+        kl_value += w * float(values.mean())
+        total_dlogits += w * dlogits
+    scale = kappa / alpha
+    value = float(g @ s + 0.5 * s @ Bs) + scale * kl_value
+    grad = g + Bs + scale * mlp.vjp(theta, cache, total_dlogits) / X.shape[0]
+    return value, grad
+
+
+def _qe_inner_solve(mlp, hyper, backend, estimate, theta_k, s_q, g, B, solver, alpha, wake, X, k):
+    """Approximately minimise E_k from theta_k + s_q; returns the final step s.
+
+    inner="sgd" (the authors'): s -= step_factor alpha v, v = momentum v + grad (RMS-clipped if set);
+    inner="preconditioned": s -= step_factor (alpha / kappa) P grad with P = (Mbar + eta I + (alpha / kappa) B)^{-1}
+    (``solver``), i.e. lambda^{-1} times the inverse of B + lambda kappa Mbar, the quadratic model of
+    E_k's Hessian: a fixed-metric Newton-type iteration that converges to the minimiser of E_k.
+    """
+    indices, weights = truncated_wake_weights(hyper["rho"], k, hyper["m"])
+    kept = wake[-len(indices):]
+    ref_logits = [mlp.logits(t, X) for t in kept]
+    B_operator = estimate.operator(B)
+    s = s_q.copy()
+    velocity = np.zeros_like(s)
+    for _ in range(hyper["inner_steps"]):
+        _, grad = qe_gradient(mlp, backend, theta_k, g, B_operator, alpha, hyper["kappa"], hyper["kl"], kept, weights, ref_logits, X, theta_k + s)
+        if hyper["inner"] == "preconditioned":
+            direction = solver.matvec(grad) * (alpha / hyper["kappa"]) * hyper["inner_step_factor"]
+        else:
+            direction = grad
+            if hyper["rms_clip"] is not None:
+                direction, _ = rms_clip(mlp, direction, hyper["rms_clip"])
+            direction = direction * hyper["inner_step_factor"] * alpha
+        velocity = hyper["inner_momentum"] * velocity + direction
+        s = s - velocity
+    return s

@@ -1,0 +1,60 @@
+"""Argument checks shared by every module: each error names the argument and the accepted range."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def check_finite(name: str, array: np.ndarray) -> None:
+    """Raise ValueError if ``array`` holds a NaN or an infinity."""
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise ValueError(f"{name} must be finite; it has {bad} non-finite entries")
+
+
+def check_rho(rho: float, name: str = "rho") -> float:
+    """The EA decay must lie in [0, 1): rho = 1 never forgets and the wake weights degenerate."""
+    if not isinstance(rho, numbers.Real) or not (0.0 <= float(rho) < 1.0):
+        raise ValueError(f"{name} must be a real number in [0, 1), got {rho!r}")
+    return float(rho)
+
+
+def check_positive(value: float, name: str) -> float:
+    """A strictly positive finite real number (step sizes, lambda, kappa)."""
+    if not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite real number > 0, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(value: float, name: str) -> float:
+    """A finite real number >= 0 (damping, weight decay, momentum)."""
+    if not isinstance(value, numbers.Real) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_positive_int(value: int, name: str) -> int:
+    """An integer >= 1 (refresh periods, wake capacity, sample counts)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+    """One of a fixed set of strings."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_square_symmetric(name: str, matrix: np.ndarray, size: int | None = None) -> np.ndarray:
+    """A finite square matrix (of the given size when one is given)."""
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"{name} must be a square matrix, got shape {matrix.shape}")
+    if size is not None and matrix.shape[0] != size:
+        raise ValueError(f"{name} must be {size} x {size}, got {matrix.shape}")
+    check_finite(name, matrix)
+    return matrix
