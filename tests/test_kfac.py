@@ -1,0 +1,150 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference_net as ref
+from kldwrm_ref import MLP
+from kldwrm_ref.fisher import fisher
+from kldwrm_ref.kfac import KFACInverse, KFACOperator, KronBlock, KronSumInverse, kfac_factors, kron_blocks, kron_dense, pi_damping
+from kldwrm_ref.linalg import CurvatureError, safe_eigh
+from strategies import nets
+
+
+def assert_solves(x, dense, b):
+    """x solves dense x = b up to the accuracy float64 allows: |x - x*| <= 1e-13 cond |x*|."""
+    expected = np.linalg.solve(dense, b)
+    assert np.linalg.norm(x - expected) <= 1e-13 * np.linalg.cond(dense) * np.linalg.norm(expected)
+
+
+def layer_block(mlp, F, l):
+    sl = slice(mlp.offsets[l], mlp.offsets[l + 1])
+    return F[sl, sl]
+
+
+@given(nets(max_width=5))
+def test_kfac_is_exact_for_one_input(case):
+    mlp, theta, X, _, _ = case
+    x = X[:1]
+    F = fisher(mlp, theta, x)
+    blocks = kron_blocks(mlp, kfac_factors(mlp, theta, x))
+    dense = kron_dense(blocks, mlp.n_params)
+    for l in range(mlp.n_layers):
+        expected = layer_block(mlp, F, l)
+        assert np.linalg.norm(layer_block(mlp, dense, l) - expected) <= 1e-10 * max(np.linalg.norm(expected), 1e-300)
+
+
+@given(nets(max_width=4, max_hidden=1))
+def test_factors_equal_independent_complex_step_implementation(case):
+    mlp, theta, X, _, _ = case
+    for (A, G), (A_ref, G_ref) in zip(kfac_factors(mlp, theta, X), ref.kfac_factors_exact(mlp.sizes, mlp.activation, theta, X)):
+        assert np.linalg.norm(A - A_ref) <= 1e-12 * np.linalg.norm(A_ref)
+        assert np.linalg.norm(G - G_ref) <= 1e-10 * max(np.linalg.norm(G_ref), 1e-300)
+
+
+@given(nets(max_width=5))
+def test_separate_bias_blocks_match_their_part_of_the_joint_kronecker_product(case):
+    mlp, theta, X, y, _ = case
+    factors = kfac_factors(mlp, theta, X, y, "empirical")
+    joint = kron_dense(kron_blocks(mlp, factors, "joint"), mlp.n_params)
+    separate = kron_dense(kron_blocks(mlp, factors, "separate"), mlp.n_params)
+    mask = separate != 0
+    np.testing.assert_allclose(separate[mask], joint[mask], rtol=1e-12)  # separate drops only W-b cross terms
+
+
+def random_spd_factors(mlp, rng, rank_deficient=False):
+    factors = []
+    for out, inp in mlp.layer_shapes:
+        a = rng.standard_normal((inp + 1, inp + (0 if rank_deficient else 3)))
+        g = rng.standard_normal((out, out + 2))
+        factors.append((a @ a.T / a.shape[1], g @ g.T / g.shape[1]))
+    return factors
+
+
+@st.composite
+def kfac_cases(draw):
+    mlp, theta, X, y, rng = draw(nets(max_width=5))
+    return mlp, rng, draw(st.floats(1e-3, 1.0)), draw(st.sampled_from(["joint", "separate"]))
+
+
+@given(kfac_cases())
+def test_eigen_damped_inverse_equals_dense_solve(case):
+    mlp, rng, eta, bias = case
+    blocks = kron_blocks(mlp, random_spd_factors(mlp, rng, rank_deficient=True), bias)
+    inv = KFACInverse(blocks, mlp.n_params, eta, "eigen")
+    dense = kron_dense(blocks, mlp.n_params) + eta * np.eye(mlp.n_params)
+    V = rng.standard_normal((mlp.n_params, 3))
+    assert_solves(inv @ V, dense, V)
+    round_trip = inv @ (KFACOperator(blocks, mlp.n_params) @ V + eta * V)  # inverse times operator = identity
+    assert np.linalg.norm(round_trip - V) <= 1e-13 * np.linalg.cond(dense) * np.linalg.norm(V)
+
+
+@given(kfac_cases())
+def test_factored_damping_inverse_equals_dense_solve(case):
+    mlp, rng, eta, bias = case
+    blocks = kron_blocks(mlp, random_spd_factors(mlp, rng), bias)
+    inv = KFACInverse(blocks, mlp.n_params, eta, "factored")
+    dense = np.zeros((mlp.n_params, mlp.n_params))
+    for b in blocks:
+        gamma_a, gamma_g = pi_damping(b.A, b.G, eta)
+        dense[np.ix_(b.index, b.index)] = np.kron(b.G + gamma_g * np.eye(len(b.G)), b.A + gamma_a * np.eye(len(b.A)))
+        assert gamma_a * gamma_g == pytest.approx(eta)
+    v = rng.standard_normal(mlp.n_params)
+    assert_solves(inv @ v, dense, v)
+
+
+@given(kfac_cases(), st.floats(1e-3, 10.0))
+def test_exact_kronecker_sum_solve_equals_dense(case, alpha):
+    mlp, rng, eta, bias = case
+    average = kron_blocks(mlp, random_spd_factors(mlp, rng), bias)
+    current = kron_blocks(mlp, random_spd_factors(mlp, rng, rank_deficient=True), bias)
+    inv = KronSumInverse(average, current, mlp.n_params, alpha, eta, "exact")
+    dense = np.zeros((mlp.n_params, mlp.n_params))
+    for bar, cur in zip(average, current):
+        gamma_a, gamma_g = pi_damping(bar.A, bar.G, eta)
+        damped = np.kron(bar.G + gamma_g * np.eye(len(bar.G)), bar.A + gamma_a * np.eye(len(bar.A)))
+        dense[np.ix_(bar.index, bar.index)] = damped + alpha * np.kron(cur.G, cur.A)
+    v = rng.standard_normal(mlp.n_params)
+    assert_solves(inv @ v, dense, v)
+
+
+@given(kfac_cases(), st.floats(1e-3, 10.0))
+def test_factored_kronecker_sum_is_the_kronecker_product_of_summed_factors(case, alpha):
+    mlp, rng, eta, bias = case
+    average = kron_blocks(mlp, random_spd_factors(mlp, rng), bias)
+    current = kron_blocks(mlp, random_spd_factors(mlp, rng), bias)
+    inv = KronSumInverse(average, current, mlp.n_params, alpha, eta, "factored", "eigen")
+    dense = np.zeros((mlp.n_params, mlp.n_params))
+    for bar, cur in zip(average, current):
+        dense[np.ix_(bar.index, bar.index)] = np.kron(bar.G + alpha * cur.G, bar.A + alpha * cur.A)
+    dense += eta * np.eye(mlp.n_params)
+    v = rng.standard_normal(mlp.n_params)
+    assert_solves(inv @ v, dense, v)
+
+
+def test_eigenvalue_floor_works_on_a_copy_of_the_cached_decomposition():
+    mlp = MLP([3, 2])
+    blocks = kron_blocks(mlp, random_spd_factors(mlp, np.random.default_rng(0), rank_deficient=True))
+    inv = KFACInverse(blocks, mlp.n_params, 0.1, "eigen", eig_floor=1e-1)
+    eig_g, eig_a = inv.eigens[0]
+    np.testing.assert_allclose(eig_a.vectors @ np.diag(eig_a.values) @ eig_a.vectors.T, blocks[0].A, atol=1e-12)
+    assert np.any(eig_a.values < 1e-1)  # the floor has something to do
+    d_g, d_a, _ = inv.scales[0]
+    assert np.all(d_a[eig_a.values < 1e-1] == 0) and np.all(d_a[eig_a.values >= 1e-1] == eig_a.values[eig_a.values >= 1e-1])
+
+
+def test_failed_decomposition_names_the_factor_and_saves_it():
+    bad = np.array([[1.0, np.nan], [np.nan, 1.0]])
+    with pytest.raises(CurvatureError, match=r"layer 3 factor G has non-finite entries; saved to (\S+\.npz)") as info:
+        safe_eigh(bad, "layer 3 factor G")
+    path = str(info.value).rsplit(" ", 1)[-1]
+    np.testing.assert_array_equal(np.load(path)["matrix"], bad)
+
+
+def test_singular_undamped_kfac_is_rejected():
+    mlp = MLP([2, 2])
+    blocks = [KronBlock(np.zeros((2, 2)), np.eye(3), np.arange(6), "layer 0")]
+    with pytest.raises(ValueError, match="singular"):
+        KFACInverse(blocks, mlp.n_params, 0.0)
+    with pytest.raises(ValueError, match="damping must be a finite real number >= 0"):
+        KFACInverse(blocks, mlp.n_params, -1.0)
