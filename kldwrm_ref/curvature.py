@@ -4,7 +4,8 @@ An estimate computes the local curvature M_k at (theta_k, batch) as a tuple of a
 exponential average runs over) and turns averaged / current tuples into the operators the update
 rules need:
 
-- ``inverse(avg)``: (Mbar + eta I)^{-1} (eigen damping on K-FAC, or factored);
+- ``inverse(avg, damping=None)``: (Mbar + eta I)^{-1} (eigen damping on K-FAC, or factored);
+  ``damping`` overrides eta;
 - ``sum_inverse(avg, cur, alpha)``: (Mbar + eta I + alpha B)^{-1} (the Q-KLD-WRM matrix / lambda);
 - ``operator(cur)``: v -> B v.
 """
@@ -33,8 +34,8 @@ class DenseCurvature(NamedTuple):
     def compute(self, theta, X, y, cache, rng) -> tuple[np.ndarray, ...]:
         return (fisher(self.mlp, theta, X, self.fisher_type, y, self.samples, rng, self.backend),)
 
-    def inverse(self, avg):
-        return DenseInverse(avg[0], self.damping, "averaged Fisher")
+    def inverse(self, avg, damping=None):
+        return DenseInverse(avg[0], self.damping if damping is None else damping, "averaged Fisher")
 
     def sum_inverse(self, avg, cur, alpha):
         return DenseInverse(avg[0] + alpha * cur[0], self.damping, "averaged Fisher + alpha current Fisher")
@@ -71,8 +72,9 @@ class KFACCurvature(NamedTuple):
         factors = [Factors(flat[2 * l], flat[2 * l + 1]) for l in range(len(flat) // 2)]
         return kron_blocks(self.mlp, factors, self.bias)
 
-    def inverse(self, avg):
-        return KFACInverse(self.blocks(avg), self.mlp.n_params, self.damping, self.damping_style, self.eig_floor, self.backend)
+    def inverse(self, avg, damping=None):
+        damping = self.damping if damping is None else damping
+        return KFACInverse(self.blocks(avg), self.mlp.n_params, damping, self.damping_style, self.eig_floor, self.backend)
 
     def sum_inverse(self, avg, cur, alpha):
         return KronSumInverse(self.blocks(avg), self.blocks(cur), self.mlp.n_params, alpha, self.damping, self.kron_sum, self.damping_style, self.eig_floor, self.backend)

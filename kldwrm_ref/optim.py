@@ -265,8 +265,7 @@ def _make_curvature_method(name: str, mlp: MLP, hyper: dict) -> Optimizer:
             clock = time.perf_counter()
             wake = (wake + (theta,))[-hyper["m"]:]
             if len(wake) == hyper["m"] or not hyper["inner_after_full_wake"]:
-                inner_solver = solver if hyper["kappa"] == 1.0 else estimate.sum_inverse(averaged, B, alpha / hyper["kappa"])
-                s = _qe_inner_solve(mlp, hyper, backend, estimate, theta, s, g, B, inner_solver, alpha, wake, X, k)
+                s = _qe_inner_solve(mlp, hyper, backend, estimate, theta, s, g, B, alpha, wake, X, k)
                 _finite_or_raise(k, "inner-solve step", s)
             times["inner"] = time.perf_counter() - clock
 
@@ -283,46 +282,91 @@ def _make_curvature_method(name: str, mlp: MLP, hyper: dict) -> Optimizer:
     return Optimizer(name, hyper, init, step)
 
 
-def qe_gradient(mlp: MLP, backend, theta_k, g, B_operator, alpha, kappa, kind, wake, weights, ref_logits, X, theta) -> tuple[float, np.ndarray]:
-    """E_k and its gradient at theta (section 4.3), KL terms on the batch X against ``ref_logits``."""
+def qe_gradient(mlp: MLP, backend, theta_k, g, B_operator, alpha, kappa, damping, kind, wake, weights, ref_logits, X, theta) -> tuple[float, np.ndarray]:
+    """E_k and its gradient at theta (section 4.3), KL terms on the batch X against ``ref_logits``.
+
+    Each wake term is D(theta_j || theta) + (eta / 2) |theta - theta_j|^2: the damping is itself a
+    wake (section 2), and without it E_k has no minimiser where the batch Fisher is singular.
+    """
     s = theta - theta_k
     Bs = B_operator.matvec(s)
     cache = mlp.forward(theta, X)
     total_dlogits = np.zeros_like(cache.logits)
     kl_value = 0.0
-    for w, ref in zip(weights, ref_logits):
+    proximal_grad = np.zeros_like(theta)
+    for w, ref, centre in zip(weights, ref_logits, wake):
         values, dlogits = backend.kl_and_grad(ref, cache.logits, kind)
-        kl_value += w * float(values.mean())
+        d = theta - centre
+        kl_value += w * (float(values.mean()) + 0.5 * damping * float(d @ d))
         total_dlogits += w * dlogits
+        proximal_grad += (w * damping) * d
     scale = kappa / alpha
     value = float(g @ s + 0.5 * s @ Bs) + scale * kl_value
-    grad = g + Bs + scale * mlp.vjp(theta, cache, total_dlogits) / X.shape[0]
+    grad = g + Bs + scale * (mlp.vjp(theta, cache, total_dlogits) / X.shape[0] + proximal_grad)
     return value, grad
 
 
-def _qe_inner_solve(mlp, hyper, backend, estimate, theta_k, s_q, g, B, solver, alpha, wake, X, k):
+def _qe_inner_solve(mlp, hyper, backend, estimate, theta_k, s_q, g, B, alpha, wake, X, k):
     """Approximately minimise E_k from theta_k + s_q; returns the final step s.
 
-    inner="sgd" (the authors'): s -= step_factor alpha v, v = momentum v + grad (RMS-clipped if set);
-    inner="preconditioned": s -= step_factor (alpha / kappa) P grad with P = (Mbar + eta I + (alpha / kappa) B)^{-1}
-    (``solver``), i.e. lambda^{-1} times the inverse of B + lambda kappa Mbar, the quadratic model of
-    E_k's Hessian: a fixed-metric Newton-type iteration that converges to the minimiser of E_k.
+    inner="sgd" (the authors'): s -= step_factor alpha v, v = momentum v + grad (RMS-clipped if set).
+    inner="preconditioned": Gauss-Newton with backtracking (Armijo) line search,
+    d = -P^{-1} grad E, P = B + c (F(theta) + eta I), c = lambda kappa, F(theta) the batch
+    curvature at the inner iterate (the Gauss-Newton matrix of every forward-KL wake term); the
+    line search makes every iteration decrease E_k, so it converges from the Q step however far
+    that lands.
     """
     indices, weights = truncated_wake_weights(hyper["rho"], k, hyper["m"])
     kept = wake[-len(indices):]
     ref_logits = [mlp.logits(t, X) for t in kept]
     B_operator = estimate.operator(B)
+    c = hyper["kappa"] / alpha
+    damping = hyper["damping"] + hyper["weight_decay"]
+
+    def objective(step):
+        return qe_gradient(mlp, backend, theta_k, g, B_operator, alpha, hyper["kappa"], damping, hyper["kl"], kept, weights, ref_logits, X, theta_k + step)
+
     s = s_q.copy()
+    value, grad = objective(s)
     velocity = np.zeros_like(s)
     for _ in range(hyper["inner_steps"]):
-        _, grad = qe_gradient(mlp, backend, theta_k, g, B_operator, alpha, hyper["kappa"], hyper["kl"], kept, weights, ref_logits, X, theta_k + s)
         if hyper["inner"] == "preconditioned":
-            direction = solver.matvec(grad) * (alpha / hyper["kappa"]) * hyper["inner_step_factor"]
+            direction = -_gauss_newton_inverse(estimate, hyper, B, c, damping, theta_k + s, X).matvec(grad)
+            slope = float(grad @ direction)
+            t = 1.0
+            for _ in range(40):
+                new_value, new_grad = objective(s + t * direction)
+                if new_value <= value + 1e-4 * t * slope + 1e-13 * abs(value):  # round-off slack
+                    break
+                t *= 0.5
+            s, value, grad = s + t * direction, new_value, new_grad
         else:
             direction = grad
             if hyper["rms_clip"] is not None:
                 direction, _ = rms_clip(mlp, direction, hyper["rms_clip"])
-            direction = direction * hyper["inner_step_factor"] * alpha
-        velocity = hyper["inner_momentum"] * velocity + direction
-        s = s - velocity
+            velocity = hyper["inner_momentum"] * velocity + direction * hyper["inner_step_factor"] * alpha
+            s = s - velocity
+            value, grad = objective(s)
     return s
+
+
+def _gauss_newton_inverse(estimate, hyper, B, c, damping, theta, X):
+    """P^{-1} for the QE inner Gauss-Newton step.
+
+    Dense platform with the exact Fisher: P = B + c F(theta) + c eta I, F re-evaluated at the inner
+    iterate.  Otherwise (K-FAC, or a sampled / empirical Fisher that does not describe the KL's
+    curvature): F(theta) is approximated by B itself, P = (1 + c) B + c eta I, which stays a
+    single Kronecker-factored matrix.
+    """
+    if hyper["platform"] == "dense" and hyper["fisher_type"] == "exact":
+        (F_here,) = estimate.compute(theta, X, None, None, None)
+        return estimate.inverse((B[0] + c * F_here,), damping=c * damping)
+    return _Scaled(estimate.inverse(B, damping=c * damping / (1.0 + c)), 1.0 / (1.0 + c))
+
+
+class _Scaled(NamedTuple):
+    operator: Any
+    scale: float
+
+    def matvec(self, v):
+        return self.scale * self.operator.matvec(v)

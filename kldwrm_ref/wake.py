@@ -187,10 +187,13 @@ OBJECTIVES: dict[str, Callable[[History, int], QuadraticObjective]] = {
 
 
 class QEObjective(NamedTuple):
-    """Section 4.3: E_k(theta) = g_k^T s + 1/2 s^T B_k s + lambda_k kappa sum_j wtilde_{k,j} D(theta_j || theta).
+    """Section 4.3: E_k(theta) = g_k^T s + 1/2 s^T B_k s
+    + lambda_k kappa sum_j wtilde_{k,j} [D(theta_j || theta) + (eta / 2) |theta - theta_j|^2].
 
-    ``divergence(theta_j, theta)`` returns (value, gradient in theta) - the exact KL on the
-    current batch, or its quadratic expansion (consistency check (a)).
+    ``divergences[j](theta)`` returns (value, gradient in theta) - the exact KL on the current
+    batch, or its quadratic expansion (consistency check (a), with eta = 0 there since M_j is
+    already damped).  The eta term is the damping wake of section 2; without it E_k has no
+    minimiser when the batch Fisher is singular (more parameters than batch rows x classes).
     """
 
     g: np.ndarray
@@ -201,16 +204,18 @@ class QEObjective(NamedTuple):
     centres: list[np.ndarray]
     weights: np.ndarray
     divergences: list[Callable[[np.ndarray], tuple[float, np.ndarray]]]
+    damping: float = 0.0
 
     def value_and_gradient(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         s = theta - self.theta_k
         Bs = self.B @ s
         value = float(self.g @ s + 0.5 * s @ Bs)
         grad = self.g + Bs
-        for w, div in zip(self.weights, self.divergences):
+        for w, div, centre in zip(self.weights, self.divergences, self.centres):
             d_val, d_grad = div(theta)
-            value += self.lam * self.kappa * w * d_val
-            grad = grad + self.lam * self.kappa * w * d_grad
+            d = theta - centre
+            value += self.lam * self.kappa * w * (d_val + 0.5 * self.damping * float(d @ d))
+            grad = grad + self.lam * self.kappa * w * (d_grad + self.damping * d)
         return value, grad
 
     def minimise_scipy(self, start: np.ndarray, gtol: float = 1e-12) -> np.ndarray:
@@ -229,11 +234,12 @@ def quadratic_divergence(centre: np.ndarray, M: np.ndarray) -> Callable[[np.ndar
     return divergence
 
 
-def qe_objective(g, B, theta_k, alpha, kappa, centres, weights, divergences) -> QEObjective:
+def qe_objective(g, B, theta_k, alpha, kappa, centres, weights, divergences, damping: float = 0.0) -> QEObjective:
     """Assemble E_k; ``divergences[j]`` is theta -> (D(centres[j] || theta), gradient)."""
     if not (len(centres) == len(weights) == len(divergences)):
         raise ValueError("centres, weights and divergences must have the same length")
-    return QEObjective(g, B, theta_k, 1.0 / check_positive(alpha, "alpha"), check_positive(kappa, "kappa"), list(centres), np.asarray(weights), list(divergences))
+    lam = 1.0 / check_positive(alpha, "alpha")
+    return QEObjective(g, B, theta_k, lam, check_positive(kappa, "kappa"), list(centres), np.asarray(weights), list(divergences), check_nonnegative(damping, "damping"))
 
 
 # ------------------------------------------------------------------------------ recursive runner
