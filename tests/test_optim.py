@@ -1,0 +1,174 @@
+import numpy as np
+import pytest
+
+from kldwrm_ref import MLP
+from kldwrm_ref.data import synthetic_classification
+from kldwrm_ref.fisher import fisher
+from kldwrm_ref.kfac import kfac_factors, kron_blocks, kron_dense, pi_damping
+from kldwrm_ref.optim import NAMES, DivergenceError, make
+from kldwrm_ref.verify import qe_gradient_check, trajectory_checks
+
+
+@pytest.fixture(scope="module")
+def problem():
+    X, y = synthetic_classification(8 * 32, 6, 4, seed=3)
+    batches = [(X[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]) for i in range(8)]
+    return MLP([6, 5, 4], "tanh"), batches
+
+
+def test_dense_trajectories_equal_direct_minimisers(problem):
+    mlp, batches = problem
+    for result in trajectory_checks(mlp, batches, 0, "test")[:3]:  # theorems 1-3 (QE: next test)
+        assert result.status == "PASS", result
+
+
+def test_qe_inner_solve_drives_objective_gradient_to_zero(problem):
+    mlp, batches = problem
+    result = qe_gradient_check(mlp, batches, 0, "test", inner_steps=60, steps=6)
+    assert result.worst < 1e-8, result
+
+
+def dense_kfac(mlp, flat, bias="joint"):
+    return kron_dense(kron_blocks(mlp, [(flat[2 * l], flat[2 * l + 1]) for l in range(mlp.n_layers)], bias), mlp.n_params)
+
+
+@pytest.mark.parametrize("name, kron_sum", [("kfac", "exact"), ("so-kld-wrm", "exact"), ("q-kld-wrm", "exact"), ("q-kld-wrm", "factored")])
+def test_kfac_platform_steps_equal_dense_solves(problem, name, kron_sum):
+    """Replay the recursion with densely assembled K-FAC matrices and np.linalg.solve."""
+    mlp, batches = problem
+    rho, alpha, eta = 0.6, 0.3, 0.05
+    opt = make(name, mlp, platform="kfac", rho=rho, step_size=alpha, damping=eta, kron_sum=kron_sum)
+    theta = mlp.init(1)
+    state = opt.init(theta)
+    avg = prev_model_grad = None
+    for X, y in batches[:4]:
+        _, g = mlp.loss_and_grad(theta, X, y)
+        cur = [m for f in kfac_factors(mlp, theta, X) for m in f]
+        avg = cur if avg is None else [rho * a + (1 - rho) * c for a, c in zip(avg, cur)]
+        ghat = g if (name == "kfac" or prev_model_grad is None) else g - rho * prev_model_grad
+        if name == "q-kld-wrm" and kron_sum == "exact":
+            matrix = np.zeros((mlp.n_params, mlp.n_params))
+            for l in range(mlp.n_layers):
+                Abar, Gbar = avg[2 * l], avg[2 * l + 1]
+                gamma_a, gamma_g = pi_damping(Abar, Gbar, eta)
+                sl = slice(mlp.offsets[l], mlp.offsets[l + 1])
+                damped = [Abar + gamma_a * np.eye(len(Abar)), Gbar + gamma_g * np.eye(len(Gbar))]
+                matrix[sl, sl] = dense_kfac(MLP(mlp.sizes[l : l + 2]), damped)
+            matrix += alpha * dense_kfac(mlp, cur)
+        elif name == "q-kld-wrm":
+            matrix = dense_kfac(mlp, [a + alpha * c for a, c in zip(avg, cur)]) + eta * np.eye(mlp.n_params)
+        else:
+            matrix = dense_kfac(mlp, avg) + eta * np.eye(mlp.n_params)
+        expected_step = -alpha * np.linalg.solve(matrix, ghat)
+        new_theta, state, _ = opt.step(theta, state, X, y)
+        np.testing.assert_allclose(new_theta - theta, expected_step, rtol=1e-9, atol=1e-12)
+        prev_model_grad = g + (alpha and dense_kfac(mlp, cur) @ expected_step if name == "q-kld-wrm" else 0.0) if name != "so-kld-wrm" else g
+        theta = new_theta
+
+
+def test_rho_zero_so_ea_cm_and_natural_gradient_coincide(problem):
+    mlp, batches = problem
+    trajectories = {}
+    for name in ("ea-cm", "so-kld-wrm"):
+        opt = make(name, mlp, rho=0.0, step_size=0.2, damping=0.01)
+        theta = mlp.init(2)
+        state = opt.init(theta)
+        path = []
+        for X, y in batches[:4]:
+            natural = theta - 0.2 * np.linalg.solve(fisher(mlp, theta, X) + 0.01 * np.eye(mlp.n_params), mlp.loss_and_grad(theta, X, y)[1])
+            theta, state, _ = opt.step(theta, state, X, y)
+            np.testing.assert_allclose(theta, natural, rtol=1e-10, atol=1e-12)
+            path.append(theta)
+        trajectories[name] = np.array(path)
+    np.testing.assert_allclose(trajectories["ea-cm"], trajectories["so-kld-wrm"], rtol=1e-10)
+
+
+def test_sgd_with_momentum_matches_hand_computation(problem):
+    mlp, batches = problem
+    opt = make("sgd", mlp, step_size=0.1, momentum=0.9, weight_decay=0.01)
+    theta = mlp.init(0)
+    state = opt.init(theta)
+    velocity = np.zeros_like(theta)
+    for X, y in batches[:3]:
+        velocity = 0.9 * velocity + mlp.loss_and_grad(theta, X, y)[1] + 0.01 * theta
+        expected = theta - 0.1 * velocity
+        theta, state, _ = opt.step(theta, state, X, y)
+        np.testing.assert_allclose(theta, expected, rtol=1e-14)
+
+
+@pytest.mark.parametrize("platform", ["dense", "kfac"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_optimiser_reduces_the_training_loss(name, platform):
+    if name == "kfac" and platform == "dense":
+        pytest.skip("K-FAC exists on the kfac platform only")
+    X, y = synthetic_classification(256, 8, 4, seed=0)
+    mlp = MLP([8, 6, 4], "tanh")
+    opt = make(name, mlp, platform=platform, step_size=0.1 if name != "sgd" else 0.5, damping=0.1, inner_steps=3)
+    theta = mlp.init(0)
+    state = opt.init(theta)
+    before = mlp.loss(theta, X, y)
+    for k in range(40):
+        rows = np.arange(k * 32, (k + 1) * 32) % 256
+        theta, state, info = opt.step(theta, state, X[rows], y[rows])
+    assert mlp.loss(theta, X, y) < 0.7 * before
+    assert {"loss", "step_norm", "time"} <= set(info)
+
+
+@pytest.mark.parametrize("name", ["kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"])
+def test_paper_preset_runs_at_mnist_size_without_nans(name):
+    X, y = synthetic_classification(512 * 4, 784, 10, seed=1)
+    mlp = MLP([784, 256, 10])
+    opt = make(name, mlp, platform="kfac", preset="paper")
+    theta = mlp.init(0)
+    state = opt.init(theta)
+    losses = []
+    for k in range(100 if name == "qe-kld-wrm" else 200):
+        rows = slice((k % 4) * 512, (k % 4 + 1) * 512)
+        theta, state, info = opt.step(theta, state, X[rows], y[rows])
+        losses.append(info["loss"])
+    assert np.all(np.isfinite(losses)) and np.all(np.isfinite(theta))
+    assert np.mean(losses[-10:]) < losses[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="adam"), "name must be one of"),
+        (dict(name="kfac", platform="dense"), "platform='kfac'"),
+        (dict(name="so-kld-wrm", rho=1.0), r"rho must be a real number in \[0, 1\)"),
+        (dict(name="so-kld-wrm", step_size=0.0), "step_size must be a finite real number > 0"),
+        (dict(name="so-kld-wrm", damping=-1.0), "damping must be a finite real number >= 0"),
+        (dict(name="q-kld-wrm", kron_sum="approx"), "kron_sum must be one of"),
+        (dict(name="qe-kld-wrm", m=0), "m must be an integer >= 1"),
+        (dict(name="qe-kld-wrm", kl="reverse"), "kl must be one of"),
+        (dict(name="sgd", momentum=1.0), r"momentum must be in \[0, 1\)"),
+        (dict(name="kfac", kl_clip=-0.1), "kl_clip must be a finite real number > 0"),
+        (dict(name="ea-cm", learning_rate=0.1), "unknown hyperparameter"),
+        (dict(name="ea-cm", preset="fast"), "preset must be one of"),
+    ],
+)
+def test_bad_hyperparameters_are_rejected(kwargs, match):
+    name = kwargs.pop("name")
+    with pytest.raises(ValueError, match=match):
+        make(name, MLP([3, 2]), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["sgd", "so-kld-wrm", "qe-kld-wrm"])
+def test_forced_divergence_raises_with_step_and_quantity(problem, name, monkeypatch):
+    mlp, batches = problem
+    original = mlp.loss_grad_cache
+    calls = []
+
+    def nan_gradient_at_step_2(theta, X, y):
+        loss, grad, cache = original(theta, X, y)
+        calls.append(1)
+        return (loss, np.full_like(grad, np.nan), cache) if len(calls) == 3 else (loss, grad, cache)
+
+    monkeypatch.setattr(mlp, "loss_grad_cache", nan_gradient_at_step_2)
+    opt = make(name, mlp, inner_steps=1)
+    theta = mlp.init(0)
+    state = opt.init(theta)
+    with pytest.raises(DivergenceError, match=r"diverged at step 2: gradient is not finite") as info:
+        for X, y in batches:
+            theta, state, _ = opt.step(theta, state, X, y)
+    assert (info.value.step, info.value.quantity) == (2, "gradient")
