@@ -290,10 +290,11 @@ def load_mnist(
     return Mnist(prepare(X_train), y_train.copy(), prepare(arrays["test_images"]), arrays["test_labels"].copy(), X_val, y_val)
 
 
-def synthetic_classification(n: int, n_features: int, n_classes: int = 10, seed: int = 0, dtype=np.float64):
-    """A learnable synthetic problem (Gaussian class clusters) for tests and ``--synthetic`` runs."""
+def synthetic_classification(n: int, n_features: int, n_classes: int = 10, seed: int = 0, dtype=np.float64, separation: float = 1.5):
+    """A learnable synthetic problem (unit Gaussian clusters around centres ~ N(0, separation^2))
+    for tests and ``--synthetic`` runs."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_classes, n_features)) * 1.5
+    centres = rng.standard_normal((n_classes, n_features)) * separation
     y = rng.integers(0, n_classes, size=n)
     X = centres[y] + rng.standard_normal((n, n_features))
     return X.astype(dtype), y.astype(np.int64)

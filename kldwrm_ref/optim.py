@@ -340,8 +340,8 @@ def _qe_inner_solve(mlp, hyper, backend, estimate, theta_k, s_q, g, B, alpha, wa
             for _ in range(40):
                 new_value, new_grad = objective(s + t * direction)
                 # Armijo decrease, or (near the minimiser, where E's round-off hides the decrease)
-                # a halved gradient norm
-                if new_value <= value + 1e-4 * t * slope or np.linalg.norm(new_grad) <= 0.5 * grad_norm:
+                # a smaller gradient norm
+                if new_value <= value + 1e-4 * t * slope or np.linalg.norm(new_grad) < grad_norm:
                     break
                 t *= 0.5
             s, value, grad = s + t * direction, new_value, new_grad

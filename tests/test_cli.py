@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from kldwrm_ref import cli, train, verify
+
+
+def test_verify_runs_every_claim_and_all_pass_on_synthetic_data(tmp_path, capsys):
+    out = tmp_path / "verify.json"
+    assert verify.main(["--synthetic", "--steps", "20", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {r["status"] for r in rows} == {"PASS", "INFO"}
+    claims = " ".join(r["claim"] for r in rows)
+    for needle in ("Theorem 1", "Theorem 2", "Theorem 3", "Limits 4.4", "QE consistency (a)", "QE consistency (b)", "KL expansion", "K-FAC"):
+        assert needle in claims
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_verify_exits_non_zero_on_a_failed_claim(monkeypatch, capsys):
+    failing = verify.CheckResult("broken claim", "test", 1, 1.0, 1e-9)
+    monkeypatch.setattr(verify, "run_all", lambda *a, **k: [failing])
+    assert verify.main([]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_train_runs_on_synthetic_data(capsys):
+    assert train.main(["--synthetic", "--epochs", "1", "--optimizers", "sgd", "kfac", "--hidden", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "kfac" in out and "test accuracy" in out
+
+
+def test_cli_lists_commands_and_rejects_unknown(capsys):
+    assert cli.main([]) == 0
+    assert "verify" in capsys.readouterr().out
+    assert cli.main(["frobnicate"]) == 2
+    with pytest.raises(SystemExit):
+        train.main(["--epochs", "0", "--synthetic"])
