@@ -61,6 +61,15 @@ def random_spd_factors(mlp, rng, rank_deficient=False):
     return factors
 
 
+def factored_damped_dense(blocks, eta, n_params):
+    """Block-diagonal (G + gamma_G I) (x) (A + gamma_A I) with pi-damping, dense in theta layout."""
+    dense = np.zeros((n_params, n_params))
+    for b in blocks:
+        gamma_a, gamma_g = pi_damping(b.A, b.G, eta)
+        dense[np.ix_(b.index, b.index)] = np.kron(b.G + gamma_g * np.eye(len(b.G)), b.A + gamma_a * np.eye(len(b.A)))
+    return dense
+
+
 @st.composite
 def kfac_cases(draw):
     mlp, theta, X, y, rng = draw(nets(max_width=5))
@@ -84,10 +93,9 @@ def test_factored_damping_inverse_equals_dense_solve(case):
     mlp, rng, eta, bias = case
     blocks = kron_blocks(mlp, random_spd_factors(mlp, rng), bias)
     inv = KFACInverse(blocks, mlp.n_params, eta, "factored")
-    dense = np.zeros((mlp.n_params, mlp.n_params))
+    dense = factored_damped_dense(blocks, eta, mlp.n_params)
     for b in blocks:
         gamma_a, gamma_g = pi_damping(b.A, b.G, eta)
-        dense[np.ix_(b.index, b.index)] = np.kron(b.G + gamma_g * np.eye(len(b.G)), b.A + gamma_a * np.eye(len(b.A)))
         assert gamma_a * gamma_g == pytest.approx(eta)
     v = rng.standard_normal(mlp.n_params)
     assert_solves(inv @ v, dense, v)
@@ -99,11 +107,7 @@ def test_exact_kronecker_sum_solve_equals_dense(case, alpha):
     average = kron_blocks(mlp, random_spd_factors(mlp, rng), bias)
     current = kron_blocks(mlp, random_spd_factors(mlp, rng, rank_deficient=True), bias)
     inv = KronSumInverse(average, current, mlp.n_params, alpha, eta, "exact")
-    dense = np.zeros((mlp.n_params, mlp.n_params))
-    for bar, cur in zip(average, current):
-        gamma_a, gamma_g = pi_damping(bar.A, bar.G, eta)
-        damped = np.kron(bar.G + gamma_g * np.eye(len(bar.G)), bar.A + gamma_a * np.eye(len(bar.A)))
-        dense[np.ix_(bar.index, bar.index)] = damped + alpha * np.kron(cur.G, cur.A)
+    dense = factored_damped_dense(average, eta, mlp.n_params) + alpha * kron_dense(current, mlp.n_params)
     v = rng.standard_normal(mlp.n_params)
     assert_solves(inv @ v, dense, v)
 

@@ -62,7 +62,10 @@ def test_kfac_platform_steps_equal_dense_solves(problem, name, kron_sum):
         expected_step = -alpha * np.linalg.solve(matrix, ghat)
         new_theta, state, _ = opt.step(theta, state, X, y)
         np.testing.assert_allclose(new_theta - theta, expected_step, rtol=1e-9, atol=1e-12)
-        prev_model_grad = g + (alpha and dense_kfac(mlp, cur) @ expected_step if name == "q-kld-wrm" else 0.0) if name != "so-kld-wrm" else g
+        if name == "so-kld-wrm":
+            prev_model_grad = g
+        elif name == "q-kld-wrm":
+            prev_model_grad = g + dense_kfac(mlp, cur) @ expected_step  # g_{k-1} + B_{k-1} s_{k-1}
         theta = new_theta
 
 
