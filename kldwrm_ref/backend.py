@@ -1,8 +1,9 @@
 """The seam between the curvature engine and the array kernels it calls.
 
 A backend is a named bundle of the kernels in :mod:`kldwrm_ref.ops` (same signatures, same
-results).  ``"numpy"`` is the reference; ``"numba"`` (CPU) and ``"cuda"`` (numba-cuda) are
-selected by name wherever a ``backend=`` argument is taken.
+results), selected by name wherever a ``backend=`` argument is taken.  ``"numpy"`` is the
+reference and, for now, the only one; ``"numba"`` (CPU) and ``"cuda"`` (numba-cuda) will plug
+in here with the same fields.
 """
 
 from __future__ import annotations
@@ -43,12 +44,6 @@ def get_backend(name: str | Backend = "numpy") -> Backend:
         return name
     if name == "numpy":
         return NUMPY
-    if name == "numba":
-        from kldwrm_ref.kernels_numba import NUMBA
-
-        return NUMBA
-    if name == "cuda":
-        from kldwrm_ref.kernels_cuda import cuda_backend
-
-        return cuda_backend()
+    if name in ("numba", "cuda"):
+        raise NotImplementedError(f"backend {name!r} is planned (Numba-CPU / numba-cuda kernels) but not available yet; use backend='numpy'")
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}")

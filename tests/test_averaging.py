@@ -57,3 +57,4 @@ def test_update_does_not_modify_its_inputs():
     np.testing.assert_array_equal(first, 1.0)
     np.testing.assert_array_equal(state.average[0], 1.0)
     np.testing.assert_array_equal(state2.average[0], 0.5)
+
