@@ -143,10 +143,6 @@ class _BlockOperator(LinearOperator):
     def _rmatvec(self, v):
         return self._matvec(v)  # every operator here is symmetric
 
-    def apply_to_matrices(self, matrices: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Apply block-wise to per-block (out x k) matrices (the optimisers' per-layer path)."""
-        return [self._apply_block(i, V) for i, V in enumerate(matrices)]
-
 
 class KFACOperator(_BlockOperator):
     """v -> (G (x) A) v per block, i.e. V -> G V A."""

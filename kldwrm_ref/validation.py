@@ -48,13 +48,3 @@ def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
 
-
-def check_square_symmetric(name: str, matrix: np.ndarray, size: int | None = None) -> np.ndarray:
-    """A finite square matrix (of the given size when one is given)."""
-    matrix = np.asarray(matrix)
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"{name} must be a square matrix, got shape {matrix.shape}")
-    if size is not None and matrix.shape[0] != size:
-        raise ValueError(f"{name} must be {size} x {size}, got {matrix.shape}")
-    check_finite(name, matrix)
-    return matrix
