@@ -25,6 +25,10 @@ class Backend(NamedTuple):
     kron_sum_divide: Callable
     kl_and_grad: Callable
 
+    def __reduce__(self):
+        """Pickle by name (checkpoints hold the name, not the kernels)."""
+        return get_backend, (self.name,)
+
 
 NUMPY = Backend(
     "numpy",

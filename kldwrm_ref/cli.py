@@ -1,4 +1,4 @@
-"""The ``kldwrm`` command: ``kldwrm verify``, ``kldwrm train``, ``kldwrm bench curvature``."""
+"""The ``kldwrm`` command: ``kldwrm verify``, ``kldwrm train``, ``kldwrm mnist``, ``kldwrm bench``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Sequence
 
 COMMANDS = {
     "verify": ("kldwrm_ref.verify", "run the paper's claims as numerical checks"),
-    "train": ("kldwrm_ref.train", "short MNIST comparison of optimisers"),
+    "train": ("kldwrm_ref.train", "short single-seed MNIST comparison of optimisers"),
+    "mnist": ("kldwrm_ref.experiment", "resumable multi-seed MNIST experiments, summary table and plots"),
     "bench": ("kldwrm_ref.bench", "benchmarks that print numbers (curvature)"),
 }
 

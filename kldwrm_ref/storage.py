@@ -1,0 +1,83 @@
+"""Files that must never be left half-written: atomic writes and restricted checkpoint pickles.
+
+Every write goes to a temporary file in the target's directory and is moved over the target with
+``os.replace`` (atomic on POSIX and Windows), so an interrupt leaves either the old or the new
+file.  Checkpoints (theta and the optimiser state) are pickles loaded by an unpickler that
+accepts only numpy arrays/scalars and classes and functions of this package.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Call ``write(binary file)`` on a temporary sibling of ``path``, then move it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict], fields: Sequence[str]) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+class CheckpointUnpickler(pickle.Unpickler):
+    """Accepts numpy arrays, dtypes and scalars and this package's own classes; refuses the rest."""
+
+    _NUMPY = {"_reconstruct", "ndarray", "dtype", "scalar"}
+
+    def find_class(self, module: str, name: str):
+        package = module.split(".")[0]
+        if package == "kldwrm_ref" or (package == "numpy" and name in self._NUMPY):
+            return super().find_class(module, name)
+        if (module, name) == ("builtins", "slice"):
+            return slice
+        raise pickle.UnpicklingError(f"checkpoint refers to {module}.{name}: only numpy and kldwrm_ref objects are allowed")
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    return atomic_write(path, lambda fh: pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    with open(path, "rb") as fh:
+        return CheckpointUnpickler(fh).load()
