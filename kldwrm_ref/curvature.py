@@ -80,4 +80,4 @@ class KFACCurvature(NamedTuple):
         return KronSumInverse(self.blocks(avg), self.blocks(cur), self.mlp.n_params, alpha, self.damping, self.kron_sum, self.damping_style, self.eig_floor, self.backend)
 
     def operator(self, cur):
-        return KFACOperator(self.blocks(cur), self.mlp.n_params)
+        return KFACOperator(self.blocks(cur), self.mlp.n_params, self.backend)

@@ -77,7 +77,7 @@ def fisher_sqrt(mlp: MLP, theta: np.ndarray, X: np.ndarray, fisher_type: str = "
 def fisher(mlp: MLP, theta: np.ndarray, X: np.ndarray, fisher_type: str = "exact", y=None, samples: int = 1, rng=None, backend="numpy") -> np.ndarray:
     """Dense n x n Fisher F = U^T U, mean over the rows of X (module docstring)."""
     U = fisher_sqrt(mlp, theta, X, fisher_type, y, samples, rng, backend)
-    F = U.T @ U
+    F = get_backend(backend).matmul(U.T, U)
     check_finite("Fisher", F)
     return F
 

@@ -24,7 +24,7 @@ from kldwrm_ref.mlp import MLP, ForwardCache
 from kldwrm_ref.validation import check_choice, check_finite, check_nonnegative, check_positive
 
 BIAS_MODES = ("joint", "separate")
-DAMPING_STYLES = ("eigen", "factored")
+DAMPING_STYLES = ("eigen", "factored", "factored-explicit")
 KRON_SUM_MODES = ("exact", "factored")
 
 
@@ -71,16 +71,17 @@ def kfac_factors(
         [np.tile(a, (n_cot, 1)) for a in cache.inputs], [np.tile(u, (n_cot, 1)) for u in cache.preacts]
     )
     deltas = mlp.backward_deltas(theta, tiled, cot.reshape(n_cot * n_rows, n_classes))
+    matmul = get_backend(backend).matmul
     factors = []
     for l, a in enumerate(cache.inputs):
         A = np.empty((a.shape[1] + 1, a.shape[1] + 1), dtype=a.dtype)
-        A[:-1, :-1] = a.T @ a
+        A[:-1, :-1] = matmul(a.T, a)
         colsum = a.sum(axis=0)
         A[:-1, -1] = colsum
         A[-1, :-1] = colsum
         A[-1, -1] = n_rows
         A /= n_rows
-        G = deltas[l].T @ deltas[l] / n_rows
+        G = matmul(deltas[l].T, deltas[l]) / n_rows
         check_finite(f"layer {l} factor A", A)
         check_finite(f"layer {l} factor G", G)
         factors.append(Factors(A, G))
@@ -123,8 +124,9 @@ def _block_matrix(block: KronBlock, v: np.ndarray) -> np.ndarray:
 class _BlockOperator(LinearOperator):
     """A block-diagonal operator over theta; subclasses map each block's (out x k) matrix."""
 
-    def __init__(self, blocks: Sequence[KronBlock], n_params: int):
+    def __init__(self, blocks: Sequence[KronBlock], n_params: int, backend="numpy"):
         self.blocks = list(blocks)
+        self.backend = get_backend(backend)
         covered = sum(b.index.size for b in self.blocks)
         if covered != n_params:
             raise ValueError(f"blocks cover {covered} parameters, expected n_params={n_params}")
@@ -149,7 +151,7 @@ class KFACOperator(_BlockOperator):
 
     def _apply_block(self, i, V):
         block = self.blocks[i]
-        return block.G @ V @ block.A
+        return self.backend.matmul(self.backend.matmul(block.G, V), block.A)
 
 
 def pi_damping(A: np.ndarray, G: np.ndarray, damping: float) -> tuple[float, float]:
@@ -170,21 +172,25 @@ class KFACInverse(_BlockOperator):
     """Damped inverse of a K-FAC matrix from cached eigendecompositions A = Q_A d_A Q_A^T, G = ...
 
     style="eigen":    (G (x) A + eta I)^{-1}: V -> Q_G [(Q_G^T V Q_A) / (d_G d_A^T + eta)] Q_A^T.
-    style="factored": ((G + gamma_G I) (x) (A + gamma_A I))^{-1} with pi-damping (:func:`pi_damping`).
+    style="factored": ((G + gamma_G I) (x) (A + gamma_A I))^{-1} with pi-damping (:func:`pi_damping`),
+    applied in the eigenbasis (four products per block).
+    style="factored-explicit": the same matrix, applied as (G + gamma_G I)^{-1} V (A + gamma_A I)^{-1}
+    with both inverses formed once per refresh (two products per block).  Note that factored
+    damping is a different matrix from eigen damping: it adds the cross terms
+    gamma_A G (x) I + gamma_G I (x) A + eta I.
     ``eig_floor`` zeroes eigenvalues below it (on a copy) before damping is added.
     """
 
     def __init__(self, blocks: Sequence[KronBlock], n_params: int, damping: float, style: str = "eigen", eig_floor: float = 0.0, backend="numpy"):
-        super().__init__(blocks, n_params)
+        super().__init__(blocks, n_params, backend)
         self.damping = check_nonnegative(damping, "damping")
         self.style = check_choice(style, "style", DAMPING_STYLES)
         self.eig_floor = check_nonnegative(eig_floor, "eig_floor")
-        self.backend = get_backend(backend)
         self.eigens = [(safe_eigh(b.G, f"{b.name} factor G"), safe_eigh(b.A, f"{b.name} factor A")) for b in self.blocks]
         self.scales = []  # per block: (d_G, d_A, additive damping) with d's floored and shifted
         for block, (eg, ea) in zip(self.blocks, self.eigens):
             d_g, d_a = floored(eg.values, self.eig_floor), floored(ea.values, self.eig_floor)
-            if self.style == "factored":
+            if self.style != "eigen":
                 gamma_a, gamma_g = pi_damping(block.A, block.G, self.damping)
                 d_g, d_a, add = d_g + gamma_g, d_a + gamma_a, 0.0
             else:
@@ -193,11 +199,26 @@ class KFACInverse(_BlockOperator):
                 raise ValueError(f"{block.name}: damped K-FAC matrix is singular; use damping > 0")
             self.scales.append((d_g, d_a, add))
 
+        # factored-explicit: (G + gamma_G I)^{-1} and (A + gamma_A I)^{-1} formed once per refresh
+        self.explicit = [
+            (_inverse_from_eigen(eg, d_g), _inverse_from_eigen(ea, d_a))
+            for (eg, ea), (d_g, d_a, _) in zip(self.eigens, self.scales)
+        ] if self.style == "factored-explicit" else None
+
     def _apply_block(self, i, V):
+        mm = self.backend.matmul
+        if self.explicit is not None:
+            inverse_g, inverse_a = self.explicit[i]
+            return mm(mm(inverse_g, V), inverse_a)
         eg, ea = self.eigens[i]
         d_g, d_a, add = self.scales[i]
-        rotated = eg.vectors.T @ V @ ea.vectors
-        return eg.vectors @ self.backend.eigen_divide(rotated, d_g, d_a, add) @ ea.vectors.T
+        rotated = mm(mm(eg.vectors.T, V), ea.vectors)
+        return mm(mm(eg.vectors, self.backend.eigen_divide(rotated, d_g, d_a, add)), ea.vectors.T)
+
+
+def _inverse_from_eigen(eigen, shifted_values: np.ndarray) -> np.ndarray:
+    """Q diag(1 / shifted) Q^T: the explicit inverse of a damped factor from its eigenpairs."""
+    return (eigen.vectors / shifted_values) @ eigen.vectors.T
 
 
 class KronSumInverse(_BlockOperator):
@@ -212,10 +233,9 @@ class KronSumInverse(_BlockOperator):
     """
 
     def __init__(self, average_blocks, current_blocks, n_params: int, alpha: float, damping: float, mode: str = "exact", style: str = "eigen", eig_floor: float = 0.0, backend="numpy"):
-        super().__init__(average_blocks, n_params)
+        super().__init__(average_blocks, n_params, backend)
         self.alpha = check_nonnegative(alpha, "alpha")
         self.mode = check_choice(mode, "kron_sum", KRON_SUM_MODES)
-        self.backend = get_backend(backend)
         if len(current_blocks) != len(self.blocks):
             raise ValueError("average_blocks and current_blocks must have the same length")
         if self.mode == "factored":
@@ -237,6 +257,7 @@ class KronSumInverse(_BlockOperator):
         if self.mode == "factored":
             return self.inner._apply_block(i, V)
         eg, ea = self.general[i]
-        rotated = eg.vectors.T @ V @ ea.vectors
-        return eg.vectors @ self.backend.kron_sum_divide(rotated, eg.values, ea.values, self.alpha) @ ea.vectors.T
+        mm = self.backend.matmul
+        rotated = mm(mm(eg.vectors.T, V), ea.vectors)
+        return mm(mm(eg.vectors, self.backend.kron_sum_divide(rotated, eg.values, ea.values, self.alpha)), ea.vectors.T)
 

@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from kldwrm_ref import ops
+from kldwrm_ref.backend import get_backend
 from kldwrm_ref.validation import check_choice, check_finite
 
 ACTIVATIONS = ("relu", "tanh")
@@ -38,7 +38,7 @@ class MLP:
     Every method is a pure function of ``theta``; the object only holds the architecture.
     """
 
-    def __init__(self, sizes: Sequence[int], activation: str = "relu", dtype=np.float64):
+    def __init__(self, sizes: Sequence[int], activation: str = "relu", dtype=np.float64, backend="numpy"):
         sizes = list(sizes)
         if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in sizes):
             raise ValueError(f"sizes must be a list of at least two positive integers [in, ..., C], got {sizes!r}")
@@ -55,6 +55,11 @@ class MLP:
             offsets.append(offsets[-1] + out * inp + out)
         self.offsets = offsets
         self.n_params = offsets[-1]
+        self.backend = get_backend(backend)
+
+    def with_backend(self, backend) -> "MLP":
+        """The same architecture computing with ``backend`` (products and the loss kernel)."""
+        return MLP(self.sizes, self.activation, self.dtype, backend)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -66,7 +71,7 @@ class MLP:
         return self.sizes[-1]
 
     def __repr__(self) -> str:
-        return f"MLP(sizes={self.sizes}, activation={self.activation!r}, dtype={self.dtype.name})"
+        return f"MLP(sizes={self.sizes}, activation={self.activation!r}, dtype={self.dtype.name}, backend={self.backend.name!r})"
 
     def init(self, seed: int = 0) -> np.ndarray:
         """Scaled Gaussian initialisation: W ~ N(0, gain^2 / fan_in), b = 0.
@@ -137,7 +142,7 @@ class MLP:
         inputs, preacts = [], []
         for l, (W, b) in enumerate(layers):
             inputs.append(a)
-            u = a @ W.T
+            u = self.backend.matmul(a, W.T)
             u += b
             preacts.append(u)
             if l < self.n_layers - 1:
@@ -169,7 +174,7 @@ class MLP:
             deltas[l] = delta
             if l > 0:
                 W = layers[l][0]
-                delta = (delta @ W) * self._act_derivative(cache.preacts[l - 1], cache.inputs[l])
+                delta = self.backend.matmul(delta, W) * self._act_derivative(cache.preacts[l - 1], cache.inputs[l])
         return deltas
 
     def gradient_from_deltas(self, cache: ForwardCache, deltas: list[np.ndarray]) -> np.ndarray:
@@ -177,7 +182,7 @@ class MLP:
         grad = np.empty(self.n_params, dtype=self.dtype)
         for l, (out, inp) in enumerate(self.layer_shapes):
             start = self.offsets[l]
-            grad[start : start + out * inp] = (deltas[l].T @ cache.inputs[l]).ravel()
+            grad[start : start + out * inp] = self.backend.matmul(deltas[l].T, cache.inputs[l]).ravel()
             grad[start + out * inp : start + out * inp + out] = deltas[l].sum(axis=0)
         return grad
 
@@ -189,14 +194,8 @@ class MLP:
         """Row r = the parameter gradient for cotangent row r alone (R, n), in theta layout."""
         rows = deltas[0].shape[0]
         out_arr = np.empty((rows, self.n_params), dtype=self.dtype)
-        for l, (out, inp) in enumerate(self.layer_shapes):
-            start = self.offsets[l]
-            a = cache.inputs[l]
-            reps = rows // a.shape[0]
-            if reps > 1:  # deltas stacked as (reps * N): sample index = r % N
-                a = np.tile(a, (reps, 1))
-            out_arr[:, start : start + out * inp] = (deltas[l][:, :, None] * a[:, None, :]).reshape(rows, out * inp)
-            out_arr[:, start + out * inp : start + out * inp + out] = deltas[l]
+        for l in range(self.n_layers):
+            self.backend.per_sample_rows(deltas[l], cache.inputs[l], out_arr, self.offsets[l])
         return out_arr
 
     def jvp(self, theta: np.ndarray, cache: ForwardCache, v: np.ndarray) -> np.ndarray:
@@ -206,9 +205,9 @@ class MLP:
         da = np.zeros_like(cache.inputs[0])
         du = None
         for l, ((W, _), (dW, db)) in enumerate(zip(layers, dlayers)):
-            du = cache.inputs[l] @ dW.T + db
+            du = self.backend.matmul(cache.inputs[l], dW.T) + db
             if l > 0:
-                du += da @ W.T
+                du += self.backend.matmul(da, W.T)
             if l < self.n_layers - 1:
                 da = du * self._act_derivative(cache.preacts[l], cache.inputs[l + 1])
         return du
@@ -223,7 +222,7 @@ class MLP:
         """As :meth:`loss_and_grad`, also returning the forward cache for curvature reuse."""
         cache = self.forward(theta, X)
         y = self.check_labels(y, cache.logits.shape[0])
-        losses, dlogits = ops.softmax_cross_entropy(cache.logits, y)
+        losses, dlogits = self.backend.softmax_cross_entropy(cache.logits, y)
         n = y.shape[0]
         grad = self.vjp(theta, cache, dlogits) / n
         return float(losses.mean()), grad, cache
@@ -231,7 +230,7 @@ class MLP:
     def loss(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
         logits = self.logits(theta, X)
         y = self.check_labels(y, logits.shape[0])
-        return float(ops.softmax_cross_entropy(logits, y)[0].mean())
+        return float(self.backend.softmax_cross_entropy(logits, y)[0].mean())
 
     def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
         return np.argmax(self.logits(theta, X), axis=1)

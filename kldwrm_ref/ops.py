@@ -57,6 +57,20 @@ def fisher_cotangents(probs: np.ndarray) -> np.ndarray:
     return cot
 
 
+def per_sample_rows(deltas: np.ndarray, inputs: np.ndarray, out: np.ndarray, start: int) -> np.ndarray:
+    """One layer's columns of U (section 1, F = U^T U): out[r, start:] = [vec(delta_r a_r^T), delta_r].
+
+    ``deltas`` is (R, O) with R = reps * N stacked cotangent rows, ``inputs`` (N, I); row r uses
+    the input of sample r mod N.  Writes O * I + O columns of ``out`` from ``start``; returns out.
+    """
+    rows, n_out = deltas.shape
+    n_in = inputs.shape[1]
+    a = inputs[np.arange(rows) % inputs.shape[0]]
+    out[:, start : start + n_out * n_in] = (deltas[:, :, None] * a[:, None, :]).reshape(rows, n_out * n_in)
+    out[:, start + n_out * n_in : start + n_out * n_in + n_out] = deltas
+    return out
+
+
 def ea_update(average: np.ndarray, new: np.ndarray, rho: float, out: np.ndarray | None = None) -> np.ndarray:
     """One exponential-average step rho * average + (1 - rho) * new (section 2)."""
     if out is None:

@@ -129,7 +129,7 @@ def validate_hyper(hyper: dict) -> dict:
     return h
 
 
-def make(name: str, mlp: MLP, platform: str | None = None, preset: str = "theory", backend: str = "numpy", **overrides) -> Optimizer:
+def make(name: str, mlp: MLP, platform: str | None = None, preset: str = "theory", backend: str = "auto", **overrides) -> Optimizer:
     """Build optimiser ``name`` for ``mlp``; see the module docstring and :func:`default_hyper`."""
     name = check_choice(name, "name", NAMES)
     platform = check_choice(platform or ("kfac" if name == "kfac" else "dense"), "platform", PLATFORMS)
@@ -137,6 +137,8 @@ def make(name: str, mlp: MLP, platform: str | None = None, preset: str = "theory
         raise ValueError("name='kfac' needs platform='kfac' (use 'ea-cm' for the dense platform)")
     preset = check_choice(preset, "preset", PRESETS)
     backend = get_backend(backend).name
+    if mlp.backend.name != backend:
+        mlp = mlp.with_backend(backend)
     hyper = default_hyper(name, platform, preset)
     unknown = set(overrides) - set(hyper)
     if unknown:

@@ -63,7 +63,7 @@ def read_csv(path: str | os.PathLike) -> list[dict]:
 class CheckpointUnpickler(pickle.Unpickler):
     """Accepts numpy arrays, dtypes and scalars and this package's own classes; refuses the rest."""
 
-    _NUMPY = {"_reconstruct", "ndarray", "dtype", "scalar"}
+    _NUMPY = {"_reconstruct", "_frombuffer", "ndarray", "dtype", "scalar"}
 
     def find_class(self, module: str, name: str):
         package = module.split(".")[0]

@@ -1,11 +1,141 @@
+"""Every kernel of the numba and cuda backends against its NumPy twin (kldwrm_ref.ops).
+
+The cuda backend runs on numba's simulator here (conftest sets NUMBA_ENABLE_CUDASIM=1 unless the
+environment says 0); the same tests run unchanged on a GPU.  Shapes include tiny, odd and
+non-square ones; the simulator runs kernels in Python, so its shapes stay small.
+"""
+
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kldwrm_ref import MLP, ops, optim
+from kldwrm_ref.backend import BACKENDS, FASTEST_ON_CPU, NUMPY, OPERATIONS, get_backend
+
+KERNEL_BACKENDS = ["numba", "cuda"]
+TOLERANCE = {np.float64: 1e-12, np.float32: 2e-5}  # relative to the largest entry
 
 
-def test_backend_seam_names_the_accepted_backends():
-    from kldwrm_ref.backend import NUMPY, get_backend
+def close(got, want, dtype):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+    assert np.max(np.abs(got - want), initial=0.0) <= TOLERANCE[dtype] * scale
 
+
+shapes = st.tuples(st.integers(1, 9), st.integers(2, 7))
+dtypes = st.sampled_from([np.float64, np.float32])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@settings(max_examples=6)
+@given(shape=shapes, dtype=dtypes, seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 30.0]))
+def test_softmax_xent_and_kl_kernels(backend, shape, dtype, seed, scale):
+    be = get_backend(backend)
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.standard_normal(shape)).astype(dtype)
+    ref = (scale * rng.standard_normal(shape)).astype(dtype)
+    labels = rng.integers(0, shape[1], shape[0])
+    for got, want in zip(be.softmax_cross_entropy(logits, labels), ops.softmax_cross_entropy(logits, labels)):
+        close(got, want, dtype)
+    for kind in ("forward", "symmetric"):
+        for got, want in zip(be.kl_and_grad(ref, logits, kind), ops.kl_and_grad(ref, logits, kind)):
+            close(got, want, dtype)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@settings(max_examples=6)
+@given(shape=shapes, dtype=dtypes, seed=st.integers(0, 2**16), samples=st.integers(1, 3))
+def test_fisher_kernels(backend, shape, dtype, seed, samples):
+    be = get_backend(backend)
+    rng = np.random.default_rng(seed)
+    probs = np.exp(ops.log_softmax(rng.standard_normal(shape))).astype(dtype)
+    uniforms = rng.random((samples, shape[0]))
+    np.testing.assert_array_equal(be.sample_labels(probs, uniforms), ops.sample_labels(probs, uniforms))
+    close(be.fisher_cotangents(probs), ops.fisher_cotangents(probs), dtype)
+    n_in = int(rng.integers(1, 5))
+    deltas = rng.standard_normal((samples * shape[0], shape[1])).astype(dtype)
+    inputs = rng.standard_normal((shape[0], n_in)).astype(dtype)
+    width = shape[1] * n_in + shape[1]
+    got, want = np.full((deltas.shape[0], width + 3), 7.0, dtype), np.full((deltas.shape[0], width + 3), 7.0, dtype)
+    be.per_sample_rows(deltas, inputs, got, 2)
+    ops.per_sample_rows(deltas, inputs, want, 2)
+    close(got, want, dtype)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@settings(max_examples=6)
+@given(shape=shapes, dtype=dtypes, seed=st.integers(0, 2**16), rho=st.floats(0.0, 0.99))
+def test_curvature_kernels(backend, shape, dtype, seed, rho):
+    be = get_backend(backend)
+    rng = np.random.default_rng(seed)
+    rotated = rng.standard_normal(shape).astype(dtype)
+    d_g, d_a = rng.random(shape[0]).astype(dtype), rng.random(shape[1]).astype(dtype)
+    close(be.eigen_divide(rotated, d_g, d_a, 0.1), ops.eigen_divide(rotated, d_g, d_a, 0.1), dtype)
+    close(be.kron_sum_divide(rotated, d_g, d_a, 0.3), ops.kron_sum_divide(rotated, d_g, d_a, 0.3), dtype)
+    new = rng.standard_normal(shape).astype(dtype)
+    close(be.ea_update(rotated, new, rho), ops.ea_update(rotated, new, rho), dtype)
+    out = np.empty_like(rotated)
+    assert be.ea_update(rotated, new, rho, out=out) is out
+    close(out, ops.ea_update(rotated, new, rho), dtype)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@settings(max_examples=5)
+@given(m=st.integers(1, 11), k=st.integers(1, 13), n=st.integers(1, 9), dtype=dtypes, seed=st.integers(0, 2**16), transpose=st.sampled_from(["", "a", "b", "ab"]))
+def test_matmul_and_its_transposed_variants(backend, m, k, n, dtype, seed, transpose):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((k, m) if "a" in transpose else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if "b" in transpose else (k, n)).astype(dtype)
+    a = a.T if "a" in transpose else a  # transposed views, read in place by the cuda kernel
+    b = b.T if "b" in transpose else b
+    close(get_backend(backend).matmul(a, b), a @ b, dtype)
+
+
+def test_kernels_check_their_arguments():
+    be = get_backend("numba")
+    with pytest.raises(ValueError, match="kind must be 'forward' or 'symmetric'"):
+        be.kl_and_grad(np.zeros((2, 3)), np.zeros((2, 3)), "reverse")
+    with pytest.raises(ValueError, match="ref_logits has shape"):
+        be.kl_and_grad(np.zeros((2, 3)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="matmul needs"):
+        get_backend("cuda").matmul(np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+def test_backend_seam():
     assert get_backend("numpy") is NUMPY and get_backend(NUMPY) is NUMPY
-    with pytest.raises(ValueError, match="backend must be one of 'numpy', 'numba', 'cuda'"):
+    with pytest.raises(ValueError, match="backend must be one of 'numpy', 'numba', 'cuda', 'auto'"):
         get_backend("torch")
-    with pytest.raises(NotImplementedError, match="use backend='numpy'"):
-        get_backend("numba")
+    auto = get_backend("auto")
+    for op in OPERATIONS:
+        assert getattr(auto, op) is getattr(get_backend(FASTEST_ON_CPU[op]), op)
+    assert set(BACKENDS) == {"numpy", "numba", "cuda", "auto"}
+
+
+def test_cuda_without_gpu_names_the_simulator(monkeypatch):
+    from kldwrm_ref import cuda_ops
+
+    monkeypatch.setattr(cuda_ops.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="NUMBA_ENABLE_CUDASIM=1"):
+        get_backend("cuda")
+
+
+@pytest.mark.parametrize("backend", ["numba", "cuda"])
+@pytest.mark.parametrize("name, platform, preset", [("kfac", "kfac", "paper"), ("q-kld-wrm", "kfac", "theory"), ("qe-kld-wrm", "kfac", "paper"), ("so-kld-wrm", "dense", "theory")])
+def test_full_optimiser_steps_equal_numpy(backend, name, platform, preset):
+    """Three steps of each optimiser on a small net: every backend gives NumPy's iterates to 1e-10."""
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((6, 4)), rng.integers(0, 3, 6)
+    mlp = MLP([4, 3, 3])
+    extra = dict(period=2, m=2, inner_steps=2) if name == "qe-kld-wrm" else dict(period=2)
+    thetas = {}
+    for be in ("numpy", backend):
+        opt = optim.make(name, mlp, platform=platform, preset=preset, backend=be, **extra)
+        theta = mlp.init(1)
+        state = opt.init(theta)
+        for _ in range(3):
+            theta, state, _ = opt.step(theta, state, X, y)
+        thetas[be] = theta
+    scale = np.max(np.abs(thetas["numpy"]))
+    assert np.max(np.abs(thetas[backend] - thetas["numpy"])) <= 1e-10 * scale

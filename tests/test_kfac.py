@@ -88,11 +88,12 @@ def test_eigen_damped_inverse_equals_dense_solve(case):
     assert np.linalg.norm(round_trip - V) <= 1e-13 * np.linalg.cond(dense) * np.linalg.norm(V)
 
 
-@given(kfac_cases())
-def test_factored_damping_inverse_equals_dense_solve(case):
+@pytest.mark.parametrize("style", ["factored", "factored-explicit"])
+@given(case=kfac_cases())
+def test_factored_damping_inverse_equals_dense_solve(style, case):
     mlp, rng, eta, bias = case
     blocks = kron_blocks(mlp, random_spd_factors(mlp, rng), bias)
-    inv = KFACInverse(blocks, mlp.n_params, eta, "factored")
+    inv = KFACInverse(blocks, mlp.n_params, eta, style)
     dense = factored_damped_dense(blocks, eta, mlp.n_params)
     for b in blocks:
         gamma_a, gamma_g = pi_damping(b.A, b.G, eta)

@@ -168,7 +168,7 @@ def test_forced_divergence_raises_with_step_and_quantity(problem, name, monkeypa
         return (loss, np.full_like(grad, np.nan), cache) if len(calls) == 3 else (loss, grad, cache)
 
     monkeypatch.setattr(mlp, "loss_grad_cache", nan_gradient_at_step_2)
-    opt = make(name, mlp, inner_steps=1)
+    opt = make(name, mlp, backend=mlp.backend.name, inner_steps=1)  # the same (patched) MLP object
     theta = mlp.init(0)
     state = opt.init(theta)
     with pytest.raises(DivergenceError, match=r"diverged at step 2: gradient is not finite") as info:

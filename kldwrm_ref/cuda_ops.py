@@ -1,0 +1,260 @@
+"""numba-cuda kernels: the twins of :mod:`kldwrm_ref.ops` plus a shared-memory tiled matrix product.
+
+Row kernels (one thread per sample, grid-stride loops with bounds guards) reuse the row maths of
+:mod:`kldwrm_ref.kernel_math` compiled as device functions; elementwise kernels stride over the
+flattened output.  :func:`matmul` computes op(a) @ op(b) with TILE x TILE tiles in shared memory,
+reading a transposed operand in place (no copy) when it is passed as a transposed view.
+
+The wrappers take NumPy or device arrays and return NumPy arrays (the Backend contract).  Under
+``NUMBA_ENABLE_CUDASIM=1`` the same kernels run on numba's simulator (slowly, in Python): that is
+how CI tests them; on a GPU they run unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import config, cuda, float32, float64
+
+from kldwrm_ref import kernel_math
+
+TILE = 4 if config.ENABLE_CUDASIM else 16  # keep simulated blocks small
+ROW_THREADS = 32 if config.ENABLE_CUDASIM else 128  # the simulator runs every thread in Python
+MAX_BLOCKS = 4 if config.ENABLE_CUDASIM else 1024
+KL_KINDS = {"forward": 0, "symmetric": 1}
+
+_xent_row = cuda.jit(device=True)(kernel_math.xent_row)
+_sample_row = cuda.jit(device=True)(kernel_math.sample_row)
+_cotangent_row = cuda.jit(device=True)(kernel_math.cotangent_row)
+_kl_row = cuda.jit(device=True)(kernel_math.kl_row)
+
+
+def require_gpu() -> None:
+    """Raise a clear error when neither a CUDA GPU nor the simulator is available."""
+    if not cuda.is_available():
+        raise RuntimeError(
+            "backend 'cuda' needs an NVIDIA GPU with a working CUDA driver, and none was found. "
+            "To run the CUDA kernels on numba's simulator instead (slow; for tests), set "
+            "NUMBA_ENABLE_CUDASIM=1 in the environment before numba is imported."
+        )
+
+
+# -------------------------------------------------------------------------------- kernels
+@cuda.jit
+def _xent_kernel(logits, labels, losses, dlogits):
+    for i in range(cuda.grid(1), logits.shape[0], cuda.gridsize(1)):
+        _xent_row(logits, labels, losses, dlogits, i)
+
+
+@cuda.jit
+def _sample_kernel(probs, uniforms, labels):
+    for i in range(cuda.grid(1), probs.shape[0], cuda.gridsize(1)):
+        for s in range(uniforms.shape[0]):
+            _sample_row(probs, uniforms, labels, s, i)
+
+
+@cuda.jit
+def _cotangent_kernel(probs, cot):
+    for i in range(cuda.grid(1), probs.shape[0], cuda.gridsize(1)):
+        _cotangent_row(probs, cot, i)
+
+
+@cuda.jit
+def _kl_kernel(ref_logits, logits, values, grad, symmetric):
+    for i in range(cuda.grid(1), logits.shape[0], cuda.gridsize(1)):
+        _kl_row(ref_logits, logits, values, grad, symmetric, i)
+
+
+@cuda.jit
+def _per_sample_rows_kernel(deltas, inputs, out, start):
+    n_out, n_in = deltas.shape[1], inputs.shape[1]
+    width = n_out * n_in + n_out
+    for flat in range(cuda.grid(1), deltas.shape[0] * width, cuda.gridsize(1)):
+        r, col = flat // width, flat % width
+        if col < n_out * n_in:
+            out[r, start + col] = deltas[r, col // n_in] * inputs[r % inputs.shape[0], col % n_in]
+        else:
+            out[r, start + col] = deltas[r, col - n_out * n_in]
+
+
+@cuda.jit
+def _ea_kernel(average, new, rho, out):
+    keep = 1.0 - rho
+    for i in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        out[i] = rho * average[i] + keep * new[i]
+
+
+@cuda.jit
+def _eigen_divide_kernel(rotated, eig_g, eig_a, damping, out):
+    cols = rotated.shape[1]
+    for flat in range(cuda.grid(1), rotated.size, cuda.gridsize(1)):
+        i, j = flat // cols, flat % cols
+        out[i, j] = rotated[i, j] / (eig_g[i] * eig_a[j] + damping)
+
+
+@cuda.jit
+def _kron_sum_divide_kernel(rotated, nu, mu, alpha, out):
+    cols = rotated.shape[1]
+    for flat in range(cuda.grid(1), rotated.size, cuda.gridsize(1)):
+        i, j = flat // cols, flat % cols
+        out[i, j] = rotated[i, j] / (1.0 + alpha * (nu[i] * mu[j]))
+
+
+def _make_matmul_kernel(element_type):
+    @cuda.jit
+    def kernel(a, b, c, trans_a, trans_b):
+        """c = op(a) @ op(b), op(x) = x.T when trans_x; one TILE x TILE output tile per block."""
+        tile_a = cuda.shared.array((TILE, TILE), element_type)
+        tile_b = cuda.shared.array((TILE, TILE), element_type)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        row = cuda.blockIdx.y * TILE + ty
+        col = cuda.blockIdx.x * TILE + tx
+        depth = a.shape[0] if trans_a else a.shape[1]
+        acc = element_type(0.0)
+        for start in range(0, depth, TILE):
+            k_a = start + tx
+            if row < c.shape[0] and k_a < depth:
+                tile_a[ty, tx] = a[k_a, row] if trans_a else a[row, k_a]
+            else:
+                tile_a[ty, tx] = 0.0
+            k_b = start + ty
+            if k_b < depth and col < c.shape[1]:
+                tile_b[ty, tx] = b[col, k_b] if trans_b else b[k_b, col]
+            else:
+                tile_b[ty, tx] = 0.0
+            cuda.syncthreads()
+            for k in range(TILE):
+                acc += tile_a[ty, k] * tile_b[k, tx]
+            cuda.syncthreads()
+        if row < c.shape[0] and col < c.shape[1]:
+            c[row, col] = acc
+
+    return kernel
+
+
+_MATMUL = {np.dtype(np.float64): _make_matmul_kernel(float64), np.dtype(np.float32): _make_matmul_kernel(float32)}
+
+
+# ------------------------------------------------------------------------------- wrappers
+def _device(array, dtype=None):
+    """A device copy of a host array; device arrays pass through."""
+    if isinstance(array, (np.ndarray, list, tuple, float, int)):
+        return cuda.to_device(np.ascontiguousarray(array, dtype=dtype))
+    return array
+
+
+def _blocks(n: int) -> int:
+    return max(1, min(MAX_BLOCKS, math.ceil(n / ROW_THREADS)))
+
+
+def softmax_cross_entropy(logits, labels):
+    """Fused log-softmax, cross-entropy and gradient; see :func:`kldwrm_ref.ops.softmax_cross_entropy`."""
+    require_gpu()
+    d_logits = _device(logits)
+    losses = cuda.device_array(d_logits.shape[0], dtype=d_logits.dtype)
+    dlogits = cuda.device_array(d_logits.shape, dtype=d_logits.dtype)
+    _xent_kernel[_blocks(d_logits.shape[0]), ROW_THREADS](d_logits, _device(labels, np.int64), losses, dlogits)
+    return losses.copy_to_host(), dlogits.copy_to_host()
+
+
+def sample_labels(probs, uniforms):
+    """Inverse-CDF labels from passed-in uniforms; see :func:`kldwrm_ref.ops.sample_labels`."""
+    require_gpu()
+    d_probs = _device(probs)
+    labels = cuda.device_array(np.shape(uniforms), dtype=np.int64)
+    _sample_kernel[_blocks(d_probs.shape[0]), ROW_THREADS](d_probs, _device(uniforms), labels)
+    return labels.copy_to_host()
+
+
+def fisher_cotangents(probs):
+    """sqrt(pi_c)(e_c - pi) per sample, (N, C, C); see :func:`kldwrm_ref.ops.fisher_cotangents`."""
+    require_gpu()
+    d_probs = _device(probs)
+    n, c = d_probs.shape
+    cot = cuda.device_array((n, c, c), dtype=d_probs.dtype)
+    _cotangent_kernel[_blocks(n), ROW_THREADS](d_probs, cot)
+    return cot.copy_to_host()
+
+
+def kl_and_grad(ref_logits, logits, kind="forward"):
+    """Per-sample (symmetric) KL and its logits gradient; see :func:`kldwrm_ref.ops.kl_and_grad`."""
+    if kind not in KL_KINDS:
+        raise ValueError(f"kind must be 'forward' or 'symmetric', got {kind!r}")
+    if np.shape(ref_logits) != np.shape(logits):
+        raise ValueError(f"ref_logits has shape {np.shape(ref_logits)}, logits {np.shape(logits)}")
+    require_gpu()
+    d_logits = _device(logits)
+    values = cuda.device_array(d_logits.shape[0], dtype=d_logits.dtype)
+    grad = cuda.device_array(d_logits.shape, dtype=d_logits.dtype)
+    _kl_kernel[_blocks(d_logits.shape[0]), ROW_THREADS](_device(ref_logits), d_logits, values, grad, KL_KINDS[kind])
+    return values.copy_to_host(), grad.copy_to_host()
+
+
+def per_sample_rows(deltas, inputs, out, start):
+    """One layer's columns of U written into ``out``; see :func:`kldwrm_ref.ops.per_sample_rows`."""
+    require_gpu()
+    d_deltas = _device(deltas)
+    d_out = _device(out)
+    width = d_deltas.shape[1] * (np.shape(inputs)[1] + 1)
+    _per_sample_rows_kernel[_blocks(d_deltas.shape[0] * width), ROW_THREADS](d_deltas, _device(inputs), d_out, int(start))
+    if isinstance(out, np.ndarray):
+        d_out.copy_to_host(out)
+    return out
+
+
+def ea_update(average, new, rho, out=None):
+    """rho * average + (1 - rho) * new (written into ``out`` when given)."""
+    if np.shape(average) != np.shape(new):
+        raise ValueError(f"new has shape {np.shape(new)}, the average {np.shape(average)}")
+    require_gpu()
+    d_avg, d_new = _device(average), _device(new)
+    result = cuda.device_array(d_avg.size, dtype=d_avg.dtype)
+    _ea_kernel[_blocks(d_avg.size), ROW_THREADS](d_avg.reshape(d_avg.size), d_new.reshape(d_new.size), float(rho), result)
+    host = result.copy_to_host().reshape(np.shape(average))
+    if out is None:
+        return host
+    out[...] = host
+    return out
+
+
+def eigen_divide(rotated, eig_g, eig_a, damping):
+    """V' / (d_G d_A^T + eta); see :func:`kldwrm_ref.ops.eigen_divide`."""
+    require_gpu()
+    d_rot = _device(rotated)
+    out = cuda.device_array(d_rot.shape, dtype=d_rot.dtype)
+    _eigen_divide_kernel[_blocks(d_rot.size), ROW_THREADS](d_rot, _device(eig_g), _device(eig_a), float(damping), out)
+    return out.copy_to_host()
+
+
+def kron_sum_divide(rotated, nu, mu, alpha):
+    """V' / (1 + alpha nu mu^T); see :func:`kldwrm_ref.ops.kron_sum_divide`."""
+    require_gpu()
+    d_rot = _device(rotated)
+    out = cuda.device_array(d_rot.shape, dtype=d_rot.dtype)
+    _kron_sum_divide_kernel[_blocks(d_rot.size), ROW_THREADS](d_rot, _device(nu), _device(mu), float(alpha), out)
+    return out.copy_to_host()
+
+
+def _operand(x, dtype):
+    """(C-contiguous array, transposed?): a transposed view of a C-contiguous array is read in place."""
+    x = np.asarray(x)
+    if x.ndim == 2 and not x.flags.c_contiguous and x.T.flags.c_contiguous and x.dtype == dtype:
+        return x.T, True
+    return np.ascontiguousarray(x, dtype=dtype), False
+
+
+def matmul(a, b):
+    """a @ b for 2-D a (M, K), b (K, N) by the tiled shared-memory kernel; float32 or float64."""
+    if np.ndim(a) != 2 or np.ndim(b) != 2 or np.shape(a)[1] != np.shape(b)[0]:
+        raise ValueError(f"matmul needs (M, K) @ (K, N), got {np.shape(a)} @ {np.shape(b)}")
+    require_gpu()
+    dtype = np.result_type(a, b)
+    if dtype not in _MATMUL:
+        raise ValueError(f"matmul supports float32 and float64, got {dtype}")
+    (a_host, trans_a), (b_host, trans_b) = _operand(a, dtype), _operand(b, dtype)
+    m, n = np.shape(a)[0], np.shape(b)[1]
+    c = cuda.device_array((m, n), dtype=dtype)
+    grid = (max(1, math.ceil(n / TILE)), max(1, math.ceil(m / TILE)))
+    _MATMUL[dtype][grid, (TILE, TILE)](_device(a_host), _device(b_host), c, trans_a, trans_b)
+    return c.copy_to_host()

@@ -1,0 +1,160 @@
+"""Numba-CPU kernels: the twins of :mod:`kldwrm_ref.ops` with the same signatures and results.
+
+Each ``@njit`` kernel does one job in one pass over its data, rows in parallel (``prange``); the
+row maths is shared with the CUDA kernels (:mod:`kldwrm_ref.kernel_math`).  The wrappers allocate
+the outputs and keep NumPy's signatures.  Matrix products stay with NumPy's BLAS (:func:`matmul`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from kldwrm_ref import kernel_math
+
+_xent_row = njit(cache=True)(kernel_math.xent_row)
+_sample_row = njit(cache=True)(kernel_math.sample_row)
+_cotangent_row = njit(cache=True)(kernel_math.cotangent_row)
+_kl_row = njit(cache=True)(kernel_math.kl_row)
+KL_KINDS = {"forward": 0, "symmetric": 1}
+
+
+@njit(parallel=True, cache=True)
+def _xent_kernel(logits, labels, losses, dlogits):
+    for i in prange(logits.shape[0]):
+        _xent_row(logits, labels, losses, dlogits, i)
+
+
+@njit(parallel=True, cache=True)
+def _sample_kernel(probs, uniforms, labels):
+    for i in prange(probs.shape[0]):
+        for s in range(uniforms.shape[0]):
+            _sample_row(probs, uniforms, labels, s, i)
+
+
+@njit(parallel=True, cache=True)
+def _cotangent_kernel(probs, cot):
+    for i in prange(probs.shape[0]):
+        _cotangent_row(probs, cot, i)
+
+
+@njit(parallel=True, cache=True)
+def _per_sample_rows_kernel(deltas, inputs, out, start):
+    n_out, n_in, n_samples = deltas.shape[1], inputs.shape[1], inputs.shape[0]
+    for r in prange(deltas.shape[0]):
+        sample = r % n_samples
+        for o in range(n_out):
+            d = deltas[r, o]
+            base = start + o * n_in
+            for j in range(n_in):
+                out[r, base + j] = d * inputs[sample, j]
+            out[r, start + n_out * n_in + o] = d
+
+
+@njit(parallel=True, cache=True)
+def _ea_kernel(average, new, rho, out):
+    keep = 1.0 - rho
+    for i in prange(out.size):
+        out[i] = rho * average[i] + keep * new[i]
+
+
+@njit(parallel=True, cache=True)
+def _eigen_divide_kernel(rotated, eig_g, eig_a, damping, out):
+    for i in prange(rotated.shape[0]):
+        for j in range(rotated.shape[1]):
+            out[i, j] = rotated[i, j] / (eig_g[i] * eig_a[j] + damping)
+
+
+@njit(parallel=True, cache=True)
+def _kron_sum_divide_kernel(rotated, nu, mu, alpha, out):
+    for i in prange(rotated.shape[0]):
+        for j in range(rotated.shape[1]):
+            out[i, j] = rotated[i, j] / (1.0 + alpha * (nu[i] * mu[j]))
+
+
+@njit(parallel=True, cache=True)
+def _kl_kernel(ref_logits, logits, values, grad, symmetric):
+    for i in prange(logits.shape[0]):
+        _kl_row(ref_logits, logits, values, grad, symmetric, i)
+
+
+def _contiguous(*arrays):
+    return [np.ascontiguousarray(a) for a in arrays]
+
+
+def softmax_cross_entropy(logits, labels):
+    """Fused log-softmax, cross-entropy and its gradient; see :func:`kldwrm_ref.ops.softmax_cross_entropy`."""
+    logits, labels = _contiguous(logits, np.asarray(labels, dtype=np.int64))
+    losses = np.empty(logits.shape[0], dtype=logits.dtype)
+    dlogits = np.empty_like(logits)
+    _xent_kernel(logits, labels, losses, dlogits)
+    return losses, dlogits
+
+
+def sample_labels(probs, uniforms):
+    """Inverse-CDF labels from passed-in uniforms; see :func:`kldwrm_ref.ops.sample_labels`."""
+    probs, uniforms = _contiguous(probs, uniforms)
+    labels = np.empty(uniforms.shape, dtype=np.int64)
+    _sample_kernel(probs, uniforms, labels)
+    return labels
+
+
+def fisher_cotangents(probs):
+    """sqrt(pi_c)(e_c - pi) per sample, (N, C, C); see :func:`kldwrm_ref.ops.fisher_cotangents`."""
+    (probs,) = _contiguous(probs)
+    cot = np.empty((probs.shape[0], probs.shape[1], probs.shape[1]), dtype=probs.dtype)
+    _cotangent_kernel(probs, cot)
+    return cot
+
+
+def per_sample_rows(deltas, inputs, out, start):
+    """One layer's columns of U written in place; see :func:`kldwrm_ref.ops.per_sample_rows`."""
+    deltas, inputs = _contiguous(deltas, inputs)
+    _per_sample_rows_kernel(deltas, inputs, out, int(start))
+    return out
+
+
+def ea_update(average, new, rho, out=None):
+    """rho * average + (1 - rho) * new in one pass (in place when ``out`` is given)."""
+    if average.shape != new.shape:
+        raise ValueError(f"new has shape {new.shape}, the average {average.shape}")
+    average, new = _contiguous(average, new)
+    result = np.empty_like(average) if out is None else out
+    if not result.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    _ea_kernel(average.reshape(-1), new.reshape(-1), float(rho), result.reshape(-1))
+    return result
+
+
+def eigen_divide(rotated, eig_g, eig_a, damping):
+    """V' / (d_G d_A^T + eta); see :func:`kldwrm_ref.ops.eigen_divide`."""
+    rotated, eig_g, eig_a = _contiguous(rotated, eig_g, eig_a)
+    out = np.empty_like(rotated)
+    _eigen_divide_kernel(rotated, eig_g, eig_a, float(damping), out)
+    return out
+
+
+def kron_sum_divide(rotated, nu, mu, alpha):
+    """V' / (1 + alpha nu mu^T); see :func:`kldwrm_ref.ops.kron_sum_divide`."""
+    rotated, nu, mu = _contiguous(rotated, nu, mu)
+    out = np.empty_like(rotated)
+    _kron_sum_divide_kernel(rotated, nu, mu, float(alpha), out)
+    return out
+
+
+def kl_and_grad(ref_logits, logits, kind="forward"):
+    """Per-sample (symmetric) KL and its logits gradient; see :func:`kldwrm_ref.ops.kl_and_grad`."""
+    if kind not in KL_KINDS:
+        raise ValueError(f"kind must be 'forward' or 'symmetric', got {kind!r}")
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits has shape {ref_logits.shape}, logits {logits.shape}")
+    ref_logits, logits = _contiguous(ref_logits, logits)
+    values = np.empty(logits.shape[0], dtype=logits.dtype)
+    grad = np.empty_like(logits)
+    _kl_kernel(ref_logits, logits, values, grad, KL_KINDS[kind])
+    return values, grad
+
+
+def matmul(a, b):
+    """a @ b with NumPy's BLAS (no Numba kernel beats it on the CPU)."""
+    return a @ b

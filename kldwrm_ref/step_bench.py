@@ -1,0 +1,200 @@
+"""``kldwrm bench step``: where each optimiser step's time goes, how it scales, and how close it
+is to the machine's matrix-product throughput.
+
+1. Breakdown: per optimiser (MLP 784-256-10, batch 512; EA-CM on the dense platform uses a
+   49-32-10 net at batch 256, since a dense 203,530-parameter Fisher does not fit), preset, dtype
+   and backend: the median step and the amortised mean step over ``2 T`` steps (T = refresh
+   period, so eigendecompositions are amortised), split into forward/backward, curvature
+   statistics, inverse (eigendecompositions on refresh steps), preconditioning, QE inner solve
+   and the rest; peak traced memory (tracemalloc).
+2. Limit: the throughput of a large GEMM in float32 and float64, the FLOPs of each step counted
+   from the shapes (:func:`step_flops`), and the achieved fraction of that throughput.
+3. Scaling: K-FAC step time against hidden width and batch size, and the dense Fisher build
+   against parameter count, each with its fitted growth exponent (log-log slope).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import tracemalloc
+from typing import Sequence
+
+import numpy as np
+
+from kldwrm_ref import MLP, optim
+from kldwrm_ref.bench import median_time
+from kldwrm_ref.data import synthetic_classification
+from kldwrm_ref.fisher import fisher
+from kldwrm_ref.storage import write_json
+
+PHASES = ("forward_backward", "curvature", "inverse", "precondition", "inner")
+BREAKDOWN_OPTIMIZERS = (
+    ("sgd", "kfac"), ("kfac", "kfac"), ("ea-cm", "dense"), ("so-kld-wrm", "kfac"), ("q-kld-wrm", "kfac"), ("qe-kld-wrm", "kfac"),
+)
+
+
+def gemm_throughput(dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matrix product (NumPy's BLAS, all cores)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
+    return 2.0 * n**3 / median_time(lambda: a @ b, repeats)
+
+
+def _products(mlp: MLP, batch: int) -> tuple[float, float]:
+    """(forward FLOPs, backward FLOPs) of one batch: x W^T per layer; dW for all, dX below the top."""
+    forward = sum(2.0 * batch * out * inp for out, inp in mlp.layer_shapes)
+    backward = forward + sum(2.0 * batch * out * inp for out, inp in mlp.layer_shapes[1:])
+    return forward, backward
+
+
+def step_flops(name: str, mlp: MLP, batch: int, hyper: dict) -> float:
+    """Floating-point work of one step, amortised over the refresh period (multiply-add = 2).
+
+    Forward + backward; on refresh steps the factor statistics (or the dense Fisher U^T U) and
+    the eigendecompositions (~9 n^3 each, with vectors), divided by T; the preconditioning
+    products (4 per K-FAC block in the eigenbasis; 2 with cached explicit inverses); for Q/QE
+    the B s product; for QE per inner step a forward, a backward and a B s product, plus one
+    forward per wake iterate.
+    """
+    forward, backward = _products(mlp, batch)
+    flops = forward + backward
+    if name == "sgd":
+        return flops
+    period = hyper["period"]
+    if hyper["platform"] == "dense":
+        n = mlp.n_params
+        n_cot = mlp.n_classes if hyper["fisher_type"] == "exact" else 1
+        refresh = 2.0 * batch * n_cot * n * n + 9.0 * n**3 + n_cot * backward
+        return flops + refresh / period + 2.0 * n * n
+    n_cot = mlp.n_classes if hyper["fisher_type"] == "exact" else 1
+    refresh, solve, bs = (n_cot - 1) * backward, 0.0, 0.0
+    for out, inp in mlp.layer_shapes:
+        k = inp + 1 if hyper["bias"] == "joint" else inp
+        refresh += 2.0 * batch * (inp + 1) ** 2 + 2.0 * n_cot * batch * out * out + 9.0 * (k**3 + out**3)
+        products = 2 if hyper["damping_style"] == "factored-explicit" else 4
+        solve += products / 2 * 2.0 * out * k * (out + k)
+        bs += 2.0 * out * k * (out + k)
+    flops += refresh / period + solve
+    if name in ("q-kld-wrm", "qe-kld-wrm"):
+        flops += bs
+    if name == "qe-kld-wrm":
+        flops += hyper["inner_steps"] * (forward + backward + bs) + hyper["m"] * forward
+    return flops
+
+
+def time_steps(name: str, platform: str, preset: str, dtype, backend: str, sizes, batch: int, trace_memory: bool = False, **overrides) -> dict:
+    """Run 2 T + 3 steps (T the refresh period) and summarise the last 2 T (warm-up excluded)."""
+    mlp = MLP(sizes, dtype=dtype)
+    opt = optim.make(name, mlp, platform=platform, preset=preset, backend=backend, **overrides)
+    period = opt.hyper["period"] if name != "sgd" else 1
+    n_steps = 2 * max(period, 5)
+    X, y = synthetic_classification(batch * 4, sizes[0], sizes[-1], seed=0, dtype=dtype)
+    theta = mlp.init(0)
+    state = opt.init(theta)
+    rows = []
+    for k in range(n_steps + 3):
+        rows_index = slice((k % 4) * batch, (k % 4 + 1) * batch)
+        if trace_memory and k == 3:
+            tracemalloc.start()
+        start = time.perf_counter()
+        theta, state, info = opt.step(theta, state, X[rows_index], y[rows_index])
+        wall = time.perf_counter() - start
+        if k >= 3:
+            rows.append((wall, info["time"]))
+    peak = 0
+    if trace_memory:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    walls = np.array([w for w, _ in rows])
+    phases = {p: float(np.mean([t.get(p, 0.0) for _, t in rows])) for p in PHASES}
+    phases["rest"] = float(walls.mean()) - sum(phases.values())
+    hyper = dict(opt.hyper)
+    return dict(
+        optimizer=name, platform=platform, preset=preset, dtype=np.dtype(dtype).name, backend=backend,
+        sizes=list(sizes), batch=batch, period=period, median_s=float(np.median(walls)), mean_s=float(walls.mean()),
+        phases_s=phases, peak_bytes=int(peak), flops=step_flops(name, mlp, batch, hyper),
+    )
+
+
+def breakdown(presets, dtypes, backends, trace_memory=True, **overrides) -> list[dict]:
+    results = []
+    for dtype in dtypes:
+        for backend in backends:
+            for preset in presets:
+                for name, platform in BREAKDOWN_OPTIMIZERS:
+                    sizes, batch = ((49, 32, 10), 256) if platform == "dense" else ((784, 256, 10), 512)
+                    results.append(time_steps(name, platform, preset, dtype, backend, sizes, batch, trace_memory, **overrides))
+    return results
+
+
+def growth_exponent(x, t) -> float:
+    """Least-squares slope of log t against log x."""
+    return float(np.polyfit(np.log(x), np.log(t), 1)[0])
+
+
+def scaling(dtype, backend: str) -> dict:
+    widths = [64, 128, 256, 512, 1024]
+    batches = [128, 256, 512, 1024, 2048]
+    by_width = [time_steps("kfac", "kfac", "paper", dtype, backend, (784, w, 10), 512)["mean_s"] for w in widths]
+    by_batch = [time_steps("kfac", "kfac", "paper", dtype, backend, (784, 256, 10), b)["mean_s"] for b in batches]
+    hidden = [8, 16, 32, 64]
+    n_params, fisher_s = [], []
+    for h in hidden:
+        mlp = MLP([49, h, 10], dtype=dtype)
+        X, _ = synthetic_classification(256, 49, 10, seed=1, dtype=dtype)
+        theta = mlp.init(0)
+        n_params.append(mlp.n_params)
+        fisher_s.append(median_time(lambda: fisher(mlp, theta, X, backend=backend), 3))
+    return dict(widths=widths, width_s=by_width, batches=batches, batch_s=by_batch, fisher_params=n_params, fisher_s=fisher_s)
+
+
+def format_breakdown(results: list[dict], peaks: dict) -> str:
+    header = f"{'optimizer':<12} {'preset':<6} {'dtype':<7} {'backend':<7} {'median ms':>9} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'peak MB':>8} {'GFLOP':>6} {'% GEMM':>7}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        fraction = r["flops"] / r["mean_s"] / peaks[r["dtype"]]
+        line = f"{r['optimizer']:<12} {r['preset']:<6} {r['dtype']:<7} {r['backend']:<7} {1e3 * r['median_s']:>9.2f} {1e3 * r['mean_s']:>8.2f}"
+        line += "".join(f" {1e3 * r['phases_s'][p]:>8.2f}" for p in PHASES) + f" {1e3 * r['phases_s']['rest']:>6.2f}"
+        line += f" {r['peak_bytes'] / 2**20:>8.1f} {r['flops'] / 1e9:>6.2f} {100 * fraction:>6.1f}%"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_scaling(s: dict) -> str:
+    lines = ["K-FAC (paper preset) mean step against hidden width (batch 512):"]
+    lines += [f"  width {w:>5}: {1e3 * t:8.2f} ms" for w, t in zip(s["widths"], s["width_s"])]
+    lines.append(f"  growth exponent {growth_exponent(s['widths'], s['width_s']):.2f} (time ~ width^p)")
+    lines.append("K-FAC (paper preset) mean step against batch size (784-256-10):")
+    lines += [f"  batch {b:>5}: {1e3 * t:8.2f} ms" for b, t in zip(s["batches"], s["batch_s"])]
+    lines.append(f"  growth exponent {growth_exponent(s['batches'], s['batch_s']):.2f}")
+    lines.append("dense exact Fisher build (batch 256) against parameter count n:")
+    lines += [f"  n {n:>6}: {1e3 * t:8.2f} ms" for n, t in zip(s["fisher_params"], s["fisher_s"])]
+    lines.append(f"  growth exponent {growth_exponent(s['fisher_params'], s['fisher_s']):.2f} (U^T U costs ~ n^2)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kldwrm bench step", description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", choices=optim.PRESETS, default=list(optim.PRESETS))
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"])
+    parser.add_argument("--backends", nargs="+", choices=["numpy", "numba", "auto"], default=["numpy", "numba"])
+    parser.add_argument("--damping-style", choices=["eigen", "factored", "factored-explicit"], help="override the K-FAC damping style")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the scaling tables")
+    parser.add_argument("--json", metavar="PATH", help="also write every number to PATH")
+    args = parser.parse_args(argv)
+    overrides = {"damping_style": args.damping_style} if args.damping_style else {}
+    peaks = {name: gemm_throughput(np.dtype(name).type) for name in ("float32", "float64")}
+    print("GEMM throughput (2048^3): " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
+    results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, **overrides)
+    print("\nper-step breakdown (ms; mean = amortised over 2 refresh periods; % GEMM = step FLOPs / mean time / GEMM throughput)")
+    print(format_breakdown(results, peaks))
+    report = dict(gemm_flops_per_s=peaks, breakdown=results)
+    if not args.no_scaling:
+        report["scaling"] = scaling(np.float32, args.backends[0])
+        print("\nscaling (float32, backend " + args.backends[0] + ")")
+        print(format_scaling(report["scaling"]))
+    if args.json:
+        write_json(args.json, report)
+    return 0

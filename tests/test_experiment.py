@@ -1,0 +1,196 @@
+"""``kldwrm mnist``: files, resume equivalence, divergence records, option errors, summary."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from kldwrm_ref import experiment, optim
+from kldwrm_ref.experiment import expand, main, run_experiment, validate_config
+from kldwrm_ref.report import collect, paired_table
+from kldwrm_ref.storage import load_checkpoint, read_csv, read_json
+
+TINY = dict(
+    name="tiny",
+    optimizers=["kfac", "qe-kld-wrm"],
+    architectures=[[12, 8, 10]],
+    epochs=2,
+    seeds=[0, 1],
+    batch=40,
+    dtype="float64",
+    data=dict(source="synthetic", n_train=320, n_test=100),
+    hyper={"*": {"period": 3}},
+)
+
+
+def run_files(root, cfg):
+    return [root / spec.label for spec in expand(validate_config(cfg))]
+
+
+def test_tiny_end_to_end_writes_every_file(tmp_path):
+    root = run_experiment(TINY, tmp_path, progress=False, log=lambda *_: None)
+    runs = run_files(root, TINY)
+    assert len(runs) == 4
+    for run_dir in runs:
+        status = read_json(run_dir / "status.json")
+        assert status == dict(state="finished", epochs_completed=2)
+        rows = read_csv(run_dir / "metrics.csv")
+        assert [int(r["epoch"]) for r in rows] == [1, 2]
+        assert set(rows[0]) == set(experiment.METRIC_FIELDS)
+        assert int(rows[-1]["steps"]) == 2 * (320 // 40)
+        config = read_json(run_dir / "config.json")
+        assert config["resolved_hyper"]["period"] == 3 and config["kldwrm_ref_version"]
+        saved = load_checkpoint(run_dir / "checkpoint.pkl")
+        assert saved["epoch"] == 2 and saved["state"].step == 16
+    summary = (root / "summary.md").read_text()
+    assert "| 12-8-10 | kfac | 2/2 |" in summary and "qe-kld-wrm" in summary
+    assert (root / "12-8-10.png").stat().st_size > 10000
+
+
+def test_evaluation_matches_the_model(tmp_path):
+    """The CSV's accuracies are those of the checkpointed theta, recomputed independently."""
+    root = run_experiment({**TINY, "optimizers": ["kfac"], "seeds": [0]}, tmp_path, progress=False, log=lambda *_: None)
+    run_dir = root / "12-8-10/kfac/seed-0"
+    theta = load_checkpoint(run_dir / "checkpoint.pkl")["theta"]
+    data = experiment.load_data(validate_config(TINY)["data"], 12, "float64")
+    from kldwrm_ref import MLP
+
+    logits = MLP([12, 8, 10]).logits(theta, data.X_test)
+    row = read_csv(run_dir / "metrics.csv")[-1]
+    assert float(row["test_accuracy"]) == np.mean(np.argmax(logits, 1) == data.y_test)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+_REAL_MAKE = optim.make
+
+
+def patch_steps(monkeypatch, before_step):
+    """Make every optimiser call ``before_step(call number)`` before each of its steps."""
+    calls = {"n": 0}
+
+    def make(*args, **kwargs):
+        opt = _REAL_MAKE(*args, **kwargs)
+
+        def step(*step_args):
+            calls["n"] += 1
+            before_step(calls["n"])
+            return opt.step(*step_args)
+
+        return opt._replace(step=step)
+
+    monkeypatch.setattr(optim, "make", make)
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
+    cfg = {**TINY, "epochs": 3, "seeds": [0]}
+    whole = run_experiment(cfg, tmp_path / "whole", progress=False, log=lambda *_: None)
+
+    def interrupt(call):
+        if call == 13:  # in the middle of epoch 2 of the first run (8 steps per epoch)
+            raise _Interrupt
+
+    patch_steps(monkeypatch, interrupt)
+    with pytest.raises(_Interrupt):
+        run_experiment(cfg, tmp_path / "resumed", progress=False, log=lambda *_: None)
+    interrupted = tmp_path / "resumed/tiny/12-8-10/kfac/seed-0"
+    assert read_json(interrupted / "status.json") == dict(state="running", epochs_completed=1)
+    assert len(read_csv(interrupted / "metrics.csv")) == 1
+    monkeypatch.undo()
+    resumed = run_experiment(cfg, tmp_path / "resumed", progress=False, log=lambda *_: None)
+
+    for spec in expand(validate_config(cfg)):
+        a, b = whole / spec.label, resumed / spec.label
+        assert read_json(b / "status.json") == dict(state="finished", epochs_completed=3)
+        rows_a, rows_b = read_csv(a / "metrics.csv"), read_csv(b / "metrics.csv")
+        timeless = [k for k in experiment.METRIC_FIELDS if k not in ("wall_time", "epoch_time")]
+        assert [[r[k] for k in timeless] for r in rows_a] == [[r[k] for k in timeless] for r in rows_b]
+        np.testing.assert_array_equal(load_checkpoint(a / "checkpoint.pkl")["theta"], load_checkpoint(b / "checkpoint.pkl")["theta"])
+
+
+def test_finished_runs_are_skipped_and_can_be_extended(tmp_path, monkeypatch):
+    cfg = {**TINY, "optimizers": ["kfac"], "seeds": [0], "epochs": 1}
+    run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
+
+    def forbid(call):
+        raise AssertionError("a finished run took a step")
+
+    patch_steps(monkeypatch, forbid)
+    run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
+    monkeypatch.undo()
+    root = run_experiment({**cfg, "epochs": 2}, tmp_path, progress=False, log=lambda *_: None)
+    rows = read_csv(root / "12-8-10/kfac/seed-0/metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and int(rows[-1]["steps"]) == 16
+
+
+def test_changed_run_in_the_same_folder_is_refused(tmp_path):
+    cfg = {**TINY, "optimizers": ["kfac"], "seeds": [0], "epochs": 1}
+    run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="different batch"):
+        run_experiment({**cfg, "batch": 20}, tmp_path, progress=False, log=lambda *_: None)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path):
+    cfg = {**TINY, "optimizers": ["sgd", "kfac"], "seeds": [0], "hyper": {"sgd": {"step_size": 1e200}}}
+    root = run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
+    status = read_json(root / "12-8-10/sgd/seed-0/status.json")
+    assert status["state"] == "diverged" and status["step"] >= 1 and "not finite" in status["message"]
+    assert read_json(root / "12-8-10/kfac/seed-0/status.json")["state"] == "finished"
+    summary = (root / "summary.md").read_text()
+    assert "diverged: seed 0 step" in summary
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "epochs must be an integer >= 1"),
+        (["--hyper", "nonsense=1"], "unknown hyperparameter"),
+        (["--hyper", "rho=1.5"], "rho must be"),
+        (["--architectures", "784-256-9"], "10 classes"),
+        (["--architectures", "100-10"], "does not match MNIST"),
+        (["--seeds", "-1"], "seeds must be"),
+        (["--hyper", "novalue"], "KEY=VALUE"),
+    ],
+)
+def test_bad_options_fail_with_clear_messages(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--out", "/nonexistent-never-written"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_runs_synthetic_and_prints_the_table(tmp_path, capsys):
+    assert main(["--synthetic", "--architectures", "12-8-10", "--epochs", "1", "--seeds", "0", "--optimizers", "kfac", "--batch", "100", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| 12-8-10 | kfac | 1/1 | 1 |" in out
+
+
+def test_paired_table_differences(tmp_path):
+    """Paired differences recomputed from the CSVs by hand."""
+    cfg = {**TINY, "optimizers": ["kfac", "so-kld-wrm"]}
+    root = run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
+    diffs = []
+    for seed in (0, 1):
+        so = read_csv(root / f"12-8-10/so-kld-wrm/seed-{seed}/metrics.csv")
+        kf = read_csv(root / f"12-8-10/kfac/seed-{seed}/metrics.csv")
+        diffs.append(100 * (float(so[-1]["test_accuracy"]) - float(kf[-1]["test_accuracy"])))
+    expected = f"{np.mean(diffs):.2f} ± {np.std(diffs, ddof=1):.2f}"
+    table = paired_table(collect(root, validate_config(cfg)))
+    assert expected in table.splitlines()[-1].split("|")[5]
+
+
+def test_checkpoint_unpickler_refuses_foreign_globals(tmp_path):
+    import os
+
+    path = tmp_path / "evil.pkl"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(pickle.UnpicklingError, match="only numpy and kldwrm_ref"):
+        load_checkpoint(path)
