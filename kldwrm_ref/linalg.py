@@ -46,8 +46,8 @@ def safe_eigh(matrix: np.ndarray, name: str, other: np.ndarray | None = None) ->
     if not np.all(np.isfinite(sym)) or (oth is not None and not np.all(np.isfinite(oth))):
         path = save_offending(name, matrix=matrix, **({} if other is None else {"other": other}))
         raise CurvatureError(f"{name} has non-finite entries; saved to {path}")
-    try:
-        values, vectors = scipy.linalg.eigh(sym, oth)
+    try:  # divide and conquer (evd / gvd): 2-3x faster than the default MRRR driver with vectors
+        values, vectors = scipy.linalg.eigh(sym, oth, driver="evd" if oth is None else "gvd")
         if np.all(np.isfinite(values)):
             return Eigen(values, vectors)
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
