@@ -38,8 +38,8 @@ def collect(root: Path, cfg: dict) -> dict:
 
 
 def _usable(runs: list) -> list:
-    """Runs with at least one epoch of metrics that did not diverge."""
-    return [r for r in runs if r["metrics"] and r["status"] and r["status"]["state"] != "diverged"]
+    """Finished runs (diverged and unfinished runs are counted, not averaged)."""
+    return [r for r in runs if r["metrics"] and r["status"] and r["status"]["state"] == "finished"]
 
 
 def _mean_std(values, scale: float = 100.0, digits: int = 2) -> str:
@@ -68,16 +68,19 @@ def _reach_cells(runs: list, threshold: float) -> tuple[str, str]:
 
 
 def _status_cell(runs: list) -> str:
-    done = [r for r in runs if r["status"]]
-    diverged = [r for r in done if r["status"]["state"] == "diverged"]
-    text = f"{len(done) - len(diverged)}/{len(runs)}"
+    states = [r["status"]["state"] if r["status"] else "not started" for r in runs]
+    diverged = [r for r in runs if r["status"] and r["status"]["state"] == "diverged"]
+    text = f"{states.count('finished')}/{len(runs)}"
+    unfinished = len(runs) - states.count("finished") - len(diverged)
+    if unfinished:
+        text += f", {unfinished} unfinished"
     if diverged:
         text += ", diverged: " + ", ".join(f"seed {r['seed']} step {r['status'].get('step')}" for r in diverged)
     return text
 
 
 def results_table(groups: dict) -> str:
-    header = ["architecture", "optimizer", "runs ok", "epochs", "best test acc %", "final test acc %"]
+    header = ["architecture", "optimizer", "runs finished", "epochs", "best test acc %", "final test acc %"]
     for t in THRESHOLDS:
         header += [f"epochs to {t:.0%}", f"s to {t:.0%}"]
     header += ["s / epoch", "final train loss"]
@@ -145,7 +148,7 @@ def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
             mean, low, high = values.mean(0) * scale, values.min(0) * scale, values.max(0) * scale
             for col, x in enumerate((x_epoch, x_time)):
                 ax = axes[row, col]
-                ax.plot(x, mean, color=color, label=f"{name} ({len(runs)} seeds)", marker="o" if epochs <= 12 else None, markersize=3)
+                ax.plot(x, mean, color=color, label=f"{name} (n={len(runs)} seeds)", marker="o" if epochs <= 12 else None, markersize=3)
                 ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
             if key == "test_accuracy" and epochs > 1:
                 lowest_accuracy = min(lowest_accuracy, float(low[1:].min()) / 100.0)
@@ -159,6 +162,10 @@ def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
         for t in THRESHOLDS:
             axes[0, col].axhline(100 * t, color="grey", linestyle=":", linewidth=1)
         axes[0, col].set_ylim(max(0.0, 100 * lowest_accuracy - 0.5), 100.0 * min(1.0, max(THRESHOLDS) + 0.006) if lowest_accuracy > 0.9 else None)
+    from matplotlib.ticker import MaxNLocator
+
+    for row in range(2):
+        axes[row, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(loc="lower right")
     fig.suptitle(f"{title}: MLP {arch} (line: mean over seeds, band: min-max over seeds; dotted: 97% and 98%)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +183,8 @@ def write_summary(root: str | Path, cfg: dict) -> str:
         f"Platform {cfg['platform']}, preset {cfg['preset']}, batch {cfg['batch']}, dtype {cfg['dtype']}, "
         f"data {cfg['data']['source']} (pool {cfg['data']['pool']}, subset {cfg['data']['subset']}), "
         f"seeds {cfg['seeds']}, up to {cfg['epochs']} epochs; hyperparameter overrides {cfg['hyper'] or 'none'}.  "
-        "Accuracies in %, mean ± sample std over seeds; time is training wall time (evaluation excluded)."
+        "Accuracies in %, mean ± sample std over seeds; time is training wall time (evaluation excluded), "
+        "as measured: runs that shared the CPU with other jobs show longer times (`kldwrm bench step` gives clean per-step timings)."
     )
     parts += ["", results_table(groups)]
     paired = paired_table(groups)

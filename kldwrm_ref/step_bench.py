@@ -52,8 +52,8 @@ def _products(mlp: MLP, batch: int) -> tuple[float, float]:
 def step_flops(name: str, mlp: MLP, batch: int, hyper: dict) -> float:
     """Floating-point work of one step, amortised over the refresh period (multiply-add = 2).
 
-    Forward + backward; on refresh steps the factor statistics (or the dense Fisher U^T U) and
-    the eigendecompositions (~9 n^3 each, with vectors), divided by T; the preconditioning
+    Forward + backward; on refresh steps the factor statistics and eigendecompositions (~9 n^3
+    each, with vectors) - or, on the dense platform, U^T U and a Cholesky (n^3 / 3) - divided by T; the preconditioning
     products (4 per K-FAC block in the eigenbasis; 2 with cached explicit inverses); for Q/QE
     the B s product; for QE per inner step a forward, a backward and a B s product, plus one
     forward per wake iterate.
@@ -66,8 +66,8 @@ def step_flops(name: str, mlp: MLP, batch: int, hyper: dict) -> float:
     if hyper["platform"] == "dense":
         n = mlp.n_params
         n_cot = mlp.n_classes if hyper["fisher_type"] == "exact" else 1
-        refresh = 2.0 * batch * n_cot * n * n + 9.0 * n**3 + n_cot * backward
-        return flops + refresh / period + 2.0 * n * n
+        refresh = 2.0 * batch * n_cot * n * n + n**3 / 3.0 + n_cot * backward  # U^T U, Cholesky
+        return flops + refresh / period + 2.0 * n * n  # two triangular solves
     n_cot = mlp.n_classes if hyper["fisher_type"] == "exact" else 1
     refresh, solve, bs = (n_cot - 1) * backward, 0.0, 0.0
     for out, inp in mlp.layer_shapes:
@@ -115,6 +115,7 @@ def time_steps(name: str, platform: str, preset: str, dtype, backend: str, sizes
         optimizer=name, platform=platform, preset=preset, dtype=np.dtype(dtype).name, backend=backend,
         sizes=list(sizes), batch=batch, period=period, median_s=float(np.median(walls)), mean_s=float(walls.mean()),
         phases_s=phases, peak_bytes=int(peak), flops=step_flops(name, mlp, batch, hyper),
+        inner_steps=hyper.get("inner_steps", 0) if name == "qe-kld-wrm" else 0,
     )
 
 
@@ -175,6 +176,27 @@ def format_scaling(s: dict) -> str:
     return "\n".join(lines)
 
 
+def targets(results: list[dict], peaks: dict) -> str:
+    """The issue's targets per (preset, dtype, backend): K-FAC and SO at >= 75% of GEMM throughput
+    for their own FLOPs, and a QE step within (1 + inner steps) SO steps."""
+    lines = []
+    groups = {}
+    for r in results:
+        groups.setdefault((r["preset"], r["dtype"], r["backend"]), {})[r["optimizer"]] = r
+    for (preset, dtype, backend), by_name in groups.items():
+        parts = []
+        for name in ("kfac", "so-kld-wrm"):
+            if name in by_name:
+                r = by_name[name]
+                parts.append(f"{name} {100 * r['flops'] / r['mean_s'] / peaks[dtype]:.0f}% of GEMM")
+        if "qe-kld-wrm" in by_name and "so-kld-wrm" in by_name:
+            qe, so = by_name["qe-kld-wrm"], by_name["so-kld-wrm"]
+            inner = qe.get("inner_steps", 0)
+            parts.append(f"QE / SO = {qe['mean_s'] / so['mean_s']:.1f} (bound 1 + inner steps = {1 + inner})")
+        lines.append(f"  {preset:<6} {dtype:<7} {backend:<6}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kldwrm bench step", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", choices=optim.PRESETS, default=list(optim.PRESETS))
@@ -190,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, **overrides)
     print("\nper-step breakdown (ms; mean = amortised over 2 refresh periods; % GEMM = step FLOPs / mean time / GEMM throughput)")
     print(format_breakdown(results, peaks))
+    print("\ntargets (amortised mean step):")
+    print(targets(results, peaks))
     report = dict(gemm_flops_per_s=peaks, breakdown=results)
     if not args.no_scaling:
         report["scaling"] = scaling(np.float32, args.backends[0])

@@ -1,0 +1,29 @@
+"""The benchmarks run and their bookkeeping is right (timings themselves are not asserted)."""
+
+import numpy as np
+
+from kldwrm_ref import MLP, bench, step_bench
+
+
+def test_growth_exponent_recovers_a_power_law():
+    x = np.array([64, 128, 256, 512])
+    assert abs(step_bench.growth_exponent(x, 3e-6 * x**2.0) - 2.0) < 1e-12
+
+
+def test_time_steps_phases_add_up_and_flops_grow_with_inner_steps():
+    result = step_bench.time_steps("qe-kld-wrm", "kfac", "paper", np.float64, "numpy", (6, 5, 3), 8, trace_memory=True, period=2, inner_steps=1)
+    assert abs(sum(result["phases_s"].values()) - result["mean_s"]) < 1e-9
+    assert result["peak_bytes"] > 0 and result["phases_s"]["inner"] > 0
+    mlp = MLP([6, 5, 3])
+    hyper = dict(result, period=2, platform="kfac", fisher_type="empirical", bias="separate", damping_style="eigen", m=3)
+    one, two = (step_bench.step_flops("qe-kld-wrm", mlp, 8, dict(hyper, inner_steps=k)) for k in (1, 2))
+    forward = 2 * 8 * (6 * 5 + 5 * 3)
+    assert two - one > 2 * forward  # each inner step costs at least a forward and a backward
+
+
+def test_kernel_bench_times_every_operation_on_each_cpu_backend(capsys):
+    assert bench.main(["kernels", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for op in ("softmax_cross_entropy", "per_sample_rows", "kron_sum_divide", "matmul"):
+        assert op in out
+    assert "numba/numpy" in out
