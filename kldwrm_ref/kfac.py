@@ -19,7 +19,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from kldwrm_ref.backend import get_backend
 from kldwrm_ref.fisher import fisher_cotangents, probabilities
-from kldwrm_ref.linalg import Eigen, safe_eigh
+from kldwrm_ref.linalg import safe_eigh
 from kldwrm_ref.mlp import MLP, ForwardCache
 from kldwrm_ref.validation import check_choice, check_finite, check_nonnegative, check_positive
 

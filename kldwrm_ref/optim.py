@@ -37,7 +37,7 @@ from kldwrm_ref.fisher import FISHER_TYPES
 from kldwrm_ref.kfac import BIAS_MODES, DAMPING_STYLES, KRON_SUM_MODES
 from kldwrm_ref.mlp import MLP
 from kldwrm_ref.validation import check_choice, check_nonnegative, check_positive, check_positive_int, check_rho
-from kldwrm_ref.wake import damped_solve_step, step_size_at, truncated_wake_weights, wake_corrected_gradient
+from kldwrm_ref.wake import step_size_at, truncated_wake_weights, wake_corrected_gradient
 
 NAMES = ("sgd", "ea-cm", "kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm")
 PLATFORMS = ("dense", "kfac")

@@ -108,7 +108,7 @@ def results_table(groups: dict) -> str:
 
 def paired_table(groups: dict, baseline: str = "kfac") -> str:
     """Per-seed differences (method - baseline) of best and final test accuracy, in points."""
-    header = ["architecture", "optimizer", f"seeds", "best acc - " + baseline, "final acc - " + baseline, "ahead on best", "ahead on final"]
+    header = ["architecture", "optimizer", "seeds", "best acc - " + baseline, "final acc - " + baseline, "ahead on best", "ahead on final"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (arch, name), runs in groups.items():
         if name == baseline or (arch, baseline) not in groups:

@@ -16,7 +16,6 @@ is to the machine's matrix-product throughput.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import tracemalloc
 from typing import Sequence
