@@ -57,7 +57,7 @@ QUICK = dict(
     batch=512,
     platform="kfac",
     preset="paper",
-    backend="numpy",
+    backend="auto",
     dtype="float32",
     data=dict(source="mnist", pool=1, subset=None, n_train=None, n_test=None),
     hyper={},

@@ -178,7 +178,7 @@ def test_paired_table_differences(tmp_path):
         kf = read_csv(root / f"12-8-10/kfac/seed-{seed}/metrics.csv")
         diffs.append(100 * (float(so[-1]["test_accuracy"]) - float(kf[-1]["test_accuracy"])))
     expected = f"{np.mean(diffs):.2f} ± {np.std(diffs, ddof=1):.2f}"
-    table = paired_table(collect(root, validate_config(cfg)))
+    table = paired_table(collect(root, validate_config(cfg)), "kfac")
     assert expected in table.splitlines()[-1].split("|")[5]
 
 
