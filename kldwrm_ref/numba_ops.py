@@ -1,14 +1,16 @@
 """Numba-CPU kernels: the twins of :mod:`kldwrm_ref.ops` with the same signatures and results.
 
-Each ``@njit`` kernel does one job in one pass over its data, rows in parallel (``prange``); the
-row maths is shared with the CUDA kernels (:mod:`kldwrm_ref.kernel_math`).  The wrappers allocate
+Each ``@njit`` kernel does one job in one pass over its data; the row maths is shared with the
+CUDA kernels (:mod:`kldwrm_ref.kernel_math`).  The kernels are serial on purpose: with
+``parallel=True`` each kernel was faster in isolation, but Numba's thread pool then contends with
+BLAS's threads and a full K-FAC step became 3x slower (``kldwrm bench step``).  The wrappers allocate
 the outputs and keep NumPy's signatures.  Matrix products stay with NumPy's BLAS (:func:`matmul`).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from kldwrm_ref import kernel_math
 
@@ -19,29 +21,29 @@ _kl_row = njit(cache=True)(kernel_math.kl_row)
 KL_KINDS = {"forward": 0, "symmetric": 1}
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _xent_kernel(logits, labels, losses, dlogits):
-    for i in prange(logits.shape[0]):
+    for i in range(logits.shape[0]):
         _xent_row(logits, labels, losses, dlogits, i)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _sample_kernel(probs, uniforms, labels):
-    for i in prange(probs.shape[0]):
+    for i in range(probs.shape[0]):
         for s in range(uniforms.shape[0]):
             _sample_row(probs, uniforms, labels, s, i)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _cotangent_kernel(probs, cot):
-    for i in prange(probs.shape[0]):
+    for i in range(probs.shape[0]):
         _cotangent_row(probs, cot, i)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _per_sample_rows_kernel(deltas, inputs, out, start):
     n_out, n_in, n_samples = deltas.shape[1], inputs.shape[1], inputs.shape[0]
-    for r in prange(deltas.shape[0]):
+    for r in range(deltas.shape[0]):
         sample = r % n_samples
         for o in range(n_out):
             d = deltas[r, o]
@@ -51,30 +53,30 @@ def _per_sample_rows_kernel(deltas, inputs, out, start):
             out[r, start + n_out * n_in + o] = d
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _ea_kernel(average, new, rho, out):
     keep = 1.0 - rho
-    for i in prange(out.size):
+    for i in range(out.size):
         out[i] = rho * average[i] + keep * new[i]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _eigen_divide_kernel(rotated, eig_g, eig_a, damping, out):
-    for i in prange(rotated.shape[0]):
+    for i in range(rotated.shape[0]):
         for j in range(rotated.shape[1]):
             out[i, j] = rotated[i, j] / (eig_g[i] * eig_a[j] + damping)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _kron_sum_divide_kernel(rotated, nu, mu, alpha, out):
-    for i in prange(rotated.shape[0]):
+    for i in range(rotated.shape[0]):
         for j in range(rotated.shape[1]):
             out[i, j] = rotated[i, j] / (1.0 + alpha * (nu[i] * mu[j]))
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _kl_kernel(ref_logits, logits, values, grad, symmetric):
-    for i in prange(logits.shape[0]):
+    for i in range(logits.shape[0]):
         _kl_row(ref_logits, logits, values, grad, symmetric, i)
 
 

@@ -334,9 +334,13 @@ def _qe_inner_solve(mlp, hyper, backend, estimate, theta_k, s_q, g, B, alpha, wa
     s = s_q.copy()
     value, grad = objective(s)
     velocity = np.zeros_like(s)
+    # P depends on the inner iterate only with the dense exact Fisher; otherwise factor it once
+    moving = hyper["platform"] == "dense" and hyper["fisher_type"] == "exact"
+    fixed = None if moving or hyper["inner"] != "preconditioned" else _gauss_newton_inverse(estimate, hyper, B, c, damping, theta_k, X)
     for _ in range(hyper["inner_steps"]):
         if hyper["inner"] == "preconditioned":
-            direction = -_gauss_newton_inverse(estimate, hyper, B, c, damping, theta_k + s, X).matvec(grad)
+            preconditioner = _gauss_newton_inverse(estimate, hyper, B, c, damping, theta_k + s, X) if moving else fixed
+            direction = -preconditioner.matvec(grad)
             slope = float(grad @ direction)
             t, grad_norm = 1.0, np.linalg.norm(grad)
             for _ in range(40):
