@@ -90,7 +90,7 @@ def kernel_inputs(dtype, rng: np.random.Generator) -> dict:
     dense = MLP([49, 32, 10])
     u = np.empty((2560, dense.n_params), dtype)
     return dict(
-        softmax_cross_entropy=(("logits (512, 10)"), (logits, rng.integers(0, 10, 512))),
+        softmax_cross_entropy=("logits (512, 10)", (logits, rng.integers(0, 10, 512))),
         sample_labels=("probs (512, 10)", (probs, rng.random((1, 512)))),
         fisher_cotangents=("probs (512, 10)", (probs,)),
         per_sample_rows=("U rows (2560, 32 x 49)", (rng.standard_normal((2560, 32)).astype(dtype), rng.standard_normal((256, 49)).astype(dtype), u, 0)),

@@ -218,22 +218,23 @@ def ea_update(average, new, rho, out=None):
     return out
 
 
-def eigen_divide(rotated, eig_g, eig_a, damping):
-    """V' / (d_G d_A^T + eta); see :func:`kldwrm_ref.ops.eigen_divide`."""
+def _outer_divide(kernel, rotated, row, col, scalar):
+    """Launch an eigenbasis-divide kernel out[i, j] = rotated[i, j] / f(row[i], col[j], scalar)."""
     require_gpu()
     d_rot = _device(rotated)
     out = cuda.device_array(d_rot.shape, dtype=d_rot.dtype)
-    _eigen_divide_kernel[_blocks(d_rot.size), ROW_THREADS](d_rot, _device(eig_g), _device(eig_a), float(damping), out)
+    kernel[_blocks(d_rot.size), ROW_THREADS](d_rot, _device(row), _device(col), float(scalar), out)
     return out.copy_to_host()
+
+
+def eigen_divide(rotated, eig_g, eig_a, damping):
+    """V' / (d_G d_A^T + eta); see :func:`kldwrm_ref.ops.eigen_divide`."""
+    return _outer_divide(_eigen_divide_kernel, rotated, eig_g, eig_a, damping)
 
 
 def kron_sum_divide(rotated, nu, mu, alpha):
     """V' / (1 + alpha nu mu^T); see :func:`kldwrm_ref.ops.kron_sum_divide`."""
-    require_gpu()
-    d_rot = _device(rotated)
-    out = cuda.device_array(d_rot.shape, dtype=d_rot.dtype)
-    _kron_sum_divide_kernel[_blocks(d_rot.size), ROW_THREADS](d_rot, _device(nu), _device(mu), float(alpha), out)
-    return out.copy_to_host()
+    return _outer_divide(_kron_sum_divide_kernel, rotated, nu, mu, alpha)
 
 
 def _operand(x, dtype):

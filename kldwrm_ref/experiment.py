@@ -214,6 +214,12 @@ def _check_same_run(run_dir: Path, config: dict) -> None:
         raise ValueError(f"{run_dir} holds a run with different {', '.join(changed)}; choose another --out or delete it")
 
 
+def _record_divergence(run_dir: Path, epochs_completed: int, step: int, quantity: str, message: str) -> dict:
+    status = dict(state="diverged", epochs_completed=epochs_completed, step=step, quantity=quantity, message=message)
+    write_json(run_dir / "status.json", status)
+    return status
+
+
 def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) -> dict:
     """Train (or resume, or skip) one run; returns its final status."""
     from tqdm import tqdm
@@ -256,17 +262,13 @@ def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) 
                     clips["rms"] += info.get("rms_clip_factor", 1.0) < 1.0
                     bar.update(1)
             except optim.DivergenceError as error:
-                status = dict(state="diverged", epochs_completed=epoch - 1, step=error.step, quantity=error.quantity, message=str(error))
-                write_json(run_dir / "status.json", status)
-                return status
+                return _record_divergence(run_dir, epoch - 1, error.step, error.quantity, str(error))
             epoch_time = time.perf_counter() - start
             wall_time += epoch_time
             train_loss, train_accuracy = evaluate(mlp, theta, data.X_train, data.y_train)
             test_loss, test_accuracy = evaluate(mlp, theta, data.X_test, data.y_test)
             if not np.isfinite(test_loss) or not np.isfinite(train_loss):
-                status = dict(state="diverged", epochs_completed=epoch - 1, step=state.step, quantity="evaluation loss", message=f"diverged in epoch {epoch}: the evaluation loss is not finite")
-                write_json(run_dir / "status.json", status)
-                return status
+                return _record_divergence(run_dir, epoch - 1, state.step, "evaluation loss", f"diverged in epoch {epoch}: the evaluation loss is not finite")
             rows.append(dict(
                 epoch=epoch, steps=state.step, train_loss=train_loss, train_accuracy=train_accuracy,
                 batch_loss=float(np.mean(batch_losses)), test_loss=test_loss, test_accuracy=test_accuracy,
@@ -352,7 +354,8 @@ def config_from_args(args: argparse.Namespace) -> dict:
             merged[target] = {**merged.get(target, {}), **values}
         cfg["hyper"] = merged
     if overridden:
-        cfg["description"] = (cfg.get("description") or QUICK["description"] if not args.config else cfg.get("description", "")) + " (with command-line overrides)"
+        base = cfg.get("description") or ("" if args.config else QUICK["description"])
+        cfg["description"] = base + " (with command-line overrides)"
     return cfg
 
 
