@@ -164,8 +164,9 @@ def pi_damping(A: np.ndarray, G: np.ndarray, damping: float) -> tuple[float, flo
 
 
 def floored(values: np.ndarray, floor: float) -> np.ndarray:
-    """A copy of ``values`` with entries below ``floor`` set to 0 (the authors' clean-up)."""
-    return np.where(values < floor, 0.0, values).astype(values.dtype) if floor > 0 else values
+    """A copy of ``values`` with entries <= ``floor`` set to 0 (the authors' clean-up keeps only
+    eigenvalues strictly above the floor)."""
+    return np.where(values <= floor, 0.0, values).astype(values.dtype) if floor > 0 else values
 
 
 class KFACInverse(_BlockOperator):
@@ -178,7 +179,7 @@ class KFACInverse(_BlockOperator):
     with both inverses formed once per refresh (two products per block).  Note that factored
     damping is a different matrix from eigen damping: it adds the cross terms
     gamma_A G (x) I + gamma_G I (x) A + eta I.
-    ``eig_floor`` zeroes eigenvalues below it (on a copy) before damping is added.
+    ``eig_floor`` zeroes eigenvalues at or below it (on a copy) before damping is added.
     """
 
     def __init__(self, blocks: Sequence[KronBlock], n_params: int, damping: float, style: str = "eigen", eig_floor: float = 0.0, backend="numpy"):

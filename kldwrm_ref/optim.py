@@ -14,13 +14,20 @@ Names (THEORY.md sections 2-5):
 
 Weight decay wd is treated as an L2 term of the loss: wd * theta is added to the (corrected)
 gradient before preconditioning and wd to the damping (curvature of wd/2 |theta|^2), as the
-authors do.  ``preset="paper"`` follows REFERENCE.md; where it departs from THEORY.md:
+authors do.  ``preset="paper"`` reproduces the authors' public optimisers step for step; where it
+departs from THEORY.md:
 (i) the empirical Fisher, (ii) refresh period T = 30 with the wake correction still applied every
-step, (iii) separate bias blocks, (iv) eigenvalues below 1e-6 floored to 0, (v) the kl_clip trust
-region and the per-layer RMS clip (Q, QE), (vi) weight decay 0.001, (vii) the "factored"
-Kronecker sum and B_k := Mbar_k on steps without refresh (Q, QE), (viii) QE: symmetric KL,
-kappa = 1/660, 7 inner momentum-SGD steps of size 0.1 alpha, momentum 0.5, and plain Q steps
-until the wake holds m = 3 iterates.
+step, (iii) separate bias blocks, (iv) eigenvalues <= 1e-6 floored to 0, (v) the kl_clip trust
+region and, for Q and QE, the RMS clip (2.0) of every parameter tensor (``rms_clip_per="tensor"``:
+W and b apart), with the kl factor computed from the *unclipped* direction and both factors applied
+together (``clip_order="joint"``), (vi) weight decay 0.001, (vii) the "factored" Kronecker sum and
+B_k := Mbar_k on steps without refresh (Q, QE), (viii) Q and QE: the authors' closed-form wake
+correction (``correction="authors"``, docs/theory.md section 7), which uses the Q-step direction
+V_{k-1} and never QE's final step, (ix) QE: symmetric KL, kappa = 1/660, 7 inner momentum-SGD
+steps of size 0.1 alpha, momentum 0.5, no proximal damping term in the inner objective
+(``proximal=False``), and plain Q steps until the wake holds m = 3 iterates.
+``preset="theory"`` keeps correction="exact", rms_clip_per="layer", clip_order="sequential" and
+proximal=True.  ``momentum`` applies to SGD only; the curvature methods reject it.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from kldwrm_ref.fisher import FISHER_TYPES
 from kldwrm_ref.kfac import BIAS_MODES, DAMPING_STYLES, KRON_SUM_MODES
 from kldwrm_ref.mlp import MLP
 from kldwrm_ref.validation import check_choice, check_nonnegative, check_positive, check_positive_int, check_rho
-from kldwrm_ref.wake import step_size_at, truncated_wake_weights, wake_corrected_gradient
+from kldwrm_ref.wake import authors_corrected_gradient, step_size_at, truncated_wake_weights, wake_corrected_gradient
 
 NAMES = ("sgd", "ea-cm", "kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm")
 PLATFORMS = ("dense", "kfac")
@@ -45,6 +52,9 @@ PRESETS = ("theory", "paper")
 STALE_CURRENT = ("last", "average")
 INNER_SOLVERS = ("sgd", "preconditioned")
 KL_KINDS = ("forward", "symmetric")
+CORRECTIONS = ("exact", "authors")
+RMS_CLIP_GROUPS = ("layer", "tensor")
+CLIP_ORDERS = ("sequential", "joint")
 PAPER_RHO = {"ea-cm": 0.95, "kfac": 0.95, "so-kld-wrm": 0.33, "q-kld-wrm": 0.5, "qe-kld-wrm": 0.5, "sgd": 0.0}
 
 
@@ -63,8 +73,11 @@ class OptState(NamedTuple):
     ea: EAState | None = None
     inverse: Any = None  # cached (Mbar + eta I)^{-1}, or (key, (Mbar + eta I + alpha B)^{-1}) for Q / QE
     current: tuple | None = None  # the latest current curvature B (Q, QE)
-    previous_model_gradient: np.ndarray | None = None  # grad h_{k-1}(theta_k)
+    previous_model_gradient: np.ndarray | None = None  # grad h_{k-1}(theta_k) (correction="exact")
     previous_alpha: float | None = None
+    previous_gradient: np.ndarray | None = None  # g_{k-1} (correction="authors")
+    previous_corrected: np.ndarray | None = None  # ghat_{k-1} without weight decay (correction="authors")
+    previous_direction: np.ndarray | None = None  # V_{k-1}, the clipped preconditioned Q direction
     wake: tuple = ()  # QE: the last m iterates, oldest first
     velocity: np.ndarray | None = None  # SGD momentum
 
@@ -83,16 +96,17 @@ def default_hyper(name: str, platform: str, preset: str) -> dict:
         period=1, fisher_type="exact", samples=1, seed=0, bias="joint", damping_style="eigen",
         kron_sum="exact", eig_floor=0.0, kl_clip=None, rms_clip=None, stale_current="last",
         m=3, kl="forward", kappa=1.0, inner="preconditioned", inner_steps=5, inner_step_factor=1.0,
-        inner_momentum=0.0, inner_after_full_wake=False,
+        inner_momentum=0.0, inner_after_full_wake=False, correction="exact", rms_clip_per="layer",
+        clip_order="sequential", proximal=True,
     )
     if name == "sgd":
         hyper.update(step_size=0.1)
     if preset == "paper":
         hyper.update(weight_decay=0.001, period=30, fisher_type="empirical", bias="separate", eig_floor=1e-6, kl_clip=0.1)
         if name in ("q-kld-wrm", "qe-kld-wrm"):
-            hyper.update(rms_clip=2.0, kron_sum="factored", stale_current="average")
+            hyper.update(rms_clip=2.0, kron_sum="factored", stale_current="average", correction="authors", rms_clip_per="tensor", clip_order="joint")
         if name == "qe-kld-wrm":
-            hyper.update(kl="symmetric", kappa=1.0 / 660.0, inner="sgd", inner_steps=7, inner_step_factor=0.1, inner_momentum=0.5, inner_after_full_wake=True)
+            hyper.update(kl="symmetric", kappa=1.0 / 660.0, inner="sgd", inner_steps=7, inner_step_factor=0.1, inner_momentum=0.5, inner_after_full_wake=True, proximal=False)
     return hyper
 
 
@@ -126,6 +140,11 @@ def validate_hyper(hyper: dict) -> dict:
     check_positive(h["inner_step_factor"], "inner_step_factor")
     if not 0 <= h["inner_momentum"] < 1:
         raise ValueError(f"inner_momentum must be in [0, 1), got {h['inner_momentum']!r}")
+    check_choice(h["correction"], "correction", CORRECTIONS)
+    check_choice(h["rms_clip_per"], "rms_clip_per", RMS_CLIP_GROUPS)
+    check_choice(h["clip_order"], "clip_order", CLIP_ORDERS)
+    if not isinstance(h["proximal"], bool):
+        raise ValueError(f"proximal must be True or False, got {h['proximal']!r}")
     return h
 
 
@@ -144,6 +163,8 @@ def make(name: str, mlp: MLP, platform: str | None = None, preset: str = "theory
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)}; accepted: {sorted(hyper)}")
     hyper = validate_hyper({**hyper, **overrides})
+    if name != "sgd" and hyper["momentum"] != 0:
+        raise ValueError(f"momentum applies to 'sgd' only; {name!r} takes no momentum (got momentum={hyper['momentum']!r})")
     hyper.update(platform=platform, preset=preset, backend=backend)
     if name == "sgd":
         return _make_sgd(mlp, hyper)
@@ -156,14 +177,21 @@ def _finite_or_raise(step: int, quantity: str, value) -> None:
         raise DivergenceError(step, quantity)
 
 
-def _layer_slices(mlp: MLP) -> list[slice]:
-    return [slice(mlp.offsets[l], mlp.offsets[l + 1]) for l in range(mlp.n_layers)]
+def clip_groups(mlp: MLP, per: str) -> list[slice]:
+    """The parameter groups of the RMS clip: whole layers ([W, b]) or every tensor (W, b apart)."""
+    per = check_choice(per, "rms_clip_per", RMS_CLIP_GROUPS)
+    groups = []
+    for l, (out, inp) in enumerate(mlp.layer_shapes):
+        start, stop = mlp.offsets[l], mlp.offsets[l + 1]
+        groups += [slice(start, stop)] if per == "layer" else [slice(start, start + out * inp), slice(start + out * inp, stop)]
+    return groups
 
 
-def rms_clip(mlp: MLP, v: np.ndarray, limit: float) -> tuple[np.ndarray, float]:
-    """Per layer v_l *= min(1, limit / RMS(v_l)), RMS = |v_l| / sqrt(size); returns (v, smallest factor)."""
+def rms_clip(mlp: MLP, v: np.ndarray, limit: float, per: str = "layer") -> tuple[np.ndarray, float]:
+    """Per group v_t *= min(1, limit / RMS(v_t)), RMS = |v_t| / sqrt(size) (docs/theory.md 6.3);
+    groups are layers or tensors (:func:`clip_groups`); returns (v, smallest factor)."""
     out, smallest = v.copy(), 1.0
-    for sl in _layer_slices(mlp):
+    for sl in clip_groups(mlp, per):
         rms = np.linalg.norm(v[sl]) / np.sqrt(v[sl].size)
         factor = min(1.0, limit / rms) if rms > 0 else 1.0
         out[sl] *= factor
@@ -175,6 +203,32 @@ def kl_clip_factor(v: np.ndarray, ghat: np.ndarray, alpha: float, kl_clip: float
     """Trust region nu = min(1, sqrt(kl_clip / (alpha^2 v^T ghat))) for the preconditioned v."""
     vg = float(v @ ghat) * alpha * alpha
     return min(1.0, float(np.sqrt(kl_clip / vg))) if vg > 0 else 1.0
+
+
+def clip_direction(mlp: MLP, v: np.ndarray, ghat: np.ndarray, alpha: float, hyper: dict) -> tuple[np.ndarray, dict]:
+    """Apply the RMS clip and the kl_clip trust region to the preconditioned direction v
+    (docs/theory.md 6.2-6.3); returns (v, info with the factors applied).
+
+    clip_order="sequential": nu is computed from the RMS-clipped v; "joint" (the authors'): nu
+    is computed from the unclipped v and both factors are applied together.
+    """
+    info: dict = {}
+    kl_clip, joint = hyper["kl_clip"], hyper["clip_order"] == "joint"
+    nu = kl_clip_factor(v, ghat, alpha, kl_clip) if kl_clip is not None and joint else None
+    if hyper["rms_clip"] is not None:
+        v, info["rms_clip_factor"] = rms_clip(mlp, v, hyper["rms_clip"], hyper["rms_clip_per"])
+    if kl_clip is not None:
+        info["kl_clip_factor"] = nu if joint else kl_clip_factor(v, ghat, alpha, kl_clip)
+        v = v * info["kl_clip_factor"]
+    return v, info
+
+
+def _authors_x(state: OptState, k: int, estimate, average: ExponentialAverage) -> np.ndarray:
+    """X_k of the authors' correction (docs/theory.md 7): Gbar_{k-1} V_{k-1} Abar_{k-1} per block on
+    the step right after a refresh (k = 1 mod T, k > 1), else ghat_{k-1} / (1 + alpha_{k-1})."""
+    if k > 1 and k % average.period == 1 % average.period:
+        return estimate.operator(average.value(state.ea)).matvec(state.previous_direction)
+    return state.previous_corrected / (1.0 + state.previous_alpha)
 
 
 def _make_sgd(mlp: MLP, hyper: dict) -> Optimizer:
@@ -252,15 +306,14 @@ def _make_curvature_method(name: str, mlp: MLP, hyper: dict) -> Optimizer:
         times["inverse"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        ghat = wake_corrected_gradient(g, state.previous_model_gradient, rho, alpha, state.previous_alpha) if corrects else g
-        ghat = ghat + wd * theta
-        v = solver.matvec(ghat)
-        info = {}
-        if hyper["rms_clip"] is not None:
-            v, info["rms_clip_factor"] = rms_clip(mlp, v, hyper["rms_clip"])
-        if hyper["kl_clip"] is not None:
-            info["kl_clip_factor"] = kl_clip_factor(v, ghat, alpha, hyper["kl_clip"])
-            v = v * info["kl_clip_factor"]
+        ghat = g
+        if corrects and k > 0:
+            if uses_current and hyper["correction"] == "authors":
+                ghat = authors_corrected_gradient(g, state.previous_gradient, state.previous_corrected, _authors_x(state, k, estimate, average), rho, alpha, state.previous_alpha)
+            else:
+                ghat = wake_corrected_gradient(g, state.previous_model_gradient, rho, alpha, state.previous_alpha)
+        ghat_wd = ghat + wd * theta
+        v, info = clip_direction(mlp, solver.matvec(ghat_wd), ghat_wd, alpha, hyper)
         s = -alpha * v
         _finite_or_raise(k, "step", s)
         times["precondition"] = time.perf_counter() - clock
@@ -277,9 +330,12 @@ def _make_curvature_method(name: str, mlp: MLP, hyper: dict) -> Optimizer:
         previous_model_gradient = None
         if name == "so-kld-wrm":
             previous_model_gradient = g
-        elif uses_current:
+        elif uses_current and hyper["correction"] == "exact":
             previous_model_gradient = g + estimate.operator(B).matvec(s)
-        new_state = OptState(k + 1, ea, inverse, current, previous_model_gradient, alpha, wake)
+        new_state = OptState(
+            k + 1, ea, inverse, current, previous_model_gradient, alpha, wake=wake,
+            previous_gradient=g, previous_corrected=ghat, previous_direction=v,
+        )
         times["total"] = sum(times.values())
         info.update(loss=loss, step_norm=float(np.linalg.norm(s)), refreshed=refresh, time=times)
         return theta + s, new_state, info
@@ -292,6 +348,7 @@ def qe_gradient(mlp: MLP, backend, theta_k, g, B_operator, alpha, kappa, damping
 
     Each wake term is D(theta_j || theta) + (eta / 2) |theta - theta_j|^2: the damping is itself a
     wake (section 2), and without it E_k has no minimiser where the batch Fisher is singular.
+    ``damping`` = 0 drops the proximal term (the authors' objective, ``proximal=False``).
     """
     s = theta - theta_k
     Bs = B_operator.matvec(s)
@@ -327,9 +384,10 @@ def _qe_inner_solve(mlp, hyper, backend, estimate, theta_k, s_q, g, B, alpha, wa
     B_operator = estimate.operator(B)
     c = hyper["kappa"] / alpha
     damping = hyper["damping"] + hyper["weight_decay"]
+    proximal = damping if hyper["proximal"] else 0.0
 
     def objective(step):
-        return qe_gradient(mlp, backend, theta_k, g, B_operator, alpha, hyper["kappa"], damping, hyper["kl"], kept, weights, ref_logits, X, theta_k + step)
+        return qe_gradient(mlp, backend, theta_k, g, B_operator, alpha, hyper["kappa"], proximal, hyper["kl"], kept, weights, ref_logits, X, theta_k + step)
 
     s = s_q.copy()
     value, grad = objective(s)
@@ -354,7 +412,7 @@ def _qe_inner_solve(mlp, hyper, backend, estimate, theta_k, s_q, g, B, alpha, wa
         else:
             direction = grad
             if hyper["rms_clip"] is not None:
-                direction, _ = rms_clip(mlp, direction, hyper["rms_clip"])
+                direction, _ = rms_clip(mlp, direction, hyper["rms_clip"], hyper["rms_clip_per"])
             velocity = hyper["inner_momentum"] * velocity + direction * hyper["inner_step_factor"] * alpha
             s = s - velocity
             value, grad = objective(s)

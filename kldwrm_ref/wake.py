@@ -65,6 +65,19 @@ def wake_corrected_gradient(g: np.ndarray, previous_model_gradient: np.ndarray |
     return g - rho * (previous_alpha / alpha) * previous_model_gradient
 
 
+def authors_corrected_gradient(g: np.ndarray, previous_gradient: np.ndarray, previous_corrected: np.ndarray, x_term: np.ndarray, rho: float, alpha: float, previous_alpha: float) -> np.ndarray:
+    """The authors' closed form for Q/QE (docs/theory.md 7), lf = alpha_{k-1} / alpha_k:
+
+    ghat_k = g_k + rho lf (ghat_{k-1} - g_{k-1}) - rho lf X_k
+
+    On a step whose B_{k-1} = Mbar_{k-1}, without damping, weight decay or clipping,
+    s_{k-1} = -alpha_{k-1}/(1 + alpha_{k-1}) Mbar^{-1} ghat_{k-1}, so X_k = ghat_{k-1}/(1 + alpha_{k-1})
+    = -B_{k-1} s_{k-1} / alpha_{k-1} and this equals Theorem 3's ghat_k; elsewhere it differs.
+    """
+    lf = previous_alpha / alpha
+    return g + (rho * lf) * (previous_corrected - previous_gradient) - (rho * lf) * x_term
+
+
 def damped_solve_step(inverse, vector: np.ndarray, alpha: float) -> np.ndarray:
     """s = -alpha P^{-1} v for a (damped) curvature inverse operator P^{-1}."""
     return -alpha * inverse.matvec(vector)
