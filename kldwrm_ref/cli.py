@@ -1,15 +1,19 @@
-"""The ``kldwrm`` command: ``kldwrm verify``, ``kldwrm train``, ``kldwrm mnist``, ``kldwrm bench``."""
+"""The ``kldwrm`` command: ``verify``, ``mnist``, ``train``, ``bench``."""
 
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
-COMMANDS = {
-    "verify": ("kldwrm_ref.verify", "run the paper's claims as numerical checks"),
-    "train": ("kldwrm_ref.train", "short single-seed MNIST comparison of optimisers"),
-    "mnist": ("kldwrm_ref.experiment", "resumable multi-seed MNIST experiments, summary table and plots"),
-    "bench": ("kldwrm_ref.bench", "benchmarks that print numbers (curvature)"),
+from kldwrm_ref.bench import cli as bench_cli
+from kldwrm_ref.experiments import cli as experiments_cli
+from kldwrm_ref.theory import verify
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "verify": (verify.main, "run the paper's claims as numerical checks"),
+    "mnist": (experiments_cli.main, "resumable multi-seed MNIST experiments, summary table and plots"),
+    "train": (experiments_cli.train_main, "short single-seed MNIST comparison of optimisers"),
+    "bench": (bench_cli.main, "benchmarks that print numbers (curvature, kernels, step)"),
 }
 
 
@@ -23,8 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nkldwrm: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    module = __import__(COMMANDS[argv[0]][0], fromlist=["main"])
-    return module.main(argv[1:])
+    return COMMANDS[argv[0]][0](argv[1:])
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -43,7 +43,7 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, type | str] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 class MnistDataError(RuntimeError):
@@ -107,7 +107,7 @@ def load_idx_directory(directory: str | os.PathLike) -> dict[str, np.ndarray]:
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that reconstructs numpy arrays and dtypes and refuses every other global."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"): ("numpy", "ndarray"),
@@ -201,7 +201,7 @@ def _check_consistent(arrays: dict[str, np.ndarray], source: str) -> None:
 
 def write_cache(arrays: dict[str, np.ndarray], path: Path) -> None:
     """Write the cache atomically (:func:`kldwrm_ref.storage.atomic_write`)."""
-    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
+    atomic_write(path, lambda fh: np.savez_compressed(fh, allow_pickle=False, **arrays))
 
 
 def read_cache(path: Path) -> dict[str, np.ndarray] | None:

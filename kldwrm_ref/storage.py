@@ -14,11 +14,12 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, ClassVar
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> Path:
     """Call ``write(binary file)`` on a temporary sibling of ``path``, then move it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def read_csv(path: str | os.PathLike) -> list[dict]:
 class CheckpointUnpickler(pickle.Unpickler):
     """Accepts numpy arrays, dtypes and scalars and this package's own classes; refuses the rest."""
 
-    _NUMPY = {"_reconstruct", "_frombuffer", "ndarray", "dtype", "scalar"}
+    _NUMPY: ClassVar[set[str]] = {"_reconstruct", "_frombuffer", "ndarray", "dtype", "scalar"}
 
     def find_class(self, module: str, name: str):
         package = module.split(".")[0]

@@ -6,6 +6,8 @@ f'(x) v = Im f(x + i h v) / h (h = 1e-30), which has no subtractive cancellation
 to machine precision for analytic functions (ReLU is handled branch-wise on the real part).
 """
 
+import itertools
+
 import numpy as np
 
 H = 1e-30
@@ -13,7 +15,7 @@ H = 1e-30
 
 def unpack(sizes, theta):
     layers, pos = [], 0
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+    for fan_in, fan_out in itertools.pairwise(sizes):
         W = theta[pos : pos + fan_in * fan_out].reshape(fan_out, fan_in)
         pos += fan_in * fan_out
         b = theta[pos : pos + fan_out]

@@ -3,8 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kldwrm_ref.averaging import ExponentialAverage
-from kldwrm_ref.wake import truncated_wake_weights, wake_weights
+from kldwrm_ref.curvature.averaging import ExponentialAverage, truncated_wake_weights, wake_weights
 
 
 @given(st.floats(0.0, 0.999), st.integers(0, 30), st.booleans(), st.integers(0, 2**31 - 1))

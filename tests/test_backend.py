@@ -1,4 +1,4 @@
-"""Every kernel of the numba and cuda backends against its NumPy twin (kldwrm_ref.ops).
+"""Every kernel of the numba and cuda backends against its NumPy twin (kldwrm_ref.backends.reference).
 
 The cuda backend runs on numba's simulator here (conftest sets NUMBA_ENABLE_CUDASIM=1 unless the
 environment says 0); the same tests run unchanged on a GPU.  Shapes include tiny, odd and
@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kldwrm_ref import MLP, ops, optim
-from kldwrm_ref.backend import BACKENDS, FASTEST_ON_CPU, NUMPY, OPERATIONS, get_backend
+from kldwrm_ref import MLP, optim
+from kldwrm_ref.backends import BACKENDS, FASTEST_ON_CPU, NUMPY, OPERATIONS, get_backend
+from kldwrm_ref.backends import reference as ops
 
 KERNEL_BACKENDS = ["numba", "cuda"]
 TOLERANCE = {np.float64: 1e-12, np.float32: 2e-5}  # relative to the largest entry
@@ -114,7 +115,7 @@ def test_backend_seam():
 
 
 def test_cuda_without_gpu_names_the_simulator(monkeypatch):
-    from kldwrm_ref import cuda_ops
+    from kldwrm_ref.backends import cuda as cuda_ops
 
     monkeypatch.setattr(cuda_ops.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="NUMBA_ENABLE_CUDASIM=1"):

@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from kldwrm_ref import MLP, bench, step_bench
+from kldwrm_ref import MLP
+from kldwrm_ref.bench import cli as bench
+from kldwrm_ref.bench import step as step_bench
 
 
 def test_growth_exponent_recovers_a_power_law():

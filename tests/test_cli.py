@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from kldwrm_ref import cli, train, verify
+from kldwrm_ref import cli
+from kldwrm_ref.experiments.cli import train_main
+from kldwrm_ref.theory import verify
 
 
 def test_verify_runs_every_claim_and_all_pass_on_synthetic_data(tmp_path, capsys):
@@ -11,7 +13,7 @@ def test_verify_runs_every_claim_and_all_pass_on_synthetic_data(tmp_path, capsys
     rows = json.loads(out.read_text())
     assert {r["status"] for r in rows} == {"PASS", "INFO"}
     claims = " ".join(r["claim"] for r in rows)
-    for needle in ("Theorem 1", "Theorem 2", "Theorem 3", "Limits 4.4", "QE consistency (a)", "QE consistency (b)", "KL expansion", "K-FAC"):
+    for needle in ("Theorem 1", "Theorem 2", "Theorem 3", "Limits §4.5", "QE consistency (a)", "QE consistency (b)", "KL expansion", "K-FAC"):
         assert needle in claims
     assert "PASS" in capsys.readouterr().out
 
@@ -23,10 +25,11 @@ def test_verify_exits_non_zero_on_a_failed_claim(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
-def test_train_runs_on_synthetic_data(capsys):
-    assert train.main(["--synthetic", "--epochs", "1", "--optimizers", "sgd", "kfac", "--hidden", "16"]) == 0
+def test_train_runs_on_synthetic_data(tmp_path, capsys):
+    assert train_main(["--synthetic", "--epochs", "1", "--optimizers", "sgd", "kfac", "--hidden", "16", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "kfac" in out and "test accuracy" in out
+    assert "| 784-16-10 | kfac | 1/1 |" in out and "final test acc %" in out
+    assert (tmp_path / "train" / "784-16-10" / "sgd" / "seed-0" / "metrics.csv").exists()
 
 
 def test_cli_lists_commands_and_rejects_unknown(capsys):
@@ -34,4 +37,4 @@ def test_cli_lists_commands_and_rejects_unknown(capsys):
     assert "verify" in capsys.readouterr().out
     assert cli.main(["frobnicate"]) == 2
     with pytest.raises(SystemExit):
-        train.main(["--epochs", "0", "--synthetic"])
+        train_main(["--epochs", "0", "--synthetic"])

@@ -5,9 +5,12 @@ import pickle
 import numpy as np
 import pytest
 
-from kldwrm_ref import experiment, optim
-from kldwrm_ref.experiment import expand, main, run_experiment, validate_config
-from kldwrm_ref.report import collect, paired_table
+from kldwrm_ref import optim
+from kldwrm_ref.experiments import runner as experiment
+from kldwrm_ref.experiments.cli import main
+from kldwrm_ref.experiments.config import expand, validate_config
+from kldwrm_ref.experiments.report import collect, paired_table
+from kldwrm_ref.experiments.runner import run_experiment
 from kldwrm_ref.storage import load_checkpoint, read_csv, read_json
 
 TINY = dict(
@@ -141,6 +144,28 @@ def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert read_json(root / "12-8-10/kfac/seed-0/status.json")["state"] == "finished"
     summary = (root / "summary.md").read_text()
     assert "diverged: seed 0 step" in summary
+
+
+def test_non_finite_curvature_is_recorded_as_divergence_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """A curvature estimate with a NaN (not the gradient) ends that run as diverged, not the sweep."""
+    from kldwrm_ref.curvature import estimators
+
+    real = estimators.kfac_factors
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        factors = real(*args, **kwargs)
+        if calls["n"] == 2:  # the second refresh of the first run
+            factors[0].G[0, 0] = np.nan
+        return factors
+
+    monkeypatch.setattr(estimators, "kfac_factors", poisoned)
+    cfg = {**TINY, "optimizers": ["kfac", "so-kld-wrm"], "seeds": [0]}
+    root = run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
+    status = read_json(root / "12-8-10/kfac/seed-0/status.json")
+    assert status["state"] == "diverged" and status["quantity"] == "curvature" and status["step"] == 3  # period 3
+    assert read_json(root / "12-8-10/so-kld-wrm/seed-0/status.json")["state"] == "finished"
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-import reference_net as ref
 from kldwrm_ref import MLP
+
+import reference_net as ref
 from strategies import nets
 
 
@@ -13,7 +14,7 @@ def central_difference(f, theta, direction, h=1e-6):
 
 @given(nets())
 def test_gradient_matches_central_finite_differences(case):
-    mlp, theta, X, y, rng = case
+    mlp, theta, X, y, _rng = case
     _, grad = mlp.loss_and_grad(theta, X, y)
     f = lambda t: mlp.loss(t, X, y)  # noqa: E731
     fd = np.array([central_difference(f, theta, e) for e in np.eye(mlp.n_params)])

@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 
 from kldwrm_ref import MLP
+from kldwrm_ref.curvature.fisher import fisher
+from kldwrm_ref.curvature.inverses import pi_damping
+from kldwrm_ref.curvature.kfac import kfac_factors, kron_blocks, kron_dense
 from kldwrm_ref.data import synthetic_classification
-from kldwrm_ref.fisher import fisher
-from kldwrm_ref.kfac import kfac_factors, kron_blocks, kron_dense, pi_damping
 from kldwrm_ref.optim import NAMES, DivergenceError, make
-from kldwrm_ref.verify import qe_gradient_check, trajectory_checks
+from kldwrm_ref.theory.verify import qe_gradient_check, trajectory_checks
 
 
 @pytest.fixture(scope="module")

@@ -403,10 +403,10 @@ def test_paper_preset_sets_the_authors_conventions_and_theory_preset_the_theoret
         paper = make(name, mlp, platform="kfac", preset="paper", backend="numpy").hyper
         theory = make(name, mlp, platform="kfac", preset="theory", backend="numpy").hyper
         for key in ("correction", "rms_clip_per", "clip_order"):
-            assert paper[key] == PAPER_OPTIONS[key], (name, key)
-            assert theory[key] == THEORY_OPTIONS[key], (name, key)
+            assert getattr(paper, key) == PAPER_OPTIONS[key], (name, key)
+            assert getattr(theory, key) == THEORY_OPTIONS[key], (name, key)
         if name == "qe-kld-wrm":
-            assert paper["proximal"] is False and theory["proximal"] is True
+            assert paper.proximal is False and theory.proximal is True
 
 
 @pytest.mark.parametrize("name", CURVATURE_METHODS)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from kldwrm_ref import MLP
-from kldwrm_ref.fisher import fisher
-from kldwrm_ref.kfac import kfac_factors
+from kldwrm_ref.curvature.fisher import fisher
+from kldwrm_ref.curvature.kfac import kfac_factors
 
 torch = pytest.importorskip("torch")
 torch.set_default_dtype(torch.float64)

@@ -3,10 +3,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kldwrm_ref import wake
-from kldwrm_ref.linalg import DenseInverse
-from kldwrm_ref.verify import CheckResult, compare_with_direct, limits_check, qe_quadratic_check, random_stream, synthetic_history
-from kldwrm_ref.wake import OBJECTIVES, History, check_history, q_objective, so_objective
+from kldwrm_ref.curvature.linalg import DenseInverse
+from kldwrm_ref.optim.correction import wake_corrected_gradient
+from kldwrm_ref.theory import objectives
+from kldwrm_ref.theory.objectives import OBJECTIVES, History, check_history, q_objective, so_objective
+from kldwrm_ref.theory.recursion import damped_solve_step
+from kldwrm_ref.theory.verify import CheckResult, compare_with_direct, limits_check, qe_quadratic_check, random_stream, synthetic_history
 
 
 @st.composite
@@ -62,8 +64,8 @@ def test_q_step_without_previous_curvature_term_fails():
     for k in range(6):
         F, B, g, alpha = stream["curvatures"][k], stream["currents"][k], stream["grads"][k], stream["alphas"][k]
         avg = F if avg is None else stream["rho"] * avg + (1 - stream["rho"]) * F
-        ghat = wake.wake_corrected_gradient(g, prev_g, stream["rho"], alpha, prev_alpha)
-        thetas.append(thetas[-1] + wake.damped_solve_step(DenseInverse(avg + alpha * B, stream["damping"]), ghat, alpha))
+        ghat = wake_corrected_gradient(g, prev_g, stream["rho"], alpha, prev_alpha)
+        thetas.append(thetas[-1] + damped_solve_step(DenseInverse(avg + alpha * B, stream["damping"]), ghat, alpha))
         prev_g, prev_alpha = g, alpha  # wrong: omits B_{k-1} s_{k-1}
     thetas = np.array(thetas)
     history = History(thetas[:-1], stream["grads"], stream["curvatures"], stream["alphas"], stream["rho"], stream["damping"], stream["currents"])
@@ -75,7 +77,7 @@ def test_q_step_without_previous_curvature_term_fails():
 def test_wrong_wake_weight_fails(monkeypatch):
     history, nxt = synthetic_history("so-kld-wrm", random_stream(np.random.default_rng(3), 5, 6))
     assert status(so_objective, history, nxt) == "PASS"
-    monkeypatch.setattr(wake, "wake_weights", lambda rho, k: (1 - rho) * rho ** np.arange(k, -1, -1.0))  # drops w_{k,0} = rho^k
+    monkeypatch.setattr(objectives, "wake_weights", lambda rho, k: (1 - rho) * rho ** np.arange(k, -1, -1.0))  # drops w_{k,0} = rho^k
     assert status(so_objective, history, nxt) == "FAIL"
 
 
@@ -88,7 +90,7 @@ def test_bad_histories_are_rejected():
         check_history(history._replace(curvatures=bad))
     with pytest.raises(ValueError, match=r"rho must be a real number in \[0, 1\)"):
         check_history(history._replace(rho=1.0))
-    with pytest.raises(ValueError, match="history.grads has shape"):
+    with pytest.raises(ValueError, match=r"history\.grads has shape"):
         check_history(history._replace(grads=history.grads[:-1]))
     with pytest.raises(ValueError, match="alphas\\[0\\]"):
         check_history(history._replace(alphas=np.array([0.0, 1.0, 1.0])))

@@ -18,27 +18,22 @@ from __future__ import annotations
 import argparse
 import time
 import tracemalloc
-from typing import Sequence
+from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
-from kldwrm_ref import MLP, optim
-from kldwrm_ref.bench import median_time
+from kldwrm_ref import optim
+from kldwrm_ref.bench.timing import gemm_throughput, median_time
+from kldwrm_ref.curvature.fisher import fisher
 from kldwrm_ref.data import synthetic_classification
-from kldwrm_ref.fisher import fisher
+from kldwrm_ref.model import MLP
 from kldwrm_ref.storage import write_json
 
 PHASES = ("forward_backward", "curvature", "inverse", "precondition", "inner")
 BREAKDOWN_OPTIMIZERS = (
     ("sgd", "kfac"), ("kfac", "kfac"), ("ea-cm", "dense"), ("so-kld-wrm", "kfac"), ("q-kld-wrm", "kfac"), ("qe-kld-wrm", "kfac"),
 )
-
-
-def gemm_throughput(dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n matrix product (NumPy's BLAS, all cores)."""
-    rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
-    return 2.0 * n**3 / median_time(lambda: a @ b, repeats)
 
 
 def _products(mlp: MLP, batch: int) -> tuple[float, float]:
@@ -87,7 +82,7 @@ def time_steps(name: str, platform: str, preset: str, dtype, backend: str, sizes
     """Run 2 T + 3 steps (T the refresh period) and summarise the last 2 T (warm-up excluded)."""
     mlp = MLP(sizes, dtype=dtype)
     opt = optim.make(name, mlp, platform=platform, preset=preset, backend=backend, **overrides)
-    period = opt.hyper["period"] if name != "sgd" else 1
+    period = opt.hyper.period if name != "sgd" else 1
     n_steps = 2 * max(period, 5)
     X, y = synthetic_classification(batch * 4, sizes[0], sizes[-1], seed=0, dtype=dtype)
     theta = mlp.init(0)
@@ -109,7 +104,7 @@ def time_steps(name: str, platform: str, preset: str, dtype, backend: str, sizes
     walls = np.array([w for w, _ in rows])
     phases = {p: float(np.mean([t.get(p, 0.0) for _, t in rows])) for p in PHASES}
     phases["rest"] = float(walls.mean()) - sum(phases.values())
-    hyper = dict(opt.hyper)
+    hyper = opt.describe()
     return dict(
         optimizer=name, platform=platform, preset=preset, dtype=np.dtype(dtype).name, backend=backend,
         sizes=list(sizes), batch=batch, period=period, median_s=float(np.median(walls)), mean_s=float(walls.mean()),
@@ -142,11 +137,11 @@ def scaling(dtype, backend: str) -> dict:
     hidden = [8, 16, 32, 64]
     n_params, fisher_s = [], []
     for h in hidden:
-        mlp = MLP([49, h, 10], dtype=dtype)
+        mlp = MLP([49, h, 10], dtype=dtype, backend=backend)
         X, _ = synthetic_classification(256, 49, 10, seed=1, dtype=dtype)
         theta = mlp.init(0)
         n_params.append(mlp.n_params)
-        fisher_s.append(median_time(lambda: fisher(mlp, theta, X, backend=backend), 3))
+        fisher_s.append(median_time(partial(fisher, mlp, theta, X), 3))
     return dict(widths=widths, width_s=by_width, batches=batches, batch_s=by_batch, fisher_params=n_params, fisher_s=fisher_s)
 
 
@@ -179,7 +174,7 @@ def targets(results: list[dict], peaks: dict) -> str:
     """The issue's targets per (preset, dtype, backend): K-FAC and SO at >= 75% of GEMM throughput
     for their own FLOPs, and a QE step within (1 + inner steps) SO steps."""
     lines = []
-    groups = {}
+    groups: dict = {}
     for r in results:
         groups.setdefault((r["preset"], r["dtype"], r["backend"]), {})[r["optimizer"]] = r
     for (preset, dtype, backend), by_name in groups.items():
@@ -213,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_breakdown(results, peaks))
     print("\ntargets (amortised mean step):")
     print(targets(results, peaks))
-    report = dict(gemm_flops_per_s=peaks, breakdown=results)
+    report: dict = dict(gemm_flops_per_s=peaks, breakdown=results)
     if not args.no_scaling:
         report["scaling"] = scaling(np.float32, args.backends[0])
         print("\nscaling (float32, backend " + args.backends[0] + ")")

@@ -31,7 +31,7 @@ def save_offending(name: str, **matrices: np.ndarray) -> str:
     """Save matrices that broke a decomposition to a fresh .npz in the temp dir; return its path."""
     fd, path = tempfile.mkstemp(prefix=f"kldwrm-{name.replace(' ', '_')}-", suffix=".npz")
     with os.fdopen(fd, "wb") as fh:
-        np.savez(fh, **matrices)
+        np.savez(fh, allow_pickle=False, **matrices)
     return path
 
 

@@ -1,4 +1,4 @@
-"""``kldwrm verify``: the paper's claims (THEORY.md section 6) run as executable checks.
+"""``kldwrm verify``: the paper's claims (docs/theory.md §8) run as executable checks.
 
 Each check compares the *production* recursion (the optimisers and the step formulas of
 :mod:`kldwrm_ref.wake`) with an *independent direct minimisation* of the objective the theorem
@@ -13,24 +13,19 @@ import argparse
 import json
 import sys
 import time
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-from kldwrm_ref import MLP, optim
-from kldwrm_ref.fisher import fisher, kl_divergence
-from kldwrm_ref.kfac import kfac_factors
-from kldwrm_ref.wake import (
-    OBJECTIVES,
-    History,
-    QuadraticObjective,
-    check_history,
-    qe_objective,
-    quadratic_divergence,
-    recursive_trajectory,
-    truncated_wake_weights,
-    wake_weights,
-)
+from kldwrm_ref import optim
+from kldwrm_ref.curvature.averaging import truncated_wake_weights, wake_weights
+from kldwrm_ref.curvature.fisher import fisher, kl_divergence
+from kldwrm_ref.curvature.kfac import kfac_factors
+from kldwrm_ref.data import load_mnist, synthetic_classification
+from kldwrm_ref.model import MLP
+from kldwrm_ref.theory.objectives import OBJECTIVES, History, QuadraticObjective, check_history, qe_objective, quadratic_divergence
+from kldwrm_ref.theory.recursion import recursive_trajectory
 
 TOLERANCE = 1e-9
 
@@ -50,7 +45,7 @@ class CheckResult(NamedTuple):
 
 
 def relative_step_error(theta_next: np.ndarray, minimiser: np.ndarray, theta_k: np.ndarray) -> float:
-    return float(np.linalg.norm(theta_next - minimiser) / max(np.linalg.norm(minimiser - theta_k), 1e-300))
+    return float(np.linalg.norm(theta_next - minimiser)) / max(float(np.linalg.norm(minimiser - theta_k)), 1e-300)
 
 
 def compare_with_direct(objective: Callable[[History, int], QuadraticObjective], history: History, next_thetas: np.ndarray, solver: str = "linear") -> float:
@@ -110,7 +105,7 @@ def synthetic_checks(seed: int, trials: int = 5, n: int = 8, steps: int = 12) ->
 
 
 def limits_check(rng, n) -> CheckResult:
-    """Section 4.4: rho = 0 gives natural gradient for SO and EA-CM; Q gives -(lambda F + eta lambda I + B)^{-1} g."""
+    """§4.5: rho = 0 gives natural gradient for SO and EA-CM; Q gives -(lambda F + eta lambda I + B)^{-1} g."""
     worst = 0.0
     stream = random_stream(rng, n, 6)
     stream["rho"] = 0.0
@@ -131,14 +126,15 @@ def limits_check(rng, n) -> CheckResult:
     step1 = [recursive_trajectory(m, stream["theta0"], stream["grads"], stream["curvatures"], stream["alphas"], stream["rho"], stream["damping"], 0 * stream["currents"])[1] for m in OBJECTIVES]
     for other in step1[1:]:
         worst = max(worst, relative_step_error(other, step1[0], first[0].thetas[0]))
-    return CheckResult("Limits 4.4: rho=0 natural gradient; one step from k=0 coincide", f"synthetic n={n}", 6, worst, TOLERANCE)
+    return CheckResult("Limits §4.5: rho=0 natural gradient; one step from k=0 coincide", f"synthetic n={n}", 6, worst, TOLERANCE)
 
 
 def qe_quadratic_check(rng, n, steps) -> CheckResult:
-    """4.3 (a): QE with the quadratic KL, m = k + 1 and kappa = 1 is minimised by the Q step."""
+    """§4.4 (a): QE with the quadratic KL, m = k + 1 and kappa = 1 is minimised by the Q step."""
     stream = random_stream(rng, n, steps)
     history, nxt = synthetic_history("q-kld-wrm", stream)
     worst = 0.0
+    assert history.currents is not None
     for k in range(history.n_steps):
         idx, weights = truncated_wake_weights(history.rho, k, k + 1)
         divergences = [quadratic_divergence(history.thetas[j], history.damped(j)) for j in idx]
@@ -151,12 +147,8 @@ def qe_quadratic_check(rng, n, steps) -> CheckResult:
 def load_problem(synthetic: bool, batch: int, steps: int, seed: int):
     """7x7-pooled MNIST batches (or a synthetic 49-feature problem) for a 49-16-10 MLP."""
     if synthetic:
-        from kldwrm_ref.data import synthetic_classification
-
         X, y = synthetic_classification(batch * steps, 49, 10, seed, separation=0.3)  # overlapping, like 7x7 MNIST
     else:
-        from kldwrm_ref.data import load_mnist
-
         mnist = load_mnist(pool=4, subset=batch * steps, seed=seed)
         X, y = mnist.X_train, mnist.y_train
     return [(X[i * batch : (i + 1) * batch], y[i * batch : (i + 1) * batch]) for i in range(steps)]
@@ -184,8 +176,8 @@ def recorded_history(mlp, thetas, batches, alphas, rho, damping) -> History:
     for theta, (X, y) in zip(thetas[:-1], batches):
         grads.append(mlp.loss_and_grad(theta, X, y)[1])
         curvatures.append(fisher(mlp, theta, X))
-    curvatures = np.array(curvatures)
-    return History(thetas[:-1], np.array(grads), curvatures, np.asarray(alphas), rho, damping, curvatures)
+    dense = np.array(curvatures)
+    return History(thetas[:-1], np.array(grads), dense, np.asarray(alphas), rho, damping, dense)
 
 
 def trajectory_checks(mlp, batches, seed, on) -> list[CheckResult]:
@@ -193,7 +185,7 @@ def trajectory_checks(mlp, batches, seed, on) -> list[CheckResult]:
     steps = len(batches)
     specs = [("Theorem 1: EA-CM = argmin Q_k (QWRM)", "ea-cm", 0.9, 0.05), ("Theorem 2: SO-KLD-WRM recursion", "so-kld-wrm", 0.33, step_schedule), ("Theorem 3: Q-KLD-WRM recursion", "q-kld-wrm", 0.5, step_schedule)]
     for claim, method, rho, step_size in specs:
-        thetas, opt = run_dense_trajectory(mlp, method, batches, seed, rho=rho, step_size=step_size, damping=1e-3)
+        thetas, _opt = run_dense_trajectory(mlp, method, batches, seed, rho=rho, step_size=step_size, damping=1e-3)
         alphas = [step_size(k) if callable(step_size) else step_size for k in range(steps)]
         history = check_history(recorded_history(mlp, thetas, batches, alphas, rho, 1e-3))
         worst = compare_with_direct(OBJECTIVES[method], history, thetas[1:])
@@ -203,7 +195,7 @@ def trajectory_checks(mlp, batches, seed, on) -> list[CheckResult]:
 
 
 def qe_gradient_check(mlp, batches, seed, on, inner_steps: int = 40, steps: int = 8) -> CheckResult:
-    """4.3 (b): after QE's inner solve, grad E_k at the returned point ~ 0, relative to the sum
+    """§4.4 (b): after QE's inner solve, grad E_k at the returned point ~ 0, relative to the sum
     of the norms of its parts |g_k| + |B_k s| + lambda kappa sum_j w_j |grad of wake term j|
     (the scale below which round-off hides it), on the first ``steps`` batches."""
     m, kappa, rho, alpha, damping = 3, 1.0, 0.5, 0.05, 0.1
@@ -214,7 +206,7 @@ def qe_gradient_check(mlp, batches, seed, on, inner_steps: int = 40, steps: int 
         g = mlp.loss_and_grad(thetas[k], X, y)[1]
         B = fisher(mlp, thetas[k], X)
         idx, weights = truncated_wake_weights(rho, k, m)
-        divergences = [(lambda t, c=thetas[j]: kl_divergence(mlp, c, t, X)) for j in idx]
+        divergences = [(lambda t, c=thetas[j], batch=X: kl_divergence(mlp, c, t, batch)) for j in idx]
         obj = qe_objective(g, B, thetas[k], alpha, kappa, thetas[idx], weights, divergences, damping)
         new = thetas[k + 1]
         grad = obj.value_and_gradient(new)[1]
@@ -292,7 +284,7 @@ def format_table(results: Sequence[CheckResult]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kldwrm verify", description="Run the paper's claims as numerical checks (THEORY.md section 6).")
+    parser = argparse.ArgumentParser(prog="kldwrm verify", description="Run the paper's claims as numerical checks (docs/theory.md §8).")
     parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     parser.add_argument("--synthetic", action="store_true", help="use synthetic data instead of 7x7-pooled MNIST")
     parser.add_argument("--seed", type=int, default=0)

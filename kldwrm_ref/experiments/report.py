@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kldwrm_ref.experiments.config import expand
 from kldwrm_ref.storage import read_csv, read_json, write_text
 
 THRESHOLDS = (0.97, 0.98)
@@ -22,13 +23,11 @@ THRESHOLDS = (0.97, 0.98)
 
 def collect(root: Path, cfg: dict) -> dict:
     """{(architecture label, optimiser): [per-seed dict(seed, status, metrics arrays)]} from the run files."""
-    from kldwrm_ref.experiment import expand
-
     groups: dict = {}
     for spec in expand(cfg):
         run_dir = root / spec.label
         arch = spec.label.split("/")[0]
-        entry = dict(seed=spec.seed, status=None, metrics={})
+        entry: dict = dict(seed=spec.seed, status=None, metrics={})
         if (run_dir / "status.json").exists():
             entry["status"] = read_json(run_dir / "status.json")
         if (run_dir / "metrics.csv").exists():
@@ -131,6 +130,7 @@ def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     series = {name: _usable(runs) for (a, name), runs in groups.items() if a == arch}
     series = {name: runs for name, runs in series.items() if runs}
@@ -163,8 +163,6 @@ def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
         for t in THRESHOLDS:
             axes[0, col].axhline(100 * t, color="grey", linestyle=":", linewidth=1)
         axes[0, col].set_ylim(max(0.0, 100 * lowest_accuracy - 0.5), 100.0 * min(1.0, max(THRESHOLDS) + 0.006) if lowest_accuracy > 0.9 else None)
-    from matplotlib.ticker import MaxNLocator
-
     for row in range(2):
         axes[row, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(loc="lower right")

@@ -1,7 +1,7 @@
-"""Numba-CPU kernels: the twins of :mod:`kldwrm_ref.ops` with the same signatures and results.
+"""Numba-CPU kernels: the twins of :mod:`kldwrm_ref.backends.reference` with the same signatures and results.
 
 Each ``@njit`` kernel does one job in one pass over its data; the row maths is shared with the
-CUDA kernels (:mod:`kldwrm_ref.kernel_math`).  The kernels are serial on purpose: with
+CUDA kernels (:mod:`kldwrm_ref.backends.rows`).  The kernels are serial on purpose: with
 ``parallel=True`` each kernel was faster in isolation, but Numba's thread pool then contends with
 BLAS's threads and a full K-FAC step became 3x slower (``kldwrm bench step``).  The wrappers allocate
 the outputs and keep NumPy's signatures.  Matrix products stay with NumPy's BLAS (:func:`matmul`).
@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kldwrm_ref import kernel_math
+from kldwrm_ref.backends import rows
 
-_xent_row = njit(cache=True)(kernel_math.xent_row)
-_sample_row = njit(cache=True)(kernel_math.sample_row)
-_cotangent_row = njit(cache=True)(kernel_math.cotangent_row)
-_kl_row = njit(cache=True)(kernel_math.kl_row)
+_xent_row = njit(cache=True)(rows.xent_row)
+_sample_row = njit(cache=True)(rows.sample_row)
+_cotangent_row = njit(cache=True)(rows.cotangent_row)
+_kl_row = njit(cache=True)(rows.kl_row)
 KL_KINDS = {"forward": 0, "symmetric": 1}
 
 
@@ -85,7 +85,7 @@ def _contiguous(*arrays):
 
 
 def softmax_cross_entropy(logits, labels):
-    """Fused log-softmax, cross-entropy and its gradient; see :func:`kldwrm_ref.ops.softmax_cross_entropy`."""
+    """Fused log-softmax, cross-entropy and its gradient; see :func:`kldwrm_ref.backends.reference.softmax_cross_entropy`."""
     logits, labels = _contiguous(logits, np.asarray(labels, dtype=np.int64))
     losses = np.empty(logits.shape[0], dtype=logits.dtype)
     dlogits = np.empty_like(logits)
@@ -94,7 +94,7 @@ def softmax_cross_entropy(logits, labels):
 
 
 def sample_labels(probs, uniforms):
-    """Inverse-CDF labels from passed-in uniforms; see :func:`kldwrm_ref.ops.sample_labels`."""
+    """Inverse-CDF labels from passed-in uniforms; see :func:`kldwrm_ref.backends.reference.sample_labels`."""
     probs, uniforms = _contiguous(probs, uniforms)
     labels = np.empty(uniforms.shape, dtype=np.int64)
     _sample_kernel(probs, uniforms, labels)
@@ -102,7 +102,7 @@ def sample_labels(probs, uniforms):
 
 
 def fisher_cotangents(probs):
-    """sqrt(pi_c)(e_c - pi) per sample, (N, C, C); see :func:`kldwrm_ref.ops.fisher_cotangents`."""
+    """sqrt(pi_c)(e_c - pi) per sample, (N, C, C); see :func:`kldwrm_ref.backends.reference.fisher_cotangents`."""
     (probs,) = _contiguous(probs)
     cot = np.empty((probs.shape[0], probs.shape[1], probs.shape[1]), dtype=probs.dtype)
     _cotangent_kernel(probs, cot)
@@ -110,7 +110,7 @@ def fisher_cotangents(probs):
 
 
 def per_sample_rows(deltas, inputs, out, start):
-    """One layer's columns of U written in place; see :func:`kldwrm_ref.ops.per_sample_rows`."""
+    """One layer's columns of U written in place; see :func:`kldwrm_ref.backends.reference.per_sample_rows`."""
     deltas, inputs = _contiguous(deltas, inputs)
     _per_sample_rows_kernel(deltas, inputs, out, int(start))
     return out
@@ -129,7 +129,7 @@ def ea_update(average, new, rho, out=None):
 
 
 def eigen_divide(rotated, eig_g, eig_a, damping):
-    """V' / (d_G d_A^T + eta); see :func:`kldwrm_ref.ops.eigen_divide`."""
+    """V' / (d_G d_A^T + eta); see :func:`kldwrm_ref.backends.reference.eigen_divide`."""
     rotated, eig_g, eig_a = _contiguous(rotated, eig_g, eig_a)
     out = np.empty_like(rotated)
     _eigen_divide_kernel(rotated, eig_g, eig_a, float(damping), out)
@@ -137,7 +137,7 @@ def eigen_divide(rotated, eig_g, eig_a, damping):
 
 
 def kron_sum_divide(rotated, nu, mu, alpha):
-    """V' / (1 + alpha nu mu^T); see :func:`kldwrm_ref.ops.kron_sum_divide`."""
+    """V' / (1 + alpha nu mu^T); see :func:`kldwrm_ref.backends.reference.kron_sum_divide`."""
     rotated, nu, mu = _contiguous(rotated, nu, mu)
     out = np.empty_like(rotated)
     _kron_sum_divide_kernel(rotated, nu, mu, float(alpha), out)
@@ -145,7 +145,7 @@ def kron_sum_divide(rotated, nu, mu, alpha):
 
 
 def kl_and_grad(ref_logits, logits, kind="forward"):
-    """Per-sample (symmetric) KL and its logits gradient; see :func:`kldwrm_ref.ops.kl_and_grad`."""
+    """Per-sample (symmetric) KL and its logits gradient; see :func:`kldwrm_ref.backends.reference.kl_and_grad`."""
     if kind not in KL_KINDS:
         raise ValueError(f"kind must be 'forward' or 'symmetric', got {kind!r}")
     if ref_logits.shape != logits.shape:

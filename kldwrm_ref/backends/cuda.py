@@ -1,7 +1,7 @@
-"""numba-cuda kernels: the twins of :mod:`kldwrm_ref.ops` plus a shared-memory tiled matrix product.
+"""numba-cuda kernels: the twins of :mod:`kldwrm_ref.backends.reference` plus a shared-memory tiled matrix product.
 
 Row kernels (one thread per sample, grid-stride loops with bounds guards) reuse the row maths of
-:mod:`kldwrm_ref.kernel_math` compiled as device functions; elementwise kernels stride over the
+:mod:`kldwrm_ref.backends.rows` compiled as device functions; elementwise kernels stride over the
 flattened output.  :func:`matmul` computes op(a) @ op(b) with TILE x TILE tiles in shared memory,
 reading a transposed operand in place (no copy) when it is passed as a transposed view.
 
@@ -17,17 +17,17 @@ import math
 import numpy as np
 from numba import config, cuda, float32, float64
 
-from kldwrm_ref import kernel_math
+from kldwrm_ref.backends import rows
 
 TILE = 4 if config.ENABLE_CUDASIM else 16  # keep simulated blocks small
 ROW_THREADS = 32 if config.ENABLE_CUDASIM else 128  # the simulator runs every thread in Python
 MAX_BLOCKS = 4 if config.ENABLE_CUDASIM else 1024
 KL_KINDS = {"forward": 0, "symmetric": 1}
 
-_xent_row = cuda.jit(device=True)(kernel_math.xent_row)
-_sample_row = cuda.jit(device=True)(kernel_math.sample_row)
-_cotangent_row = cuda.jit(device=True)(kernel_math.cotangent_row)
-_kl_row = cuda.jit(device=True)(kernel_math.kl_row)
+_xent_row = cuda.jit(device=True)(rows.xent_row)
+_sample_row = cuda.jit(device=True)(rows.sample_row)
+_cotangent_row = cuda.jit(device=True)(rows.cotangent_row)
+_kl_row = cuda.jit(device=True)(rows.kl_row)
 
 
 def require_gpu() -> None:
@@ -149,7 +149,7 @@ def _blocks(n: int) -> int:
 
 
 def softmax_cross_entropy(logits, labels):
-    """Fused log-softmax, cross-entropy and gradient; see :func:`kldwrm_ref.ops.softmax_cross_entropy`."""
+    """Fused log-softmax, cross-entropy and gradient; see :func:`kldwrm_ref.backends.reference.softmax_cross_entropy`."""
     require_gpu()
     d_logits = _device(logits)
     losses = cuda.device_array(d_logits.shape[0], dtype=d_logits.dtype)
@@ -159,7 +159,7 @@ def softmax_cross_entropy(logits, labels):
 
 
 def sample_labels(probs, uniforms):
-    """Inverse-CDF labels from passed-in uniforms; see :func:`kldwrm_ref.ops.sample_labels`."""
+    """Inverse-CDF labels from passed-in uniforms; see :func:`kldwrm_ref.backends.reference.sample_labels`."""
     require_gpu()
     d_probs = _device(probs)
     labels = cuda.device_array(np.shape(uniforms), dtype=np.int64)
@@ -168,7 +168,7 @@ def sample_labels(probs, uniforms):
 
 
 def fisher_cotangents(probs):
-    """sqrt(pi_c)(e_c - pi) per sample, (N, C, C); see :func:`kldwrm_ref.ops.fisher_cotangents`."""
+    """sqrt(pi_c)(e_c - pi) per sample, (N, C, C); see :func:`kldwrm_ref.backends.reference.fisher_cotangents`."""
     require_gpu()
     d_probs = _device(probs)
     n, c = d_probs.shape
@@ -178,7 +178,7 @@ def fisher_cotangents(probs):
 
 
 def kl_and_grad(ref_logits, logits, kind="forward"):
-    """Per-sample (symmetric) KL and its logits gradient; see :func:`kldwrm_ref.ops.kl_and_grad`."""
+    """Per-sample (symmetric) KL and its logits gradient; see :func:`kldwrm_ref.backends.reference.kl_and_grad`."""
     if kind not in KL_KINDS:
         raise ValueError(f"kind must be 'forward' or 'symmetric', got {kind!r}")
     if np.shape(ref_logits) != np.shape(logits):
@@ -192,7 +192,7 @@ def kl_and_grad(ref_logits, logits, kind="forward"):
 
 
 def per_sample_rows(deltas, inputs, out, start):
-    """One layer's columns of U written into ``out``; see :func:`kldwrm_ref.ops.per_sample_rows`."""
+    """One layer's columns of U written into ``out``; see :func:`kldwrm_ref.backends.reference.per_sample_rows`."""
     require_gpu()
     d_deltas = _device(deltas)
     d_out = _device(out)
@@ -228,12 +228,12 @@ def _outer_divide(kernel, rotated, row, col, scalar):
 
 
 def eigen_divide(rotated, eig_g, eig_a, damping):
-    """V' / (d_G d_A^T + eta); see :func:`kldwrm_ref.ops.eigen_divide`."""
+    """V' / (d_G d_A^T + eta); see :func:`kldwrm_ref.backends.reference.eigen_divide`."""
     return _outer_divide(_eigen_divide_kernel, rotated, eig_g, eig_a, damping)
 
 
 def kron_sum_divide(rotated, nu, mu, alpha):
-    """V' / (1 + alpha nu mu^T); see :func:`kldwrm_ref.ops.kron_sum_divide`."""
+    """V' / (1 + alpha nu mu^T); see :func:`kldwrm_ref.backends.reference.kron_sum_divide`."""
     return _outer_divide(_kron_sum_divide_kernel, rotated, nu, mu, alpha)
 
 

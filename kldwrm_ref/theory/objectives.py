@@ -1,86 +1,24 @@
-"""The wake: weights, KLD-WRM objectives and the recursive steps (THEORY.md sections 2-4).
+"""The wake objectives the theorems name, evaluable and minimised *directly* (docs/theory.md §3-§4).
 
 Recorded history of steps j = 0..K: iterates theta_j, gradients g_j, curvature estimates F_j
 (undamped; the wake uses the damped M_j = F_j + eta I), current curvatures B_j (Q, QE) and step
-sizes alpha_j (lambda_j = 1 / alpha_j).  Every objective is evaluable (value, gradient, and for
-the quadratic ones the constant Hessian) and minimised *directly* in two independent ways: the
-assembled linear system, and ``scipy.optimize``.  The recursive formulas the optimisers call -
-:func:`wake_corrected_gradient`, :func:`damped_solve_step`, :func:`recursive_trajectory` - live here
-too, so the checks exercise the production code.
+sizes alpha_j (lambda_j = 1 / alpha_j).  Every objective gives its value, gradient and (for the
+quadratic ones) constant Hessian, and is minimised in two independent ways: the assembled linear
+system, and ``scipy.optimize``.  ``kldwrm verify`` compares these minimisers with the recursions
+the optimisers run.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
 import scipy.optimize
 
-from kldwrm_ref.validation import check_choice, check_finite, check_nonnegative, check_positive, check_positive_int, check_rho
-
-METHODS = ("ea-cm", "so-kld-wrm", "q-kld-wrm")
-
-
-# ------------------------------------------------------------------------------ weights
-def wake_weights(rho: float, k: int) -> np.ndarray:
-    """w_{k,j}, j = 0..k (section 2): w_{k,0} = rho^k, w_{k,j} = (1 - rho) rho^(k-j) for j >= 1."""
-    rho = check_rho(rho)
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    weights = (1.0 - rho) * rho ** np.arange(k, -1, -1, dtype=np.float64)
-    weights[0] = rho**k
-    return weights
-
-
-def truncated_wake_weights(rho: float, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """QE's wake over the last m iterates (section 4.3): (indices j, weights wtilde_{k,j}).
-
-    The oldest kept iterate absorbs the tail mass rho^(m-1); for k < m - 1 the full wake.
-    """
-    m = check_positive_int(m, "m")
-    if k < m - 1:
-        return np.arange(k + 1), wake_weights(rho, k)
-    first = k - m + 1
-    weights = (1.0 - rho) * rho ** np.arange(k - first, -1, -1, dtype=np.float64)
-    weights[0] = rho ** (m - 1)
-    return np.arange(first, k + 1), weights
-
-
-def step_size_at(step_size, k: int) -> float:
-    """alpha_k from a constant or a callable of the step number."""
-    alpha = step_size(k) if callable(step_size) else step_size
-    return check_positive(alpha, f"step size at step {k}")
-
-
-# ------------------------------------------------------------------------------ recursion
-def wake_corrected_gradient(g: np.ndarray, previous_model_gradient: np.ndarray | None, rho: float, alpha: float, previous_alpha: float | None) -> np.ndarray:
-    """ghat_k = g_k - rho (lambda_k / lambda_{k-1}) grad h_{k-1}(theta_k)   (sections 4.1, 4.2).
-
-    grad h_{k-1}(theta_k) is g_{k-1} for SO-KLD-WRM and g_{k-1} + B_{k-1} s_{k-1} for Q-KLD-WRM;
-    None at k = 0 (ghat_0 = g_0).  lambda_k / lambda_{k-1} = alpha_{k-1} / alpha_k.
-    """
-    if previous_model_gradient is None:
-        return g
-    return g - rho * (previous_alpha / alpha) * previous_model_gradient
-
-
-def authors_corrected_gradient(g: np.ndarray, previous_gradient: np.ndarray, previous_corrected: np.ndarray, x_term: np.ndarray, rho: float, alpha: float, previous_alpha: float) -> np.ndarray:
-    """The authors' closed form for Q/QE (docs/theory.md 7), lf = alpha_{k-1} / alpha_k:
-
-    ghat_k = g_k + rho lf (ghat_{k-1} - g_{k-1}) - rho lf X_k
-
-    On a step whose B_{k-1} = Mbar_{k-1}, without damping, weight decay or clipping,
-    s_{k-1} = -alpha_{k-1}/(1 + alpha_{k-1}) Mbar^{-1} ghat_{k-1}, so X_k = ghat_{k-1}/(1 + alpha_{k-1})
-    = -B_{k-1} s_{k-1} / alpha_{k-1} and this equals Theorem 3's ghat_k; elsewhere it differs.
-    """
-    lf = previous_alpha / alpha
-    return g + (rho * lf) * (previous_corrected - previous_gradient) - (rho * lf) * x_term
-
-
-def damped_solve_step(inverse, vector: np.ndarray, alpha: float) -> np.ndarray:
-    """s = -alpha P^{-1} v for a (damped) curvature inverse operator P^{-1}."""
-    return -alpha * inverse.matvec(vector)
+from kldwrm_ref.curvature.averaging import wake_weights
+from kldwrm_ref.validation import check_finite, check_nonnegative, check_positive, check_rho
 
 
 class History(NamedTuple):
@@ -143,7 +81,7 @@ class QuadraticObjective(NamedTuple):
         return grad + sum(w * (M @ (theta - d)) for w, M, d in self.quadratic)
 
     def hessian(self) -> np.ndarray:
-        return sum(w * M for w, M, _ in self.quadratic)
+        return np.sum([w * M for w, M, _ in self.quadratic], axis=0)
 
     def minimise_linear(self) -> np.ndarray:
         """Solve grad = 0: (sum w_j M_j) theta = sum w_j M_j d_j - sum l_i (Cholesky)."""
@@ -162,7 +100,7 @@ def qwrm_objective(history: History, k: int) -> QuadraticObjective:
 
     Q_k(theta) = sum_j rho^(k-j) [alpha_j g_j^T (theta - theta_j) + (c_j / 2) |theta - theta_j|^2_{M_j}].
 
-    With constant alpha this is alpha * THEORY's Q_k (same minimiser); the alpha_j factor on the
+    With constant alpha this is alpha * Q_k of §3.1 (same minimiser); the alpha_j factor on the
     linear terms extends Theorem 1 to step sizes that change with j (argmin Q_k is then
     theta_k - alpha_k Mbar_k^{-1} g_k, by the same subtraction argument).
     """
@@ -205,7 +143,7 @@ class QEObjective(NamedTuple):
 
     ``divergences[j](theta)`` returns (value, gradient in theta) - the exact KL on the current
     batch, or its quadratic expansion (consistency check (a), with eta = 0 there since M_j is
-    already damped).  The eta term is the damping wake of section 2; without it E_k has no
+    already damped).  The eta term is the damping wake of §2.4; without it E_k has no
     minimiser when the batch Fisher is singular (more parameters than batch rows x classes).
     """
 
@@ -237,7 +175,7 @@ class QEObjective(NamedTuple):
 
 
 def quadratic_divergence(centre: np.ndarray, M: np.ndarray) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
-    """D(theta_j || theta) -> 1/2 |theta - theta_j|^2_M, its second-order expansion (section 1)."""
+    """D(theta_j || theta) -> 1/2 |theta - theta_j|^2_M, its second-order expansion (§1.4)."""
 
     def divergence(theta):
         d = theta - centre
@@ -256,37 +194,3 @@ def qe_objective(g, B, theta_k, alpha, kappa, centres, weights, divergences, dam
 
 
 # ------------------------------------------------------------------------------ recursive runner
-def recursive_trajectory(method: str, theta0: np.ndarray, grads: Sequence[np.ndarray], curvatures: Sequence[np.ndarray], alphas: Sequence[float], rho: float, damping: float, currents: Sequence[np.ndarray] | None = None) -> np.ndarray:
-    """Iterates theta_0..theta_{K+1} of EA-CM / SO / Q on a *given* stream of g_j, F_j, B_j.
-
-    Uses the production pieces: :class:`~kldwrm_ref.averaging.ExponentialAverage`,
-    :class:`~kldwrm_ref.linalg.DenseInverse`, :func:`wake_corrected_gradient`,
-    :func:`damped_solve_step`.  The step k solves with (Fbar_k + alpha_k B_k + eta I) for Q.
-    """
-    from kldwrm_ref.averaging import ExponentialAverage
-    from kldwrm_ref.linalg import DenseInverse
-
-    method = check_choice(method, "method", METHODS)
-    if method == "q-kld-wrm" and currents is None:
-        raise ValueError("q-kld-wrm needs currents (B_j)")
-    ea = ExponentialAverage.create(rho)
-    state = ea.init()
-    thetas = [np.array(theta0, dtype=np.float64)]
-    previous_model_gradient, previous_alpha = None, None
-    for k, (g, F) in enumerate(zip(grads, curvatures)):
-        alpha = float(alphas[k])
-        state = ea.update(state, (F,))
-        (Fbar,) = ea.value(state)
-        if method == "ea-cm":
-            step = damped_solve_step(DenseInverse(Fbar, damping), g, alpha)
-        else:
-            ghat = wake_corrected_gradient(g, previous_model_gradient, rho, alpha, previous_alpha)
-            if method == "so-kld-wrm":
-                step = damped_solve_step(DenseInverse(Fbar, damping), ghat, alpha)
-                previous_model_gradient = g
-            else:
-                step = damped_solve_step(DenseInverse(Fbar + alpha * currents[k], damping), ghat, alpha)
-                previous_model_gradient = g + currents[k] @ step
-        previous_alpha = alpha
-        thetas.append(thetas[-1] + step)
-    return np.array(thetas)

@@ -49,7 +49,7 @@ def fisher_cotangents(probs: np.ndarray) -> np.ndarray:
     sum_c cot[i, c] cot[i, c]^T = diag(pi) - pi pi^T, so backpropagating these C cotangents per
     sample gives U with F = U^T U / N.  Returns (N, C, C).
     """
-    n, c = probs.shape
+    _n, c = probs.shape
     sqrt_p = np.sqrt(probs)
     cot = -sqrt_p[:, :, None] * probs[:, None, :]
     idx = np.arange(c)

@@ -1,0 +1,1 @@
+"""Benchmarks that print numbers: :mod:`.curvature`, :mod:`.kernels`, :mod:`.step` (``kldwrm bench``)."""

@@ -1,0 +1,113 @@
+"""The dense Fisher of a network and its matrix-free operator (docs/theory.md §1.2-§1.3).
+
+F(theta) = mean_x J(x)^T H(x) J(x) with J = d logits / d theta and
+
+- ``"exact"``:     H = diag(pi) - pi pi^T (expectation over y ~ p_theta; equals the GGN),
+- ``"mc"``:        H = (1/S) sum_s (pi - e_{y_s})(pi - e_{y_s})^T, y_s ~ p_theta(.|x),
+- ``"empirical"``: H = (pi - e_y)(pi - e_y)^T with the true label y.
+
+Each H is a sum of rank-one terms r r^T; backpropagating every r ("cotangent") gives the rows of
+U with F = U^T U, so the dense build is one matrix product.  The K-FAC factors
+(:mod:`kldwrm_ref.curvature.kfac`) use the same cotangents.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse.linalg import LinearOperator
+
+from kldwrm_ref.backends import Backend
+from kldwrm_ref.model import losses
+from kldwrm_ref.model.network import Network, NetworkCache
+from kldwrm_ref.validation import check_choice, check_positive_int
+
+FISHER_TYPES = ("exact", "mc", "empirical")
+
+
+def fisher_cotangents(
+    probs: np.ndarray,
+    backend: Backend,
+    fisher_type: str = "exact",
+    y: np.ndarray | None = None,
+    samples: int = 1,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Cotangents r (R, N, C) with H(x_i) = sum_r r[r, i] r[r, i]^T for the chosen Fisher.
+
+    exact: R = C, r_c = sqrt(pi_c) (e_c - pi); mc: R = S, (pi - e_{y_s}) / sqrt(S);
+    empirical: R = 1, pi - e_y.
+    """
+    fisher_type = check_choice(fisher_type, "fisher_type", FISHER_TYPES)
+    if fisher_type == "exact":
+        return np.ascontiguousarray(backend.fisher_cotangents(probs).transpose(1, 0, 2))
+    if fisher_type == "empirical":
+        if y is None:
+            raise ValueError("y (true labels) is required for fisher_type='empirical'")
+        onehot = np.zeros_like(probs)
+        onehot[np.arange(len(y)), y] = 1.0
+        return (probs - onehot)[None]
+    samples = check_positive_int(samples, "samples")
+    if rng is None:
+        raise ValueError("rng (a numpy Generator) is required for fisher_type='mc'")
+    labels = backend.sample_labels(probs, rng.random((samples, probs.shape[0])))
+    cot = np.repeat(probs[None], samples, axis=0)
+    rows = np.arange(probs.shape[0])
+    for s in range(samples):
+        cot[s, rows, labels[s]] -= 1.0
+    return cot / np.sqrt(samples)
+
+
+def cotangent_rows(net: Network, cache: NetworkCache, fisher_type: str, y=None, samples: int = 1, rng=None) -> np.ndarray:
+    """The Fisher's cotangents of the cached batch stacked rep-major: (R * N, C)."""
+    if y is not None:
+        y = net.check_labels(y, cache.logits.shape[0])
+    cot = fisher_cotangents(losses.probabilities(cache.logits), net.backend, fisher_type, y, samples, rng)
+    return cot.reshape(-1, cot.shape[2])
+
+
+def fisher_sqrt(net: Network, theta: np.ndarray, X: np.ndarray, fisher_type: str = "exact", y=None, samples: int = 1, rng=None) -> np.ndarray:
+    """U (R*N, n) with F = U^T U: rows are per-sample gradients of each cotangent / sqrt(N)."""
+    cache = net.forward(theta, X)
+    rows = cotangent_rows(net, cache, fisher_type, y, samples, rng)
+    cotangents = net.backward(theta, cache, rows)
+    return net.per_sample_gradients(cache, cotangents) / np.sqrt(cache.logits.shape[0])
+
+
+def fisher(net: Network, theta: np.ndarray, X: np.ndarray, fisher_type: str = "exact", y=None, samples: int = 1, rng=None) -> np.ndarray:
+    """Dense n x n Fisher F = U^T U, mean over the rows of X (module docstring)."""
+    U = fisher_sqrt(net, theta, X, fisher_type, y, samples, rng)
+    return net.backend.matmul(U.T, U)
+
+
+class FisherOperator(LinearOperator):
+    """Matrix-free F v = mean_i J_i^T H_i (J_i v): forward-mode J v, then backprop.
+
+    The cotangents (and for MC the sampled labels) are drawn once at construction, so the
+    operator is a fixed symmetric matrix that scipy's solvers can use.
+    """
+
+    def __init__(self, net: Network, theta: np.ndarray, X: np.ndarray, fisher_type: str = "exact", y=None, samples: int = 1, rng=None):
+        self.net, self.theta = net, theta
+        self.cache = net.forward(theta, X)
+        if y is not None:
+            y = net.check_labels(y, self.cache.logits.shape[0])
+        self.cotangents = fisher_cotangents(losses.probabilities(self.cache.logits), net.backend, fisher_type, y, samples, rng)
+        self.n_rows = self.cache.logits.shape[0]
+        super().__init__(dtype=net.dtype, shape=(net.n_params, net.n_params))
+
+    def _matvec(self, v):
+        jv = self.net.jvp(self.theta, self.cache, np.ravel(v))  # (N, C)
+        weights = np.einsum("rnc,nc->rn", self.cotangents, jv)  # r^T J v
+        hjv = np.einsum("rn,rnc->nc", weights, self.cotangents)  # H J v
+        return self.net.vjp(self.theta, self.cache, hjv) / self.n_rows
+
+    def _rmatvec(self, v):
+        return self._matvec(v)
+
+
+def kl_divergence(net: Network, theta_ref: np.ndarray, theta: np.ndarray, X: np.ndarray, kind: str = "forward") -> tuple[float, np.ndarray]:
+    """D(theta_ref || theta) = mean_x KL(p_ref || p_theta) (or the symmetric KL) and its gradient in theta."""
+    ref_logits = net.logits(theta_ref, X)
+    cache = net.forward(theta, X)
+    values, dlogits = losses.kl(ref_logits, cache.logits, kind, net.backend)
+    return float(values.mean()), net.vjp(theta, cache, dlogits) / cache.logits.shape[0]

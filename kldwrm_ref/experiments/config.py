@@ -1,0 +1,116 @@
+"""Experiment configurations: defaults, validation and expansion into runs (``kldwrm mnist``).
+
+An experiment is a configuration (a JSON file in ``experiments/`` or the built-in quick
+comparison :data:`QUICK`) expanded into runs, one per (architecture, optimiser, seed).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from kldwrm_ref import optim
+from kldwrm_ref.backends import BACKENDS
+from kldwrm_ref.model import ACTIVATIONS, MLP
+from kldwrm_ref.validation import check_choice, check_positive_int
+
+DTYPES = ("float32", "float64")
+DATA_SOURCES = ("mnist", "synthetic")
+# The README's main job: K-FAC against the three KLD-WRM methods, paper preset, 2 seeds, 5 epochs.
+QUICK: dict[str, Any] = dict(
+    name="quick",
+    description="K-FAC vs SO-, Q-, QE-KLD-WRM on MNIST, 784-256-10, authors' hyperparameters, 5 epochs, 2 seeds",
+    optimizers=["kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"],
+    architectures=[[784, 256, 10]],
+    activation="relu",
+    epochs=5,
+    seeds=[0, 1],
+    batch=512,
+    platform="kfac",
+    preset="paper",
+    backend="auto",
+    dtype="float32",
+    data=dict(source="mnist", pool=1, subset=None, n_train=None, n_test=None),
+    hyper={},
+)
+
+
+class RunSpec(NamedTuple):
+    """One run: an optimiser, an architecture and a seed, with everything they are trained under."""
+
+    optimizer: str
+    architecture: tuple[int, ...]
+    activation: str
+    seed: int
+    epochs: int
+    batch: int
+    platform: str
+    preset: str
+    backend: str
+    dtype: str
+    data: dict
+    hyper: dict  # overrides of the preset for this optimiser
+
+    @property
+    def label(self) -> str:
+        return f"{arch_label(self.architecture)}/{self.optimizer}/seed-{self.seed}"
+
+
+def arch_label(sizes: Sequence[int]) -> str:
+    return "-".join(str(int(s)) for s in sizes)
+
+
+def validate_config(config: dict) -> dict:
+    """Fill defaults from :data:`QUICK` and check every field; errors name the field."""
+    unknown = set(config) - set(QUICK)
+    if unknown:
+        raise ValueError(f"unknown configuration field(s) {sorted(unknown)}; accepted: {sorted(QUICK)}")
+    cfg = {**copy.deepcopy(QUICK), **copy.deepcopy(config)}
+    cfg["data"] = {**QUICK["data"], **cfg["data"]}
+    if not cfg["optimizers"]:
+        raise ValueError("optimizers must name at least one of " + ", ".join(optim.NAMES))
+    for name in cfg["optimizers"]:
+        check_choice(name, "optimizers", optim.NAMES)
+    check_choice(cfg["activation"], "activation", ACTIVATIONS)
+    check_choice(cfg["platform"], "platform", optim.PLATFORMS)
+    check_choice(cfg["preset"], "preset", optim.PRESETS)
+    check_choice(cfg["backend"], "backend", BACKENDS)
+    check_choice(cfg["dtype"], "dtype", DTYPES)
+    check_positive_int(cfg["epochs"], "epochs")
+    check_positive_int(cfg["batch"], "batch")
+    if not cfg["seeds"] or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in cfg["seeds"]):
+        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {cfg['seeds']!r}")
+    data = cfg["data"]
+    check_choice(data["source"], "data.source", DATA_SOURCES)
+    check_positive_int(data["pool"], "data.pool")
+    n_inputs = 784 // data["pool"] ** 2 if data["source"] == "mnist" else None
+    for sizes in cfg["architectures"]:
+        if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"architectures: each must be a list of >= 2 positive layer sizes, got {sizes!r}")
+        if n_inputs is not None and sizes[0] != n_inputs:
+            raise ValueError(f"architectures: input size {sizes[0]} does not match MNIST pooled by {data['pool']} ({n_inputs} inputs)")
+        if sizes[-1] != 10:
+            raise ValueError(f"architectures: the output layer must have 10 classes, got {sizes[-1]}")
+    for key in cfg["hyper"]:
+        if key != "*" and key not in optim.NAMES:
+            raise ValueError(f"hyper: keys must be '*' or an optimiser name ({', '.join(optim.NAMES)}), got {key!r}")
+    for name in cfg["optimizers"]:  # builds each optimiser once: rejects unknown or out-of-range hyperparameters
+        optim.make(name, MLP(cfg["architectures"][0]), platform=cfg["platform"], preset=cfg["preset"], backend="numpy", **_overrides(cfg, name))
+    return cfg
+
+
+def _overrides(cfg: dict, name: str) -> dict:
+    return {**cfg["hyper"].get("*", {}), **cfg["hyper"].get(name, {})}
+
+
+def expand(cfg: dict) -> list[RunSpec]:
+    """All runs of a configuration, seed-major so that a partial sweep covers every architecture and optimiser."""
+    return [
+        RunSpec(name, tuple(sizes), cfg["activation"], seed, cfg["epochs"], cfg["batch"], cfg["platform"], cfg["preset"], cfg["backend"], cfg["dtype"], dict(cfg["data"]), _overrides(cfg, name))
+        for seed in cfg["seeds"]
+        for sizes in cfg["architectures"]
+        for name in cfg["optimizers"]
+    ]
+
+

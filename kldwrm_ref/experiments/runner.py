@@ -1,0 +1,202 @@
+"""The experiment runner: the one training loop of the project (``kldwrm mnist``, ``kldwrm train``).
+
+Runs come from :func:`kldwrm_ref.experiments.config.expand`.  Every run of a seed
+starts from the same initialisation ``mlp.init(seed)`` and sees the same batches (epoch e shuffles
+with ``default_rng([seed, e])``), so differences between optimisers are paired by seed.
+
+Per run, in ``OUT/<name>/<architecture>/<optimiser>/seed-<s>/``:
+
+- ``config.json``: the resolved configuration (every hyperparameter), package version, git commit;
+- ``metrics.csv``: one row per epoch (full-train-set and test loss and accuracy, mean batch loss,
+  cumulative training wall time, steps, clip activations);
+- ``checkpoint.pkl``: theta and optimiser state after the last finished epoch;
+- ``status.json``: ``running``, ``finished`` or ``diverged`` (with the step and quantity).
+
+Every file is written atomically.  Rerunning the same command skips finished and diverged runs
+and continues interrupted ones from their checkpoint (a resumed run reproduces the uninterrupted
+one exactly); raising ``epochs`` extends finished runs.  The summary (:mod:`kldwrm_ref.experiments.report`)
+is rebuilt from the files at the end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+import kldwrm_ref
+from kldwrm_ref import optim
+from kldwrm_ref.data import load_mnist, synthetic_classification
+from kldwrm_ref.experiments.config import RunSpec, expand, validate_config
+from kldwrm_ref.experiments.report import write_summary
+from kldwrm_ref.model import MLP
+from kldwrm_ref.storage import load_checkpoint, read_csv, read_json, save_checkpoint, write_csv, write_json
+
+METRIC_FIELDS = (
+    "epoch", "steps", "train_loss", "train_accuracy", "batch_loss", "test_loss", "test_accuracy",
+    "wall_time", "epoch_time", "kl_clip_active", "rms_clip_active",
+)
+# Fields whose change makes an existing run a different run (epochs may grow: the run is extended).
+IDENTITY = ("optimizer", "architecture", "activation", "seed", "batch", "platform", "preset", "backend", "dtype", "data", "hyper")
+
+
+class Dataset(NamedTuple):
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_data(data: dict, n_inputs: int, dtype: str) -> Dataset:
+    """MNIST (pooled / subset as configured) or the synthetic problem of ``data``."""
+    if data["source"] == "synthetic":
+        n_train, n_test = data["n_train"] or 2000, data["n_test"] or 500
+        X, y = synthetic_classification(n_train + n_test, n_inputs, 10, seed=1234, dtype=dtype)
+        return Dataset(X[:n_train], y[:n_train], X[n_train:], y[n_train:])
+    mnist = load_mnist(pool=data["pool"], subset=data["subset"], dtype=dtype)
+    return Dataset(mnist.X_train, mnist.y_train, mnist.X_test, mnist.y_test)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def resolved_config(spec: RunSpec, opt: optim.Optimizer) -> dict:
+    return dict(
+        run=dict(spec._asdict(), architecture=list(spec.architecture)),
+        resolved_hyper=opt.describe(),
+        kldwrm_ref_version=kldwrm_ref.__version__,
+        git_commit=git_commit(),
+        numpy_version=np.__version__,
+    )
+
+
+# ------------------------------------------------------------------------------------ runs
+def evaluate(mlp: MLP, theta: np.ndarray, X: np.ndarray, y: np.ndarray, chunk: int = 10000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over all of (X, y), in chunks."""
+    loss = correct = 0.0
+    for start in range(0, len(y), chunk):
+        rows = slice(start, start + chunk)
+        loss += mlp.loss(theta, X[rows], y[rows]) * len(y[rows])
+        correct += float(np.sum(mlp.predict(theta, X[rows]) == y[rows]))
+    return loss / len(y), correct / len(y)
+
+
+def batches(n: int, batch: int, seed: int, epoch: int):
+    """Row indices of each full batch of epoch ``epoch`` (a fresh permutation per (seed, epoch))."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i : i + batch] for i in range(0, n - batch + 1, batch)]
+
+
+def run_status(run_dir: Path) -> dict | None:
+    path = run_dir / "status.json"
+    return read_json(path) if path.exists() else None
+
+
+def _check_same_run(run_dir: Path, config: dict) -> None:
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    old = read_json(path)["run"]
+    new = config["run"]
+    changed = [key for key in IDENTITY if old.get(key) != new.get(key)]
+    if changed:
+        raise ValueError(f"{run_dir} holds a run with different {', '.join(changed)}; choose another --out or delete it")
+
+
+def _record_divergence(run_dir: Path, epochs_completed: int, step: int, quantity: str, message: str) -> dict:
+    status = dict(state="diverged", epochs_completed=epochs_completed, step=step, quantity=quantity, message=message)
+    write_json(run_dir / "status.json", status)
+    return status
+
+
+def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) -> dict:
+    """Train (or resume, or skip) one run; returns its final status."""
+    run_dir = Path(run_dir)
+    dtype = np.dtype(spec.dtype)
+    mlp = MLP(spec.architecture, activation=spec.activation, dtype=dtype)
+    opt = optim.make(spec.optimizer, mlp, platform=spec.platform, preset=spec.preset, backend=spec.backend, **spec.hyper)
+    config = resolved_config(spec, opt)
+    _check_same_run(run_dir, config)
+    status = run_status(run_dir)
+    if status and (status["state"] == "diverged" or (status["state"] == "finished" and status["epochs_completed"] >= spec.epochs)):
+        return status
+
+    checkpoint_path = run_dir / "checkpoint.pkl"
+    if checkpoint_path.exists():
+        saved = load_checkpoint(checkpoint_path)
+        theta, state, epoch, wall_time = saved["theta"], saved["state"], saved["epoch"], saved["wall_time"]
+        rows = [r for r in read_csv(run_dir / "metrics.csv") if int(r["epoch"]) <= epoch]
+    else:
+        theta = mlp.init(spec.seed)
+        state, epoch, wall_time, rows = opt.init(theta), 0, 0.0, []
+    write_json(run_dir / "config.json", config)
+    write_json(run_dir / "status.json", dict(state="running", epochs_completed=epoch))
+
+    n = len(data.y_train)
+    steps_per_epoch = n // spec.batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch ({spec.batch}) must not exceed the number of training examples ({n})")
+    bar = tqdm(total=spec.epochs * steps_per_epoch, initial=epoch * steps_per_epoch, desc=spec.label, disable=not progress, leave=False, dynamic_ncols=True)
+    try:
+        while epoch < spec.epochs:
+            epoch += 1
+            batch_losses, clips, start = [], dict(kl=0, rms=0), time.perf_counter()
+            try:
+                for rows_index in batches(n, spec.batch, spec.seed, epoch):
+                    theta, state, info = opt.step(theta, state, data.X_train[rows_index], data.y_train[rows_index])
+                    batch_losses.append(info["loss"])
+                    clips["kl"] += info.get("kl_clip_factor", 1.0) < 1.0
+                    clips["rms"] += info.get("rms_clip_factor", 1.0) < 1.0
+                    bar.update(1)
+            except optim.DivergenceError as error:
+                return _record_divergence(run_dir, epoch - 1, error.step, error.quantity, str(error))
+            epoch_time = time.perf_counter() - start
+            wall_time += epoch_time
+            train_loss, train_accuracy = evaluate(mlp, theta, data.X_train, data.y_train)
+            test_loss, test_accuracy = evaluate(mlp, theta, data.X_test, data.y_test)
+            if not np.isfinite(test_loss) or not np.isfinite(train_loss):
+                return _record_divergence(run_dir, epoch - 1, state.step, "evaluation loss", f"diverged in epoch {epoch}: the evaluation loss is not finite")
+            rows.append(dict(
+                epoch=epoch, steps=state.step, train_loss=train_loss, train_accuracy=train_accuracy,
+                batch_loss=float(np.mean(batch_losses)), test_loss=test_loss, test_accuracy=test_accuracy,
+                wall_time=wall_time, epoch_time=epoch_time, kl_clip_active=clips["kl"], rms_clip_active=clips["rms"],
+            ))
+            write_csv(run_dir / "metrics.csv", rows, METRIC_FIELDS)
+            save_checkpoint(checkpoint_path, dict(theta=theta, state=state, epoch=epoch, wall_time=wall_time))
+            write_json(run_dir / "status.json", dict(state="running", epochs_completed=epoch))
+            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", acc=f"{100 * test_accuracy:.2f}%", time=f"{wall_time:.0f}s")
+    finally:
+        bar.close()
+    status = dict(state="finished", epochs_completed=epoch)
+    write_json(run_dir / "status.json", status)
+    return status
+
+
+def run_experiment(cfg: dict, out: str | Path, progress: bool = True, log=print) -> Path:
+    """Run (or resume) every run of ``cfg`` under ``out/<name>``; writes the summary; returns that folder."""
+    cfg = validate_config(cfg)
+    root = Path(out) / cfg["name"]
+    write_json(root / "experiment.json", cfg)
+    datasets: dict[int, Dataset] = {}
+    for spec in expand(cfg):
+        n_inputs = spec.architecture[0]
+        if n_inputs not in datasets:
+            datasets[n_inputs] = load_data(cfg["data"], n_inputs, cfg["dtype"])
+        status = run_one(spec, datasets[n_inputs], root / spec.label, progress)
+        line = f"{spec.label:<40} {status['state']} ({status['epochs_completed']} epochs)"
+        if status["state"] == "diverged":
+            line += f": {status['message']}"
+        log(line)
+    log("\n" + write_summary(root, cfg))
+    return root
+
+

@@ -1,0 +1,208 @@
+"""Layers with hand-written forward, backward (vjp), forward-mode (jvp), per-sample gradient rows
+and K-FAC statistics (docs/theory.md §1, §5).
+
+Every layer maps a batch ``x`` of shape (N, *in_shape) to (N, *out_shape) and owns the layout of
+its parameters inside the network's flat ``theta`` (:meth:`Layer.param_shapes`, in PyTorch's
+``parameters()`` order).  Cotangents may carry ``reps * N`` rows - several cotangents per sample,
+stacked rep-major (the exact Fisher backpropagates C of them at once); row r belongs to sample
+r mod N, and layers broadcast their cached per-sample quantities accordingly.
+
+A layer with parameters also says what its K-FAC factors are (:meth:`Layer.kfac_factors`) and how
+they act on theta (:meth:`Layer.kfac_blocks`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+
+from kldwrm_ref.backends import Backend
+from kldwrm_ref.validation import check_choice, check_positive_int
+
+BIAS_MODES = ("joint", "separate")
+DENSE_INITS = ("he-normal", "lecun-normal")
+
+
+class BlockSpec(NamedTuple):
+    """Where one K-FAC block G (x) A[a_rows, a_rows] acts: ``positions`` lists the theta indices of
+    its row-major (out x k) parameter matrix."""
+
+    name: str
+    positions: np.ndarray
+    a_rows: slice
+
+
+@runtime_checkable
+class Layer(Protocol):
+    """What a layer provides to :class:`kldwrm_ref.model.network.Network`.
+
+    ``params`` is the list of this layer's parameter tensors (views into theta, shapes from
+    :meth:`param_shapes`); ``cache`` is whatever :meth:`forward` kept for the backward pass.
+    """
+
+    name: str
+
+    def param_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]: ...
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]: ...
+
+    def init(self, params: list[np.ndarray], rng: np.random.Generator) -> None: ...
+
+    def forward(self, params: list[np.ndarray], x: np.ndarray, backend: Backend, rng: np.random.Generator | None) -> tuple[np.ndarray, Any]: ...
+
+    def backward(self, params: list[np.ndarray], cache: Any, dy: np.ndarray, backend: Backend) -> np.ndarray: ...
+
+    def param_gradients(self, params: list[np.ndarray], cache: Any, dy: np.ndarray, backend: Backend, out: list[np.ndarray]) -> None: ...
+
+    def jvp(self, params: list[np.ndarray], cache: Any, dparams: list[np.ndarray], dx: np.ndarray | None, backend: Backend) -> np.ndarray | None: ...
+
+    def per_sample_rows(self, cache: Any, dy: np.ndarray, out: np.ndarray, start: int, backend: Backend) -> None: ...
+
+    def kfac_factors(self, cache: Any, dy: np.ndarray, n_samples: int, backend: Backend) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def kfac_blocks(self, start: int, bias: str, name: str) -> list[BlockSpec]: ...
+
+
+def per_sample(dy: np.ndarray, cached: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dy, cached) shaped to broadcast: dy's ``reps * N`` rows against the N cached rows."""
+    n = cached.shape[0]
+    if dy.shape[0] == n:
+        return dy, cached
+    return dy.reshape(dy.shape[0] // n, *cached.shape), cached
+
+
+class ParameterFree:
+    """Defaults for layers without parameters (activations, pooling, reshaping)."""
+
+    name = "parameter-free"
+
+    def param_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        return ()
+
+    def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return input_shape
+
+    def init(self, params, rng) -> None:
+        return None
+
+    def param_gradients(self, params, cache, dy, backend, out) -> None:
+        return None
+
+    def per_sample_rows(self, cache, dy, out, start, backend) -> None:
+        return None
+
+    def kfac_factors(self, cache, dy, n_samples, backend):
+        raise TypeError(f"{self.name} has no parameters and no K-FAC factors")
+
+    def kfac_blocks(self, start, bias, name) -> list[BlockSpec]:
+        return []
+
+
+class ReLU(ParameterFree):
+    """y = max(x, 0); y' = 1[x > 0] (the cache is the mask)."""
+
+    name = "relu"
+
+    def forward(self, params, x, backend, rng):
+        return np.maximum(x, 0.0), x > 0
+
+    def backward(self, params, mask, dy, backend):
+        dy_b, mask_b = per_sample(dy, mask)
+        return (dy_b * mask_b.astype(dy.dtype)).reshape(dy.shape)
+
+    def jvp(self, params, mask, dparams, dx, backend):
+        return None if dx is None else dx * mask.astype(dx.dtype)
+
+
+class Tanh(ParameterFree):
+    """y = tanh(x); y' = 1 - y^2 (the cache is y)."""
+
+    name = "tanh"
+
+    def forward(self, params, x, backend, rng):
+        y = np.tanh(x)
+        return y, y
+
+    def backward(self, params, y, dy, backend):
+        dy_b, y_b = per_sample(dy, y)
+        return (dy_b * (1.0 - y_b * y_b)).reshape(dy.shape)
+
+    def jvp(self, params, y, dparams, dx, backend):
+        return None if dx is None else dx * (1.0 - y * y)
+
+
+class Dense:
+    """Affine layer y = x W^T + b, W (out, in) row-major then b (out,): PyTorch ``nn.Linear``.
+
+    K-FAC (docs/theory.md §5.1): A = mean_n abar abar^T with abar = [x; 1] ((in+1) x (in+1)),
+    G = (1/N) sum_r delta_r delta_r^T over every cotangent row r (out x out).
+    ``init``: "he-normal" W ~ N(0, 2 / in) (before a ReLU), "lecun-normal" W ~ N(0, 1 / in); b = 0.
+    """
+
+    def __init__(self, in_features: int, out_features: int, init: str = "lecun-normal"):
+        self.in_features = check_positive_int(in_features, "in_features")
+        self.out_features = check_positive_int(out_features, "out_features")
+        self.init_scheme = check_choice(init, "init", DENSE_INITS)
+        self.name = f"dense {self.in_features}->{self.out_features}"
+
+    def __repr__(self) -> str:
+        return f"Dense({self.in_features}, {self.out_features}, init={self.init_scheme!r})"
+
+    def param_shapes(self):
+        return (("weight", (self.out_features, self.in_features)), ("bias", (self.out_features,)))
+
+    def output_shape(self, input_shape):
+        if input_shape != (self.in_features,):
+            raise ValueError(f"{self.name} expects inputs of shape ({self.in_features},), got {input_shape}")
+        return (self.out_features,)
+
+    def init(self, params, rng):
+        W, b = params
+        gain2 = 2.0 if self.init_scheme == "he-normal" else 1.0
+        W[...] = rng.standard_normal(W.shape) * np.sqrt(gain2 / W.shape[1])
+        b[...] = 0.0
+
+    def forward(self, params, x, backend, rng):
+        W, b = params
+        y = backend.matmul(x, W.T)
+        y += b
+        return y, x
+
+    def backward(self, params, x, dy, backend):
+        return backend.matmul(dy, params[0])
+
+    def param_gradients(self, params, x, dy, backend, out):
+        out[0][...] = backend.matmul(dy.T, x)
+        out[1][...] = dy.sum(axis=0)
+
+    def jvp(self, params, x, dparams, dx, backend):
+        dW, db = dparams
+        dy = backend.matmul(x, dW.T) + db
+        if dx is not None:
+            dy += backend.matmul(dx, params[0].T)
+        return dy
+
+    def per_sample_rows(self, x, dy, out, start, backend):
+        backend.per_sample_rows(dy, x, out, start)
+
+    def kfac_factors(self, x, dy, n_samples, backend):
+        n_in = x.shape[1]
+        A = np.empty((n_in + 1, n_in + 1), dtype=x.dtype)
+        A[:-1, :-1] = backend.matmul(x.T, x)
+        colsum = x.sum(axis=0)
+        A[:-1, -1] = colsum
+        A[-1, :-1] = colsum
+        A[-1, -1] = n_samples
+        A /= n_samples
+        G = backend.matmul(dy.T, dy) / n_samples
+        return A, G
+
+    def kfac_blocks(self, start, bias, name):
+        bias = check_choice(bias, "bias", BIAS_MODES)
+        out, n_in = self.out_features, self.in_features
+        w_index = start + np.arange(out * n_in).reshape(out, n_in)
+        b_index = start + out * n_in + np.arange(out)
+        if bias == "joint":
+            return [BlockSpec(name, np.concatenate([w_index, b_index[:, None]], axis=1).ravel(), slice(None))]
+        return [BlockSpec(f"{name} weight", w_index.ravel(), slice(0, n_in)), BlockSpec(f"{name} bias", b_index, slice(n_in, n_in + 1))]

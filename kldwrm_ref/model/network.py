@@ -1,0 +1,234 @@
+"""A network: a sequence of layers ending in logits, with softmax cross-entropy (docs/theory.md §1).
+
+Parameters live in one flat vector ``theta``: layer after layer, each layer's tensors in the
+order of its :meth:`~kldwrm_ref.model.layers.Layer.param_shapes`, each row-major (so a PyTorch
+``state_dict`` of the same architecture maps to theta by concatenation).  Every method is a pure
+function of ``theta``; the object holds the architecture, the float dtype and the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from kldwrm_ref.backends import Backend, get_backend
+from kldwrm_ref.model import losses
+from kldwrm_ref.model.layers import BlockSpec, Layer
+from kldwrm_ref.validation import check_finite, check_positive_int
+
+
+class ParamTensor(NamedTuple):
+    """One parameter tensor's place in theta."""
+
+    layer: int
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+class NetworkCache(NamedTuple):
+    """A forward pass: each layer's input and backward cache, and the logits."""
+
+    inputs: list[np.ndarray]
+    caches: list[Any]
+    logits: np.ndarray
+
+
+class Network:
+    """``layers`` applied in order to inputs of per-sample shape ``input_shape``; the last layer's
+    output (N, C) are the logits of a softmax classifier over C >= 2 classes."""
+
+    def __init__(self, layers: Sequence[Layer], input_shape: Sequence[int], dtype=np.float64, backend: str | Backend = "numpy"):
+        self.layers = list(layers)
+        if not self.layers:
+            raise ValueError("layers must hold at least one layer")
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, Layer):
+                raise ValueError(f"layers[{i}] ({layer!r}) does not implement the Layer protocol")
+        self.input_shape = tuple(check_positive_int(int(d), "input_shape entries") for d in input_shape)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.backend = get_backend(backend)
+        shape = self.input_shape
+        self.shapes = [shape]
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+            self.shapes.append(shape)
+        if len(shape) != 1 or shape[0] < 2:
+            raise ValueError(f"the last layer must output (C,) logits with C >= 2 classes, got {shape}")
+        tensors, offset = [], 0
+        for i, layer in enumerate(self.layers):
+            for name, tensor_shape in layer.param_shapes():
+                tensors.append(ParamTensor(i, name, tuple(tensor_shape), offset))
+                offset += tensors[-1].size
+        self.tensors = tensors
+        self.n_params = offset
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def n_classes(self) -> int:
+        return self.shapes[-1][0]
+
+    @property
+    def parametrised(self) -> list[int]:
+        """Indices of the layers that have parameters."""
+        return sorted({t.layer for t in self.tensors})
+
+    def layer_offset(self, i: int) -> int:
+        """Where layer i's parameters start in theta."""
+        return next(t.offset for t in self.tensors if t.layer == i)
+
+    def __repr__(self) -> str:
+        return f"Network({self.layers!r}, input_shape={self.input_shape}, dtype={self.dtype.name}, backend={self.backend.name!r})"
+
+    def with_backend(self, backend: str | Backend) -> Network:
+        """The same architecture computing with ``backend``."""
+        return Network(self.layers, self.input_shape, self.dtype, backend)
+
+    def params(self, theta: np.ndarray) -> list[list[np.ndarray]]:
+        """Per layer, its parameter tensors as *views* into ``theta`` (writing to them writes theta)."""
+        theta = self.check_theta(theta)
+        views: list[list[np.ndarray]] = [[] for _ in self.layers]
+        for t in self.tensors:
+            views[t.layer].append(theta[t.offset : t.offset + t.size].reshape(t.shape))
+        return views
+
+    def init(self, seed: int = 0) -> np.ndarray:
+        """theta with every layer's initialisation, drawn layer by layer from ``default_rng(seed)``."""
+        rng = np.random.default_rng(seed)
+        theta = np.zeros(self.n_params, dtype=self.dtype)
+        for layer, params in zip(self.layers, self.params(theta)):
+            layer.init(params, rng)
+        return theta
+
+    def kfac_blocks(self, bias: str) -> list[tuple[int, BlockSpec]]:
+        """(index among the parametrised layers, block) for every K-FAC block, in theta order."""
+        blocks = []
+        for p, i in enumerate(self.parametrised):
+            blocks += [(p, spec) for spec in self.layers[i].kfac_blocks(self.layer_offset(i), bias, f"layer {p}")]
+        return blocks
+
+    # ------------------------------------------------------------------ checks
+    def check_theta(self, theta: np.ndarray) -> np.ndarray:
+        if not isinstance(theta, np.ndarray) or theta.ndim != 1 or theta.shape[0] != self.n_params:
+            raise ValueError(f"theta must be a 1-D array of length {self.n_params} for {self!r}, got shape {np.shape(theta)}")
+        return theta
+
+    def check_X(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X)
+        flat = int(np.prod(self.input_shape))
+        if X.ndim == 2 and X.shape[1] == flat and len(self.input_shape) > 1:
+            X = X.reshape(X.shape[0], *self.input_shape)
+        if X.shape[1:] != self.input_shape:
+            raise ValueError(f"X must have shape (N, {', '.join(map(str, self.input_shape))}), got {X.shape}")
+        if X.shape[0] == 0:
+            raise ValueError("X must hold at least one row")
+        check_finite("X", X)
+        return X
+
+    def check_labels(self, y: np.ndarray, n_rows: int) -> np.ndarray:
+        y = np.asarray(y)
+        if y.shape != (n_rows,):
+            raise ValueError(f"y must have shape ({n_rows},) to match X, got {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        if y.size and (y.min() < 0 or y.max() >= self.n_classes):
+            raise ValueError(f"y must hold labels in [0, {self.n_classes}), got range [{y.min()}, {y.max()}]")
+        return y
+
+    # ------------------------------------------------------------------ passes
+    def forward(self, theta: np.ndarray, X: np.ndarray, rng: np.random.Generator | None = None) -> NetworkCache:
+        """Forward pass keeping each layer's input and backward cache (``rng``: training-mode
+        randomness such as dropout masks; None evaluates)."""
+        X = self.check_X(X)
+        check_finite("theta", theta)
+        x = X.astype(self.dtype, copy=False)
+        inputs, caches = [], []
+        for layer, params in zip(self.layers, self.params(theta)):
+            inputs.append(x)
+            x, cache = layer.forward(params, x, self.backend, rng)
+            caches.append(cache)
+        return NetworkCache(inputs, caches, x)
+
+    def logits(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        return self.forward(theta, X).logits
+
+    def backward(self, theta: np.ndarray, cache: NetworkCache, dlogits: np.ndarray) -> list[np.ndarray]:
+        """Backpropagate cotangents of the logits ((reps * N, C): several per sample allowed) to
+        every layer's output; entry i is d/d(output of layer i).  No forward pass is re-run."""
+        n = cache.logits.shape[0]
+        if dlogits.ndim != 2 or dlogits.shape[1] != cache.logits.shape[1] or dlogits.shape[0] % n:
+            raise ValueError(f"dlogits must have shape (reps * {n}, {cache.logits.shape[1]}), got {dlogits.shape}")
+        params = self.params(theta)
+        cotangents: list[np.ndarray] = [dlogits] * len(self.layers)
+        dy = dlogits
+        for i in range(len(self.layers) - 1, -1, -1):
+            cotangents[i] = dy
+            if i > 0:
+                dy = self.layers[i].backward(params[i], cache.caches[i], dy, self.backend)
+        return cotangents
+
+    def gradient(self, theta: np.ndarray, cache: NetworkCache, cotangents: list[np.ndarray]) -> np.ndarray:
+        """Sum over cotangent rows of the parameter gradient, in theta layout."""
+        grad = np.empty(self.n_params, dtype=self.dtype)
+        params, grads = self.params(theta), self.params(grad)
+        for i in self.parametrised:
+            self.layers[i].param_gradients(params[i], cache.caches[i], cotangents[i], self.backend, grads[i])
+        return grad
+
+    def vjp(self, theta: np.ndarray, cache: NetworkCache, dlogits: np.ndarray) -> np.ndarray:
+        """sum_i J(x_i)^T dlogits[i], J = d logits / d theta (the backward pass)."""
+        return self.gradient(theta, cache, self.backward(theta, cache, dlogits))
+
+    def jvp(self, theta: np.ndarray, cache: NetworkCache, v: np.ndarray) -> np.ndarray:
+        """Forward-mode J(x_i) v for every row of the cached batch: (N, C)."""
+        params = self.params(theta)
+        tangents = self.params(self.check_theta(np.asarray(v, dtype=self.dtype)))
+        dx = None
+        for layer, p, dp, c in zip(self.layers, params, tangents, cache.caches):
+            dx = layer.jvp(p, c, dp, dx, self.backend)
+        if dx is None:
+            return np.zeros_like(cache.logits)
+        return dx
+
+    def per_sample_gradients(self, cache: NetworkCache, cotangents: list[np.ndarray]) -> np.ndarray:
+        """Row r = the parameter gradient of cotangent row r alone, (R, n), in theta layout."""
+        rows = cotangents[-1].shape[0]
+        out = np.empty((rows, self.n_params), dtype=self.dtype)
+        for i in self.parametrised:
+            self.layers[i].per_sample_rows(cache.caches[i], cotangents[i], out, self.layer_offset(i), self.backend)
+        return out
+
+    # ------------------------------------------------------------------ loss
+    def loss_grad_cache(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, rng: np.random.Generator | None = None):
+        """Mean softmax cross-entropy, its gradient and the forward cache (for curvature reuse)."""
+        cache = self.forward(theta, X, rng)
+        y = self.check_labels(y, cache.logits.shape[0])
+        per_sample_loss, dlogits = losses.cross_entropy(cache.logits, y, self.backend)
+        grad = self.vjp(theta, cache, dlogits) / y.shape[0]
+        return float(per_sample_loss.mean()), grad, cache
+
+    def loss_and_grad(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """Mean softmax cross-entropy L = mean_i -log p(y_i|x_i) and its gradient."""
+        loss, grad, _ = self.loss_grad_cache(theta, X, y)
+        return loss, grad
+
+    def loss(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
+        logits = self.logits(theta, X)
+        y = self.check_labels(y, logits.shape[0])
+        return float(losses.cross_entropy(logits, y, self.backend)[0].mean())
+
+    def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        return np.argmax(self.logits(theta, X), axis=1)
+
+    def accuracy(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
+        X = self.check_X(X)
+        y = self.check_labels(y, X.shape[0])
+        return float(np.mean(self.predict(theta, X) == y))

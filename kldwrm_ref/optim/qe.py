@@ -1,0 +1,126 @@
+"""QE-KLD-WRM's inner solve: approximately minimise E_k from the Q step (docs/theory.md §4.4).
+
+E_k(theta) = g_k^T s + 1/2 s^T B_k s + (kappa / alpha) sum_j wtilde_j [D(theta_j || theta) + (eta/2) |theta - theta_j|^2]
+
+with s = theta - theta_k, D the forward or symmetric KL on the current batch, and the proximal
+eta term only when ``proximal`` (the authors' objective has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from kldwrm_ref.curvature.averaging import truncated_wake_weights
+from kldwrm_ref.curvature.estimators import Estimator
+from kldwrm_ref.model import losses
+from kldwrm_ref.model.network import Network
+from kldwrm_ref.optim.clipping import rms_clip
+from kldwrm_ref.optim.hyper import Hyper
+
+
+class WakeObjective(NamedTuple):
+    """E_k on the batch X; ``ref_logits[j]`` are theta_j's logits on X (fixed within the step)."""
+
+    net: Network
+    theta_k: np.ndarray
+    g: np.ndarray
+    B_operator: Any
+    scale: float  # kappa / alpha
+    proximal: float  # eta of the proximal term, 0 without it
+    kind: str
+    centres: Sequence[np.ndarray]
+    weights: np.ndarray
+    ref_logits: Sequence[np.ndarray]
+    X: np.ndarray
+
+    def value_and_gradient(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        s = theta - self.theta_k
+        Bs = self.B_operator.matvec(s)
+        cache = self.net.forward(theta, self.X)
+        total_dlogits = np.zeros_like(cache.logits)
+        wake_value = 0.0
+        proximal_grad = np.zeros_like(theta)
+        for w, ref, centre in zip(self.weights, self.ref_logits, self.centres):
+            values, dlogits = losses.kl(ref, cache.logits, self.kind, self.net.backend)
+            d = theta - centre
+            wake_value += w * (float(values.mean()) + 0.5 * self.proximal * float(d @ d))
+            total_dlogits += w * dlogits
+            proximal_grad += (w * self.proximal) * d
+        value = float(self.g @ s + 0.5 * s @ Bs) + self.scale * wake_value
+        grad = self.g + Bs + self.scale * (self.net.vjp(theta, cache, total_dlogits) / self.X.shape[0] + proximal_grad)
+        return value, grad
+
+
+def wake_objective(net: Network, estimator: Estimator, hyper: Hyper, theta_k, g, B, alpha: float, wake: Sequence[np.ndarray], X, k: int) -> WakeObjective:
+    """Assemble E_k of step k over the kept iterates ``wake`` (oldest first)."""
+    indices, weights = truncated_wake_weights(hyper.rho, k, hyper.m)
+    kept = list(wake[-len(indices):])
+    proximal = hyper.total_damping if hyper.proximal else 0.0
+    return WakeObjective(net, theta_k, g, estimator.operator(B), hyper.kappa / alpha, proximal, hyper.kl, kept, weights, [net.logits(t, X) for t in kept], X)
+
+
+def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, g, B, alpha: float, wake, X, k: int) -> np.ndarray:
+    """Approximately minimise E_k from theta_k + s_q; returns the final step s.
+
+    inner="sgd" (the authors'): s -= u, u = momentum u + step_factor alpha grad (RMS-clipped if set).
+    inner="preconditioned": Gauss-Newton with backtracking (Armijo) line search,
+    d = -P^{-1} grad E, P = B + c (F(theta) + eta I), c = kappa / alpha, F(theta) the batch
+    curvature at the inner iterate; the line search makes every iteration decrease E_k, so it
+    converges from the Q step however far that lands.
+    """
+    objective = wake_objective(net, estimator, hyper, theta_k, g, B, alpha, wake, X, k)
+    s = s_q.copy()
+    value, grad = objective.value_and_gradient(theta_k + s)
+    if hyper.inner == "sgd":
+        velocity = np.zeros_like(s)
+        for _ in range(hyper.inner_steps):
+            direction = grad
+            if hyper.rms_clip is not None:
+                direction, _ = rms_clip(net, direction, hyper.rms_clip, hyper.rms_clip_per)
+            velocity = hyper.inner_momentum * velocity + direction * hyper.inner_step_factor * alpha
+            s = s - velocity
+            value, grad = objective.value_and_gradient(theta_k + s)
+        return s
+    c = hyper.kappa / alpha
+    # P depends on the inner iterate only with the dense exact Fisher; otherwise factor it once
+    fixed = None if estimator.exact_curvature else gauss_newton_inverse(estimator, hyper, B, c, theta_k, X)
+    for _ in range(hyper.inner_steps):
+        preconditioner = fixed if fixed is not None else gauss_newton_inverse(estimator, hyper, B, c, theta_k + s, X)
+        direction = -preconditioner.matvec(grad)
+        slope = float(grad @ direction)
+        t, grad_norm = 1.0, np.linalg.norm(grad)
+        for _ in range(40):
+            new_value, new_grad = objective.value_and_gradient(theta_k + s + t * direction)
+            # Armijo decrease, or (near the minimiser, where E's round-off hides the decrease)
+            # a smaller gradient norm
+            if new_value <= value + 1e-4 * t * slope or np.linalg.norm(new_grad) < grad_norm:
+                break
+            t *= 0.5
+        s, value, grad = s + t * direction, new_value, new_grad
+    return s
+
+
+def gauss_newton_inverse(estimator: Estimator, hyper: Hyper, B, c: float, theta, X):
+    """P^{-1} for the inner Gauss-Newton step.
+
+    Dense platform with the exact Fisher: P = B + c F(theta) + c eta I, F re-evaluated at the inner
+    iterate.  Otherwise (K-FAC, or a sampled / empirical Fisher that does not describe the KL's
+    curvature): F(theta) is approximated by B itself, P = (1 + c) B + c eta I, which stays a
+    single Kronecker-factored matrix.
+    """
+    damping = hyper.total_damping
+    if estimator.exact_curvature:
+        (F_here,) = estimator.compute(theta, X, None, None, None)
+        return estimator.inverse((B[0] + c * F_here,), damping=c * damping)
+    return _Scaled(estimator.inverse(B, damping=c * damping / (1.0 + c)), 1.0 / (1.0 + c))
+
+
+class _Scaled(NamedTuple):
+    operator: Any
+    scale: float
+
+    def matvec(self, v):
+        return self.scale * self.operator.matvec(v)

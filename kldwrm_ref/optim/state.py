@@ -1,0 +1,69 @@
+"""What an optimiser is and what it carries between steps (optax style: a pair of pure functions
+``init`` and ``step`` over an immutable state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from kldwrm_ref.curvature.averaging import EAState
+from kldwrm_ref.optim.hyper import Hyper
+
+
+class DivergenceError(FloatingPointError):
+    """A training step produced a non-finite quantity; ``step`` and ``quantity`` say which."""
+
+    def __init__(self, step: int, quantity: str, detail: str = "is not finite"):
+        super().__init__(f"diverged at step {step}: {quantity} {detail}")
+        self.step, self.quantity = step, quantity
+
+
+def finite_or_raise(step: int, quantity: str, value: Any) -> None:
+    """Raise :class:`DivergenceError` unless every entry of ``value`` (arrays or tuples of them) is finite."""
+    leaves = value if isinstance(value, tuple) else (value,)
+    for leaf in leaves:
+        if isinstance(leaf, tuple):
+            finite_or_raise(step, quantity, leaf)
+        elif not np.all(np.isfinite(leaf)):
+            raise DivergenceError(step, quantity)
+
+
+class Previous(NamedTuple):
+    """What the wake correction of step k needs from step k-1 (docs/theory.md §4.2, §4.3, §7)."""
+
+    alpha: float  # alpha_{k-1}
+    gradient: np.ndarray  # g_{k-1}
+    corrected: np.ndarray  # ghat_{k-1}, without weight decay
+    direction: np.ndarray  # V_{k-1}: the clipped preconditioned direction, s_Q = -alpha V
+    model_gradient: np.ndarray | None  # grad h_{k-1}(theta_k) = g_{k-1} + B_{k-1} s_{k-1} (Q, QE, exact)
+
+
+class OptState(NamedTuple):
+    """Optimiser state (immutable). Fields a method does not use stay None."""
+
+    step: int
+    ea: EAState | None = None
+    inverse: Any = None  # cached (Mbar + eta I)^{-1}, or (key, (Mbar + eta I + alpha B)^{-1}) for Q / QE
+    current: tuple | None = None  # the latest current curvature estimate (Q, QE)
+    previous: Previous | None = None
+    wake: tuple = ()  # QE: the last m iterates, oldest first
+    velocity: np.ndarray | None = None  # SGD momentum
+
+
+class Optimizer(NamedTuple):
+    """``init(theta) -> state`` and ``step(theta, state, X, y) -> (theta, state, info)``, with the
+    resolved hyperparameters and where they apply."""
+
+    name: str
+    hyper: Hyper
+    init: Callable[[np.ndarray], OptState]
+    step: Callable[[np.ndarray, OptState, np.ndarray, np.ndarray], tuple[np.ndarray, OptState, dict]]
+    platform: str = "dense"
+    preset: str = "theory"
+    backend: str = "numpy"
+
+    def describe(self) -> dict:
+        """Every resolved setting as plain values (for config files)."""
+        return dict(self.hyper.as_dict(), platform=self.platform, preset=self.preset, backend=self.backend)
