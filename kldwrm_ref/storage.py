@@ -78,5 +78,9 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint; one written by an older layout of the package gets a clear error."""
     with open(path, "rb") as fh:
-        return CheckpointUnpickler(fh).load()
+        try:
+            return CheckpointUnpickler(fh).load()
+        except (ModuleNotFoundError, AttributeError) as error:
+            raise ValueError(f"{path} was written by an older version of kldwrm_ref ({error}); delete it to restart that run from scratch") from None

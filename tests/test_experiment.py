@@ -219,3 +219,10 @@ def test_checkpoint_unpickler_refuses_foreign_globals(tmp_path):
     path.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(pickle.UnpicklingError, match="only numpy and kldwrm_ref"):
         load_checkpoint(path)
+
+
+def test_checkpoint_of_an_older_package_layout_gets_a_clear_error(tmp_path):
+    path = tmp_path / "old.pkl"
+    path.write_bytes(b"\x80\x04ckldwrm_ref.kfac\nKFACInverse\n.")  # a class of the pre-0.2 flat layout
+    with pytest.raises(ValueError, match="older version of kldwrm_ref"):
+        load_checkpoint(path)

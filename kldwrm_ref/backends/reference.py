@@ -1,4 +1,4 @@
-"""NumPy reference twins of the numerical kernels (THEORY.md sections 1, 2, 5).
+"""NumPy reference twins of the numerical kernels (docs/theory.md §1, §2, §5).
 
 Each function does one job and is the ground truth the Numba-CPU and CUDA kernels are tested
 against.  All take and return plain ``numpy.ndarray``; none modifies its inputs unless it has an
@@ -17,7 +17,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample -log p(y|x) and d(-log p(y|x))/dz = softmax(z) - e_y (section 1).
+    """Per-sample -log p(y|x) and d(-log p(y|x))/dz = softmax(z) - e_y (docs/theory.md §1.1).
 
     Returns ``(losses (N,), dlogits (N, C))``.
     """
@@ -44,7 +44,7 @@ def sample_labels(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
 
 
 def fisher_cotangents(probs: np.ndarray) -> np.ndarray:
-    """Square-root factor of the softmax Hessian: cot[i, c] = sqrt(pi_c) (e_c - pi) (section 1).
+    """Square-root factor of the softmax Hessian: cot[i, c] = sqrt(pi_c) (e_c - pi) (docs/theory.md §1.3).
 
     sum_c cot[i, c] cot[i, c]^T = diag(pi) - pi pi^T, so backpropagating these C cotangents per
     sample gives U with F = U^T U / N.  Returns (N, C, C).
@@ -58,7 +58,7 @@ def fisher_cotangents(probs: np.ndarray) -> np.ndarray:
 
 
 def per_sample_rows(deltas: np.ndarray, inputs: np.ndarray, out: np.ndarray, start: int) -> np.ndarray:
-    """One layer's columns of U (section 1, F = U^T U): out[r, start:] = [vec(delta_r a_r^T), delta_r].
+    """One layer's columns of U (docs/theory.md §1.3, F = U^T U): out[r, start:] = [vec(delta_r a_r^T), delta_r].
 
     ``deltas`` is (R, O) with R = reps * N stacked cotangent rows, ``inputs`` (N, I); row r uses
     the input of sample r mod N.  Writes O * I + O columns of ``out`` from ``start``; returns out.
@@ -72,7 +72,7 @@ def per_sample_rows(deltas: np.ndarray, inputs: np.ndarray, out: np.ndarray, sta
 
 
 def ea_update(average: np.ndarray, new: np.ndarray, rho: float, out: np.ndarray | None = None) -> np.ndarray:
-    """One exponential-average step rho * average + (1 - rho) * new (section 2)."""
+    """One exponential-average step rho * average + (1 - rho) * new (docs/theory.md §2.1)."""
     if out is None:
         return rho * average + (1.0 - rho) * new
     np.multiply(average, rho, out=out)
@@ -81,12 +81,12 @@ def ea_update(average: np.ndarray, new: np.ndarray, rho: float, out: np.ndarray 
 
 
 def eigen_divide(rotated: np.ndarray, eig_g: np.ndarray, eig_a: np.ndarray, damping: float) -> np.ndarray:
-    """Eigenbasis K-FAC solve core: V' / (d_G d_A^T + eta) (section 5, "eigen" damping)."""
+    """Eigenbasis K-FAC solve core: V' / (d_G d_A^T + eta) (docs/theory.md §5.2, "eigen" damping)."""
     return rotated / (np.outer(eig_g, eig_a) + damping)
 
 
 def kron_sum_divide(rotated: np.ndarray, nu: np.ndarray, mu: np.ndarray, alpha: float) -> np.ndarray:
-    """Exact Kronecker-sum solve core: V' / (1 + alpha nu mu^T) (section 5, "exact")."""
+    """Exact Kronecker-sum solve core: V' / (1 + alpha nu mu^T) (docs/theory.md §5.5, "exact")."""
     return rotated / (1.0 + alpha * np.outer(nu, mu))
 
 
@@ -96,7 +96,7 @@ def kl_and_grad(ref_logits: np.ndarray, logits: np.ndarray, kind: str = "forward
     kind="forward": KL(p || q), gradient q - p.
     kind="symmetric": 1/2 [KL(p || q) + KL(q || p)], gradient
     1/2 [(q - p) + q * (r - <q, r>)] with r = log q - log p.
-    Returns ``(values (N,), grad (N, C))``; section 1 (KL wake term) and 4.3.
+    Returns ``(values (N,), grad (N, C))``; docs/theory.md §1.4 and §4.4.
     """
     logp = log_softmax(ref_logits)
     logq = log_softmax(logits)

@@ -3,7 +3,7 @@
 Each takes 2-D arrays and a row index and loops over the row; none calls another (a plain Python
 callee would not compile), so the same source compiles with ``numba.njit`` (CPU) and
 ``numba.cuda.jit(device=True)`` (GPU).  The maths is that of
-:mod:`kldwrm_ref.backends.reference` (THEORY.md section 1).
+:mod:`kldwrm_ref.backends.reference` (docs/theory.md §1).
 """
 
 from __future__ import annotations
