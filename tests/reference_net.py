@@ -111,3 +111,86 @@ def kfac_factors_exact(sizes, act, theta, X):
             G += (pi[:, c, None] * delta).T @ delta
         factors.append((A, G / N))
     return factors
+
+
+# ---------------------------------------------------------------- convolutional networks
+# A CNN is a ``spec``: a list of ("conv", in, out, kernel, stride, padding), ("pool", kernel),
+# ("relu",), ("flatten",), ("dropout", scaled_mask) and ("dense", in, out).  Convolution is
+# computed as a sum over kernel taps of shifted inputs and pooling as a max over shifted grids:
+# no patch matrices.
+
+
+def conv2d(x, W, b, stride, padding):
+    """y[n, o, i, j] = b[o] + sum_{c, u, v} W[o, c, u, v] xpad[n, c, i s + u, j s + v]."""
+    x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    k = W.shape[2]
+    ho, wo = (x.shape[2] - k) // stride + 1, (x.shape[3] - k) // stride + 1
+    y = np.zeros((x.shape[0], W.shape[0], ho, wo), dtype=complex) + b[None, :, None, None]
+    for u in range(k):
+        for v in range(k):
+            shifted = x[:, :, u : u + stride * ho : stride, v : v + stride * wo : stride]
+            y += np.einsum("nchw,oc->nohw", shifted, W[:, :, u, v])
+    return y
+
+
+def max_pool(x, k):
+    """Max over k x k windows (stride k, floor), the first maximum in row-major order (by real part)."""
+    ho, wo = x.shape[2] // k, x.shape[3] // k
+    grids = np.stack([x[:, :, u : u + k * ho : k, v : v + k * wo : k] for u in range(k) for v in range(k)])
+    first = np.argmax(grids.real, axis=0)
+    return np.take_along_axis(grids, first[None], axis=0)[0]
+
+
+def cnn_logits(spec, theta, X):
+    a, pos = X.astype(complex), 0
+    for layer in spec:
+        kind = layer[0]
+        if kind in ("conv", "dense"):
+            shape = (layer[2], layer[1], layer[3], layer[3]) if kind == "conv" else (layer[2], layer[1])
+            size = int(np.prod(shape))
+            W, b = theta[pos : pos + size].reshape(shape), theta[pos + size : pos + size + shape[0]]
+            pos += size + shape[0]
+            a = conv2d(a, W, b, layer[4], layer[5]) if kind == "conv" else a @ W.T + b
+        elif kind == "pool":
+            a = max_pool(a, layer[1])
+        elif kind == "relu":
+            a = activation("relu", a)
+        elif kind == "flatten":
+            a = a.reshape(a.shape[0], -1)
+        else:  # ("dropout", scaled_mask)
+            a = a * layer[1]
+    return a
+
+
+def cnn_mean_loss(spec, theta, X, y):
+    return -log_softmax(cnn_logits(spec, theta, X))[np.arange(len(y)), y].mean()
+
+
+def complex_step(f, x):
+    """Columns d f / d x_i = Im f(x + i h e_i) / h, stacked on a last axis."""
+    cols = []
+    for i in range(x.size):
+        t = x.astype(complex)
+        t.flat[i] += 1j * H
+        cols.append(np.imag(f(t)) / H)
+    return np.stack(cols, axis=-1)
+
+
+def cnn_gradients(spec, theta, X, y):
+    """d mean loss / d theta and d mean loss / d X (shaped like X)."""
+    d_theta = complex_step(lambda t: cnn_mean_loss(spec, t, X, y), theta)
+    d_X = complex_step(lambda x: cnn_mean_loss(spec, theta, x, y), X).reshape(X.shape)
+    return d_theta, d_X
+
+
+def cnn_jacobians(spec, theta, X):
+    """J[i] = d logits(x_i) / d theta, shape (N, C, n)."""
+    return complex_step(lambda t: cnn_logits(spec, t, X), theta)
+
+
+def cnn_exact_fisher(spec, theta, X):
+    """mean_x J^T (diag(pi) - pi pi^T) J."""
+    J = cnn_jacobians(spec, theta, X)
+    pi = np.exp(log_softmax(cnn_logits(spec, theta, X)).real)
+    H_logits = np.einsum("nc,cd->ncd", pi, np.eye(pi.shape[1])) - np.einsum("nc,nd->ncd", pi, pi)
+    return np.einsum("nca,ncd,ndb->ab", J, H_logits, J) / X.shape[0]

@@ -109,3 +109,16 @@ def test_bad_input_names_the_argument(call, match):
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MLP(**kwargs)
+
+
+def test_dense_torch_init_is_uniform_in_the_fan_in_bound():
+    """PyTorch's default (kaiming-uniform, a = sqrt(5)): W and b ~ U(-1/sqrt(in), 1/sqrt(in))."""
+    from kldwrm_ref.model import Dense, Network
+
+    net = Network([Dense(400, 300, init="torch")], (400,))
+    theta = net.init(0)
+    W, b = net.params(theta)[0]
+    bound = 1.0 / np.sqrt(400)
+    assert np.abs(W).max() <= bound and np.abs(b).max() <= bound
+    assert abs(W.var() / (bound**2 / 3.0) - 1.0) < 0.02  # variance of U(-c, c) is c^2 / 3
+    assert abs(b.mean()) < 3 * bound / np.sqrt(3 * 300)

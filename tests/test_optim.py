@@ -163,8 +163,8 @@ def test_forced_divergence_raises_with_step_and_quantity(problem, name, monkeypa
     original = mlp.loss_grad_cache
     calls = []
 
-    def nan_gradient_at_step_2(theta, X, y):
-        loss, grad, cache = original(theta, X, y)
+    def nan_gradient_at_step_2(theta, X, y, rng=None):
+        loss, grad, cache = original(theta, X, y, rng)
         calls.append(1)
         return (loss, np.full_like(grad, np.nan), cache) if len(calls) == 3 else (loss, grad, cache)
 

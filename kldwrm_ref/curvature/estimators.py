@@ -56,7 +56,7 @@ class DenseEstimator(NamedTuple):
         return self.fisher_type == "exact"
 
     def compute(self, theta, X, y, cache, rng) -> tuple[np.ndarray]:
-        return (fisher(self.net, theta, X, self.fisher_type, y, self.samples, rng),)
+        return (fisher(self.net, theta, X, self.fisher_type, y, self.samples, rng, cache),)
 
     def inverse(self, avg, damping=None):
         return DenseInverse(avg[0], self.damping if damping is None else damping, "averaged Fisher")

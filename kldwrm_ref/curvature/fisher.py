@@ -65,17 +65,19 @@ def cotangent_rows(net: Network, cache: NetworkCache, fisher_type: str, y=None, 
     return cot.reshape(-1, cot.shape[2])
 
 
-def fisher_sqrt(net: Network, theta: np.ndarray, X: np.ndarray, fisher_type: str = "exact", y=None, samples: int = 1, rng=None) -> np.ndarray:
-    """U (R*N, n) with F = U^T U: rows are per-sample gradients of each cotangent / sqrt(N)."""
-    cache = net.forward(theta, X)
+def fisher_sqrt(net: Network, theta: np.ndarray, X: np.ndarray, fisher_type: str = "exact", y=None, samples: int = 1, rng=None, cache: NetworkCache | None = None) -> np.ndarray:
+    """U (R*N, n) with F = U^T U: rows are per-sample gradients of each cotangent / sqrt(N);
+    ``cache`` reuses a forward pass of the same (theta, X) (and its dropout masks)."""
+    if cache is None:
+        cache = net.forward(theta, X)
     rows = cotangent_rows(net, cache, fisher_type, y, samples, rng)
     cotangents = net.backward(theta, cache, rows)
     return net.per_sample_gradients(cache, cotangents) / np.sqrt(cache.logits.shape[0])
 
 
-def fisher(net: Network, theta: np.ndarray, X: np.ndarray, fisher_type: str = "exact", y=None, samples: int = 1, rng=None) -> np.ndarray:
+def fisher(net: Network, theta: np.ndarray, X: np.ndarray, fisher_type: str = "exact", y=None, samples: int = 1, rng=None, cache: NetworkCache | None = None) -> np.ndarray:
     """Dense n x n Fisher F = U^T U, mean over the rows of X (module docstring)."""
-    U = fisher_sqrt(net, theta, X, fisher_type, y, samples, rng)
+    U = fisher_sqrt(net, theta, X, fisher_type, y, samples, rng, cache)
     return net.backend.matmul(U.T, U)
 
 

@@ -4,7 +4,10 @@ Every layer with parameters says what its factors are (``Layer.kfac_factors``: f
 A = mean abar abar^T over the inputs with the homogeneous coordinate, G = (1/N) sum over every
 cotangent row of delta delta^T at its output) and where the resulting blocks act in theta
 (``Layer.kfac_blocks``); this module loops over the layers.  The factors of one layer are a
-:class:`KFACFactors` (A, G); a :class:`KronBlock` is G (x) A[rows, rows] acting on the row-major
+:class:`KFACFactors` (A, G), or the layer's own NamedTuple (A, G, ...) when a block takes other
+factors (``BlockSpec.a_factor``, ``g_factor``; a convolution's separate bias block,
+:class:`~kldwrm_ref.model.conv.ConvFactors`);
+a :class:`KronBlock` is G (x) A[rows, rows] acting on the row-major
 (out x k) matrix ``theta[positions]``, which absorbs the permutation between [W | b] and theta's
 W-then-b layout.  Bias handling: "joint" (one block per layer) or "separate" (the authors': W gets
 G (x) A over the plain inputs, b gets G (x) [1]).
@@ -13,7 +16,7 @@ G (x) A over the plain inputs, b gets G (x) [1]).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 
@@ -58,10 +61,8 @@ def kfac_factors(
     rows = cotangent_rows(net, cache, fisher_type, y, samples, rng)
     cotangents = net.backward(theta, cache, rows)
     n_samples = cache.logits.shape[0]
-    return tuple(
-        KFACFactors(*net.layers[i].kfac_factors(cache.caches[i], cotangents[i], n_samples, net.backend))
-        for i in net.parametrised
-    )
+    factors = [net.layers[i].kfac_factors(cache.caches[i], cotangents[i], n_samples, net.backend) for i in net.parametrised]
+    return tuple(cast(KFACFactors, f) if hasattr(f, "_fields") else KFACFactors(*f) for f in factors)  # a layer's own (A, G, ...) reads as one
 
 
 def kron_blocks(net: Network, factors: Sequence[KFACFactors], bias: str = "joint") -> list[KronBlock]:
@@ -72,8 +73,7 @@ def kron_blocks(net: Network, factors: Sequence[KFACFactors], bias: str = "joint
         raise ValueError(f"factors must hold one (A, G) per layer with parameters ({len(layers)}), got {len(factors)}")
     blocks = []
     for p, spec in net.kfac_blocks(bias):
-        A, G = factors[p]
-        A = A[spec.a_rows, spec.a_rows]
+        A, G = factors[p][spec.a_factor][spec.a_rows, spec.a_rows], factors[p][spec.g_factor]
         if spec.positions.size != A.shape[0] * G.shape[0]:
             raise ValueError(f"{spec.name}: factors of sizes A {A.shape} and G {G.shape} do not fit its {spec.positions.size} parameters")
         blocks.append(KronBlock(A, G, spec.positions, spec.name))

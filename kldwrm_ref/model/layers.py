@@ -7,8 +7,9 @@ its parameters inside the network's flat ``theta`` (:meth:`Layer.param_shapes`, 
 stacked rep-major (the exact Fisher backpropagates C of them at once); row r belongs to sample
 r mod N, and layers broadcast their cached per-sample quantities accordingly.
 
-A layer with parameters also says what its K-FAC factors are (:meth:`Layer.kfac_factors`) and how
-they act on theta (:meth:`Layer.kfac_blocks`).
+A layer with parameters also says what its K-FAC factors are (:meth:`Layer.kfac_factors`: (A, G),
+or a NamedTuple (A, G, ...) when a block needs another G) and how they act on theta
+(:meth:`Layer.kfac_blocks`).
 """
 
 from __future__ import annotations
@@ -21,16 +22,19 @@ from kldwrm_ref.backends import Backend
 from kldwrm_ref.validation import check_choice, check_positive_int
 
 BIAS_MODES = ("joint", "separate")
-DENSE_INITS = ("he-normal", "lecun-normal")
+DENSE_INITS = ("he-normal", "lecun-normal", "torch")
 
 
 class BlockSpec(NamedTuple):
     """Where one K-FAC block G (x) A[a_rows, a_rows] acts: ``positions`` lists the theta indices of
-    its row-major (out x k) parameter matrix."""
+    its row-major (out x k) parameter matrix.  A is entry ``a_factor`` of the layer's factors and G
+    entry ``g_factor`` (0 and 1; a convolution's separate bias block has its own A = [1] and G)."""
 
     name: str
     positions: np.ndarray
     a_rows: slice
+    a_factor: int = 0
+    g_factor: int = 1
 
 
 @runtime_checkable
@@ -59,7 +63,7 @@ class Layer(Protocol):
 
     def per_sample_rows(self, cache: Any, dy: np.ndarray, out: np.ndarray, start: int, backend: Backend) -> None: ...
 
-    def kfac_factors(self, cache: Any, dy: np.ndarray, n_samples: int, backend: Backend) -> tuple[np.ndarray, np.ndarray]: ...
+    def kfac_factors(self, cache: Any, dy: np.ndarray, n_samples: int, backend: Backend) -> tuple[np.ndarray, ...]: ...
 
     def kfac_blocks(self, start: int, bias: str, name: str) -> list[BlockSpec]: ...
 
@@ -137,7 +141,8 @@ class Dense:
 
     K-FAC (docs/theory.md §5.1): A = mean_n abar abar^T with abar = [x; 1] ((in+1) x (in+1)),
     G = (1/N) sum_r delta_r delta_r^T over every cotangent row r (out x out).
-    ``init``: "he-normal" W ~ N(0, 2 / in) (before a ReLU), "lecun-normal" W ~ N(0, 1 / in); b = 0.
+    ``init``: "he-normal" W ~ N(0, 2 / in) (before a ReLU), "lecun-normal" W ~ N(0, 1 / in), b = 0;
+    "torch" (PyTorch's default: kaiming-uniform with a = sqrt(5)) W ~ U(+-1/sqrt(in)), b ~ U(+-1/sqrt(in)).
     """
 
     def __init__(self, in_features: int, out_features: int, init: str = "lecun-normal"):
@@ -159,6 +164,11 @@ class Dense:
 
     def init(self, params, rng):
         W, b = params
+        if self.init_scheme == "torch":
+            bound = 1.0 / np.sqrt(self.in_features)
+            W[...] = rng.uniform(-bound, bound, W.shape)
+            b[...] = rng.uniform(-bound, bound, b.shape)
+            return
         gain2 = 2.0 if self.init_scheme == "he-normal" else 1.0
         W[...] = rng.standard_normal(W.shape) * np.sqrt(gain2 / W.shape[1])
         b[...] = 0.0

@@ -77,6 +77,17 @@ class Network:
         return self.shapes[-1][0]
 
     @property
+    def stochastic(self) -> bool:
+        """Whether a training forward pass draws randomness (dropout masks)."""
+        return any(getattr(layer, "stochastic", False) for layer in self.layers)
+
+    def training_rng(self, key: Sequence[int]) -> np.random.Generator | None:
+        """A fresh Generator seeded by ``key`` for a training forward pass (None for a deterministic
+        network, so evaluation and training coincide): every pass of one step that uses the same key
+        draws the same dropout masks."""
+        return np.random.default_rng(list(key)) if self.stochastic else None
+
+    @property
     def parametrised(self) -> list[int]:
         """Indices of the layers that have parameters."""
         return sorted({t.layer for t in self.tensors})

@@ -85,7 +85,8 @@ def make_curvature_method(name: str, net: Network, hyper: Hyper, platform: str) 
         alpha = step_size_at(hyper.step_size, k)
 
         with timer("forward_backward"):  # 1. gradient
-            loss, g, cache = net.loss_grad_cache(theta, X, y)
+            masks = (hyper.seed, k, 1)  # dropout masks of this step: the same in every pass of the step
+            loss, g, cache = net.loss_grad_cache(theta, X, y, net.training_rng(masks))
             finite_or_raise(k, "loss", loss)
             finite_or_raise(k, "gradient", g)
 
@@ -116,7 +117,7 @@ def make_curvature_method(name: str, net: Network, hyper: Hyper, platform: str) 
             with timer("inner"):
                 wake = (wake + (theta,))[-hyper.m:]
                 if len(wake) == hyper.m or not hyper.inner_after_full_wake:
-                    s = inner_solve(net, estimator, hyper, theta, s, g, B, alpha, wake, X, k)
+                    s = inner_solve(net, estimator, hyper, theta, s, g, B, alpha, wake, X, k, masks)
                     finite_or_raise(k, "inner-solve step", s)
 
         # 7. apply, and remember what the next correction needs

@@ -35,11 +35,12 @@ class WakeObjective(NamedTuple):
     weights: np.ndarray
     ref_logits: Sequence[np.ndarray]
     X: np.ndarray
+    masks: tuple[int, ...]  # the step's dropout-mask key: every pass of E_k uses the step's masks
 
     def value_and_gradient(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         s = theta - self.theta_k
         Bs = self.B_operator.matvec(s)
-        cache = self.net.forward(theta, self.X)
+        cache = self.net.forward(theta, self.X, self.net.training_rng(self.masks))
         total_dlogits = np.zeros_like(cache.logits)
         wake_value = 0.0
         proximal_grad = np.zeros_like(theta)
@@ -54,15 +55,16 @@ class WakeObjective(NamedTuple):
         return value, grad
 
 
-def wake_objective(net: Network, estimator: Estimator, hyper: Hyper, theta_k, g, B, alpha: float, wake: Sequence[np.ndarray], X, k: int) -> WakeObjective:
+def wake_objective(net: Network, estimator: Estimator, hyper: Hyper, theta_k, g, B, alpha: float, wake: Sequence[np.ndarray], X, k: int, masks: tuple[int, ...]) -> WakeObjective:
     """Assemble E_k of step k over the kept iterates ``wake`` (oldest first)."""
     indices, weights = truncated_wake_weights(hyper.rho, k, hyper.m)
     kept = list(wake[-len(indices):])
     proximal = hyper.total_damping if hyper.proximal else 0.0
-    return WakeObjective(net, theta_k, g, estimator.operator(B), hyper.kappa / alpha, proximal, hyper.kl, kept, weights, [net.logits(t, X) for t in kept], X)
+    ref_logits = [net.forward(t, X, net.training_rng(masks)).logits for t in kept]
+    return WakeObjective(net, theta_k, g, estimator.operator(B), hyper.kappa / alpha, proximal, hyper.kl, kept, weights, ref_logits, X, masks)
 
 
-def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, g, B, alpha: float, wake, X, k: int) -> np.ndarray:
+def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, g, B, alpha: float, wake, X, k: int, masks: tuple[int, ...]) -> np.ndarray:
     """Approximately minimise E_k from theta_k + s_q; returns the final step s.
 
     inner="sgd" (the authors'): s -= u, u = momentum u + step_factor alpha grad (RMS-clipped if set).
@@ -71,7 +73,7 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
     curvature at the inner iterate; the line search makes every iteration decrease E_k, so it
     converges from the Q step however far that lands.
     """
-    objective = wake_objective(net, estimator, hyper, theta_k, g, B, alpha, wake, X, k)
+    objective = wake_objective(net, estimator, hyper, theta_k, g, B, alpha, wake, X, k, masks)
     s = s_q.copy()
     value, grad = objective.value_and_gradient(theta_k + s)
     if hyper.inner == "sgd":

@@ -19,7 +19,7 @@ def make_sgd(net: Network, hyper: Hyper) -> Optimizer:
     def step(theta: np.ndarray, state: OptState, X: np.ndarray, y: np.ndarray):
         start = time.perf_counter()
         k = state.step
-        loss, g, _ = net.loss_grad_cache(theta, X, y)
+        loss, g, _ = net.loss_grad_cache(theta, X, y, net.training_rng((hyper.seed, k, 1)))
         finite_or_raise(k, "loss", loss)
         finite_or_raise(k, "gradient", g)
         g = g + hyper.weight_decay * theta

@@ -1,0 +1,323 @@
+"""Convolutional layers: Conv2d, MaxPool2d, Flatten, Dropout, and the authors' MNIST CNN.
+
+Per-sample tensors are channel-major (C, H, W), a batch is (N, C, H, W), as in PyTorch.  The layers
+follow the :class:`~kldwrm_ref.model.layers.Layer` protocol; cotangents may carry ``reps * N`` rows
+(row r belongs to sample r mod N).
+
+A convolution is a dense layer applied at every output position t = 1..T to the input patch p_t:
+with the patches unfolded ("im2col") into P (N, T, k), k = in * kh * kw in (in, kh, kw) order (the
+row-major flattening of the weight), y[n, :, t] = W_mat p_{n,t} + b.  Its K-FAC factors are those of
+Grosse & Martens (2016, "KFC"), see :class:`Conv2d`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from kldwrm_ref.backends import Backend
+from kldwrm_ref.model.layers import BIAS_MODES, BlockSpec, Dense, Layer, ParameterFree, ReLU, per_sample
+from kldwrm_ref.model.network import Network
+from kldwrm_ref.validation import check_choice, check_positive_int
+
+CONV_INITS = ("torch",)
+KFAC_SCALINGS = ("textbook", "authors")
+
+
+def check_nonnegative_int(value: int, name: str) -> int:
+    """An integer >= 0 (padding)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def torch_uniform(W: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> None:
+    """PyTorch's default init of Linear and Conv2d (kaiming-uniform, a = sqrt(5)): W and b ~ U(-c, c)
+    with c = gain sqrt(3 / fan_in) = 1 / sqrt(fan_in), gain = sqrt(2 / (1 + 5)), fan_in = W[0].size."""
+    bound = 1.0 / np.sqrt(W[0].size)
+    W[...] = rng.uniform(-bound, bound, W.shape)
+    b[...] = rng.uniform(-bound, bound, b.shape)
+
+
+class ConvCache(NamedTuple):
+    """Conv2d's forward cache: the patches P (N, T, k) and the input's spatial size (H, W)."""
+
+    patches: np.ndarray
+    in_hw: tuple[int, int]
+
+
+class ConvFactors(NamedTuple):
+    """Conv2d's K-FAC factors: the block G (x) A over [W | b], and the separate bias block
+    G_bias (x) A_bias with A_bias = [1] and G_bias = (1/N) sum_n (sum_t delta_{n,t})(sum_t delta_{n,t})^T
+    (the exact Fisher block of the bias, in both scalings)."""
+
+    A: np.ndarray
+    G: np.ndarray
+    G_bias: np.ndarray
+    A_bias: np.ndarray
+
+
+class Conv2d:
+    """2-D cross-correlation y[n, o] = sum_c W[o, c] * x[n, c] + b[o] (PyTorch ``nn.Conv2d``): square
+    kernel k, ``stride`` s, zero ``padding`` p, H_out = floor((H + 2p - k) / s) + 1.  Parameters
+    W (out, in, k, k) row-major, then b (out,); ``init="torch"`` is :func:`torch_uniform`.
+
+    K-FAC (KFC, Grosse & Martens 2016).  With N samples, T output positions, pbar = [p; 1] the patch
+    with the homogeneous coordinate ((k+1) x (k+1) A) and delta_{r,t} the output cotangent of row r at
+    position t, ``kfac_scaling`` selects the split of the same product G (x) A:
+
+    - "textbook": A = (1/(N T)) sum_{n,t} pbar pbar^T,   G = (1/N) sum_r sum_t delta_{r,t} delta_{r,t}^T;
+    - "authors":  A = (1/(N T^2)) sum_{n,t} pbar pbar^T, G = (T/N) sum_r sum_t delta_{r,t} delta_{r,t}^T
+      (the authors' code; it matters because they floor each factor's eigenvalues at 1e-6).
+
+    ``bias="joint"``: one block G (x) A over [W | b] (W's row o flattened in (in, k, k) order, b the
+    homogeneous column).  ``bias="separate"``: W gets G (x) A[:-1, :-1]; b gets G_bias (x) [1] with
+    G_bias = (1/N) sum_r s_r s_r^T, s_r = sum_t delta_{r,t}, under both scalings (the authors' bias
+    block, and the exact Fisher's bias block).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0, init: str = "torch", kfac_scaling: str = "textbook"):
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.out_channels = check_positive_int(out_channels, "out_channels")
+        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
+        self.stride = check_positive_int(stride, "stride")
+        self.padding = check_nonnegative_int(padding, "padding")
+        self.init_scheme = check_choice(init, "init", CONV_INITS)
+        self.kfac_scaling = check_choice(kfac_scaling, "kfac_scaling", KFAC_SCALINGS)
+        self.patch_size = self.in_channels * self.kernel_size**2
+        self.name = f"conv {self.in_channels}->{self.out_channels} k{self.kernel_size} s{self.stride} p{self.padding}"
+
+    def __repr__(self) -> str:
+        return f"Conv2d({self.in_channels}, {self.out_channels}, {self.kernel_size}, stride={self.stride}, padding={self.padding}, init={self.init_scheme!r}, kfac_scaling={self.kfac_scaling!r})"
+
+    def param_shapes(self):
+        k = self.kernel_size
+        return (("weight", (self.out_channels, self.in_channels, k, k)), ("bias", (self.out_channels,)))
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
+            raise ValueError(f"{self.name} expects inputs of shape ({self.in_channels}, H, W), got {input_shape}")
+        h, w = self._out_hw(input_shape[1:])
+        if h < 1 or w < 1:
+            raise ValueError(f"{self.name}: the padded input {input_shape[1] + 2 * self.padding}x{input_shape[2] + 2 * self.padding} is smaller than the kernel")
+        return (self.out_channels, h, w)
+
+    def _out_hw(self, in_hw) -> tuple[int, int]:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        return (in_hw[0] + 2 * p - k) // s + 1, (in_hw[1] + 2 * p - k) // s + 1
+
+    def _tap(self, i: int, j: int, out_hw) -> tuple[slice, slice]:
+        """The rows and columns of the padded input that kernel tap (i, j) reads, one per output position."""
+        s = self.stride
+        return slice(i, i + s * (out_hw[0] - 1) + 1, s), slice(j, j + s * (out_hw[1] - 1) + 1, s)
+
+    def im2col(self, x: np.ndarray) -> np.ndarray:
+        """Patches P (N, T, k) of x (N, in, H, W): P[n, t] is the (in, kh, kw) window under output position t."""
+        n, k, p = x.shape[0], self.kernel_size, self.padding
+        out_hw = self._out_hw(x.shape[2:])
+        xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+        cols = np.empty((n, self.in_channels, k, k, *out_hw), dtype=x.dtype)
+        for i in range(k):
+            for j in range(k):
+                rows, columns = self._tap(i, j, out_hw)
+                cols[:, :, i, j] = xp[:, :, rows, columns]
+        return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n, out_hw[0] * out_hw[1], self.patch_size)
+
+    def col2im(self, cols: np.ndarray, in_hw) -> np.ndarray:
+        """The adjoint of :meth:`im2col`: scatter-add the patch cotangents (R, T, k) back onto (R, in, H, W)."""
+        rows_n, k, p = cols.shape[0], self.kernel_size, self.padding
+        out_hw = self._out_hw(in_hw)
+        cols = cols.reshape(rows_n, *out_hw, self.in_channels, k, k)
+        dxp = np.zeros((rows_n, self.in_channels, in_hw[0] + 2 * p, in_hw[1] + 2 * p), dtype=cols.dtype)
+        for i in range(k):
+            for j in range(k):
+                rows, columns = self._tap(i, j, out_hw)
+                dxp[:, :, rows, columns] += cols[..., i, j].transpose(0, 3, 1, 2)
+        return dxp[:, :, p : p + in_hw[0], p : p + in_hw[1]]
+
+    def init(self, params, rng):
+        torch_uniform(params[0], params[1], rng)
+
+    def _apply(self, patches: np.ndarray, W: np.ndarray, b: np.ndarray | None, out_hw, backend: Backend) -> np.ndarray:
+        """[P W_mat^T + b] as (N, out, H_out, W_out): one BLAS product."""
+        n, t, _ = patches.shape
+        y = backend.matmul(patches.reshape(n * t, self.patch_size), W.reshape(self.out_channels, self.patch_size).T)
+        if b is not None:
+            y += b
+        return y.reshape(n, t, self.out_channels).transpose(0, 2, 1).reshape(n, self.out_channels, *out_hw)
+
+    def _positions(self, dy: np.ndarray) -> np.ndarray:
+        """Cotangents (R, out, H_out, W_out) as rows (R * T, out), position-minor."""
+        return dy.reshape(dy.shape[0], self.out_channels, -1).transpose(0, 2, 1).reshape(-1, self.out_channels)
+
+    def forward(self, params, x, backend, rng):
+        patches = self.im2col(x)
+        return self._apply(patches, params[0], params[1], self._out_hw(x.shape[2:]), backend), ConvCache(patches, x.shape[2:])
+
+    def backward(self, params, cache, dy, backend):
+        dcols = backend.matmul(self._positions(dy), params[0].reshape(self.out_channels, self.patch_size))
+        return self.col2im(dcols.reshape(dy.shape[0], -1, self.patch_size), cache.in_hw)
+
+    def param_gradients(self, params, cache, dy, backend, out):
+        n, t, _ = cache.patches.shape
+        summed = dy.reshape(-1, n, self.out_channels, t).sum(axis=0)  # the reps of each sample share its patches
+        out[0][...] = backend.matmul(summed.transpose(1, 0, 2).reshape(self.out_channels, n * t), cache.patches.reshape(n * t, self.patch_size)).reshape(out[0].shape)
+        out[1][...] = dy.sum(axis=(0, 2, 3))
+
+    def jvp(self, params, cache, dparams, dx, backend):
+        out_hw = self._out_hw(cache.in_hw)
+        dy = self._apply(cache.patches, dparams[0], dparams[1], out_hw, backend)
+        if dx is not None:
+            dy += self._apply(self.im2col(dx), params[0], None, out_hw, backend)
+        return dy
+
+    def per_sample_rows(self, cache, dy, out, start, backend):
+        """out[r, W's columns] = vec_r(sum_t delta_{r,t} p_{r mod N, t}^T), out[r, b's] = sum_t delta_{r,t}."""
+        n, t, _ = cache.patches.shape
+        deltas = dy.reshape(-1, n, self.out_channels, t)
+        n_w = self.out_channels * self.patch_size
+        out[:, start : start + n_w] = np.matmul(deltas, cache.patches).reshape(dy.shape[0], n_w)
+        out[:, start + n_w : start + n_w + self.out_channels] = deltas.sum(axis=3).reshape(dy.shape[0], self.out_channels)
+
+    def kfac_factors(self, cache, dy, n_samples, backend):
+        n, t, k = cache.patches.shape
+        patches = cache.patches.reshape(n * t, k)
+        A = np.empty((k + 1, k + 1), dtype=patches.dtype)
+        A[:-1, :-1] = backend.matmul(patches.T, patches)
+        colsum = patches.sum(axis=0)
+        A[:-1, -1] = colsum
+        A[-1, :-1] = colsum
+        A[-1, -1] = n * t
+        deltas = self._positions(dy)
+        sums = dy.sum(axis=(2, 3))
+        a_scale, g_scale = (n_samples * t, n_samples) if self.kfac_scaling == "textbook" else (n_samples * t * t, n_samples / t)
+        G_bias = backend.matmul(sums.T, sums) / n_samples
+        return ConvFactors(A / a_scale, backend.matmul(deltas.T, deltas) / g_scale, G_bias, np.ones((1, 1), dtype=A.dtype))
+
+    def kfac_blocks(self, start, bias, name):
+        bias = check_choice(bias, "bias", BIAS_MODES)
+        out, k = self.out_channels, self.patch_size
+        w_index = start + np.arange(out * k).reshape(out, k)
+        b_index = start + out * k + np.arange(out)
+        if bias == "joint":
+            return [BlockSpec(name, np.concatenate([w_index, b_index[:, None]], axis=1).ravel(), slice(None))]
+        return [BlockSpec(f"{name} weight", w_index.ravel(), slice(0, k)), BlockSpec(f"{name} bias", b_index, slice(None), a_factor=3, g_factor=2)]
+
+
+class MaxPool2d(ParameterFree):
+    """Max over non-overlapping k x k windows (stride k, no padding; the last H mod k rows and
+    W mod k columns are dropped, as PyTorch).  The cache is the argmax within each window (the first
+    maximum in row-major window order, as PyTorch); backward routes the cotangent there and jvp reads
+    the tangent there."""
+
+    def __init__(self, kernel_size: int = 2):
+        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
+        self.name = f"max-pool {self.kernel_size}"
+
+    def __repr__(self) -> str:
+        return f"MaxPool2d({self.kernel_size})"
+
+    def output_shape(self, input_shape):
+        k = self.kernel_size
+        if len(input_shape) != 3 or input_shape[1] < k or input_shape[2] < k:
+            raise ValueError(f"{self.name} expects inputs of shape (C, H, W) with H, W >= {k}, got {input_shape}")
+        return (input_shape[0], input_shape[1] // k, input_shape[2] // k)
+
+    def windows(self, x: np.ndarray) -> np.ndarray:
+        """x (N, C, H, W) as (N, C, H // k, W // k, k * k), the window entries in row-major order."""
+        k = self.kernel_size
+        n, c, h, w = x.shape[0], x.shape[1], x.shape[2] // k, x.shape[3] // k
+        return x[:, :, : h * k, : w * k].reshape(n, c, h, k, w, k).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h, w, k * k)
+
+    def forward(self, params, x, backend, rng):
+        windows = self.windows(x)
+        argmax = windows.argmax(axis=4)
+        return np.take_along_axis(windows, argmax[..., None], axis=4)[..., 0], (argmax, x.shape[1:])
+
+    def backward(self, params, cache, dy, backend):
+        argmax, (c, h, w) = cache
+        k, (rows, _, ho, wo) = self.kernel_size, dy.shape
+        windows = np.zeros((*dy.shape, k * k), dtype=dy.dtype)
+        np.put_along_axis(windows, np.tile(argmax, (rows // argmax.shape[0], 1, 1, 1))[..., None], dy[..., None], axis=4)
+        dx = np.zeros((rows, c, h, w), dtype=dy.dtype)
+        dx[:, :, : ho * k, : wo * k] = windows.reshape(rows, c, ho, wo, k, k).transpose(0, 1, 2, 4, 3, 5).reshape(rows, c, ho * k, wo * k)
+        return dx
+
+    def jvp(self, params, cache, dparams, dx, backend):
+        return None if dx is None else np.take_along_axis(self.windows(dx), cache[0][..., None], axis=4)[..., 0]
+
+
+class Flatten(ParameterFree):
+    """(N, C, H, W) -> (N, C * H * W), channel-major (PyTorch ``view``); the cache is (C, H, W)."""
+
+    name = "flatten"
+
+    def __repr__(self) -> str:
+        return "Flatten()"
+
+    def output_shape(self, input_shape):
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, params, x, backend, rng):
+        return x.reshape(x.shape[0], -1), x.shape[1:]
+
+    def backward(self, params, shape, dy, backend):
+        return dy.reshape(dy.shape[0], *shape)
+
+    def jvp(self, params, shape, dparams, dx, backend):
+        return None if dx is None else dx.reshape(dx.shape[0], -1)
+
+
+class Dropout(ParameterFree):
+    """Inverted dropout: in training (``rng`` a Generator) y = x m with m_i = 1[u_i >= p] / (1 - p),
+    u_i ~ U[0, 1) (each unit kept with probability 1 - p); with rng=None (evaluation) y = x.
+    The cache is the scaled mask m (None in evaluation); backward and jvp multiply by it."""
+
+    stochastic = True
+
+    def __init__(self, p: float = 0.5):
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= float(p) < 1.0):
+            raise ValueError(f"p must be a real number in [0, 1), got {p!r}")
+        self.p: float = float(p)
+        self.name = f"dropout {self.p:g}"
+
+    def __repr__(self) -> str:
+        return f"Dropout({self.p:g})"
+
+    def forward(self, params, x, backend, rng):
+        if rng is None:
+            return x, None
+        mask = (rng.random(x.shape) >= self.p).astype(x.dtype) / x.dtype.type(1.0 - self.p)
+        return x * mask, mask
+
+    def backward(self, params, mask, dy, backend):
+        if mask is None:
+            return dy
+        dy_b, mask_b = per_sample(dy, mask)
+        return (dy_b * mask_b).reshape(dy.shape)
+
+    def jvp(self, params, mask, dparams, dx, backend):
+        return dx if dx is None or mask is None else dx * mask
+
+
+def paper_cnn(dropout: float = 0.5, dtype=np.float64, backend: str | Backend = "numpy") -> Network:
+    """The authors' MNIST CNN (4,712 parameters) on (1, 28, 28) inputs:
+    Conv2d(1, 5, 5) -> MaxPool2d(2) -> ReLU -> Conv2d(5, 7, 5) -> MaxPool2d(2) -> ReLU -> Flatten (112)
+    -> Dense(112, 30) -> ReLU -> Dropout(dropout) -> Dense(30, 10), all with PyTorch's default init.
+    The convolutions use the authors' K-FAC scaling (``kfac_scaling="authors"``)."""
+    layers: list[Layer] = [
+        Conv2d(1, 5, 5, kfac_scaling="authors"),
+        MaxPool2d(2),
+        ReLU(),
+        Conv2d(5, 7, 5, kfac_scaling="authors"),
+        MaxPool2d(2),
+        ReLU(),
+        Flatten(),
+        Dense(112, 30, init="torch"),
+        ReLU(),
+        Dropout(dropout),
+        Dense(30, 10, init="torch"),
+    ]
+    return Network(layers, (1, 28, 28), dtype, backend)
