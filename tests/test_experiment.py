@@ -226,3 +226,14 @@ def test_checkpoint_of_an_older_package_layout_gets_a_clear_error(tmp_path):
     path.write_bytes(b"\x80\x04ckldwrm_ref.kfac\nKFACInverse\n.")  # a class of the pre-0.2 flat layout
     with pytest.raises(ValueError, match="older version of kldwrm_ref"):
         load_checkpoint(path)
+
+
+def test_the_paper_cnn_runs_end_to_end_from_the_command_line(tmp_path, capsys):
+    """``--architectures paper-cnn``: the authors' network trains with every KLD-WRM method (synthetic data)."""
+    argv = ["--synthetic", "--architectures", "paper-cnn", "--epochs", "1", "--seeds", "0", "--batch", "50", "--out", str(tmp_path), "--no-progress"]
+    assert main([*argv, "--optimizers", "kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"]) == 0
+    out = capsys.readouterr().out
+    for name in ("kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"):
+        assert f"| paper-cnn | {name} | 1/1 |" in out
+    config = read_json(tmp_path / "quick/paper-cnn/kfac/seed-0/config.json")
+    assert config["run"]["architecture"] == "paper-cnn" and config["resolved_hyper"]["bias"] == "separate"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kldwrm_ref import optim
 from kldwrm_ref.backends import BACKENDS
-from kldwrm_ref.experiments.config import DTYPES, QUICK, validate_config
+from kldwrm_ref.experiments.config import DTYPES, NAMED_NETWORKS, QUICK, validate_config
 from kldwrm_ref.experiments.report import write_summary
 from kldwrm_ref.experiments.runner import run_experiment
 from kldwrm_ref.model import ACTIVATIONS
@@ -40,11 +40,13 @@ def _parse_hyper(items: Sequence[str]) -> dict:
     return hyper
 
 
-def _parse_architecture(text: str) -> list[int]:
+def _parse_architecture(text: str) -> list[int] | str:
+    if text in NAMED_NETWORKS:
+        return text
     try:
         return [int(part) for part in text.split("-")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"architecture must look like 784-256-10, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"architecture must look like 784-256-10 or be one of {', '.join(NAMED_NETWORKS)}, got {text!r}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
@@ -78,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", help="experiment JSON (e.g. experiments/paper.json); without it the quick K-FAC vs KLD-WRM comparison")
     parser.add_argument("--name", help="experiment name (output sub-folder)")
     parser.add_argument("--optimizers", nargs="+", choices=optim.NAMES)
-    parser.add_argument("--architectures", nargs="+", type=_parse_architecture, metavar="SIZES", help="e.g. 784-256-10 784-32-10")
+    parser.add_argument("--architectures", nargs="+", type=_parse_architecture, metavar="SIZES", help="e.g. 784-256-10 784-32-10 paper-cnn")
     parser.add_argument("--activation", choices=ACTIVATIONS)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seeds", nargs="+", type=int)

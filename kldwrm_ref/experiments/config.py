@@ -10,13 +10,16 @@ import copy
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from kldwrm_ref import optim
 from kldwrm_ref.backends import BACKENDS
-from kldwrm_ref.model import ACTIVATIONS, MLP
+from kldwrm_ref.model import ACTIVATIONS, MLP, Network, paper_cnn
 from kldwrm_ref.validation import check_choice, check_positive_int
 
 DTYPES = ("float32", "float64")
 DATA_SOURCES = ("mnist", "synthetic")
+NAMED_NETWORKS = {"paper-cnn": paper_cnn}  # the authors' CNN (REFERENCE.md), on 1 x 28 x 28 MNIST
 # The README's main job: K-FAC against the three KLD-WRM methods, paper preset, 2 seeds, 5 epochs.
 QUICK: dict[str, Any] = dict(
     name="quick",
@@ -40,7 +43,7 @@ class RunSpec(NamedTuple):
     """One run: an optimiser, an architecture and a seed, with everything they are trained under."""
 
     optimizer: str
-    architecture: tuple[int, ...]
+    architecture: tuple[int, ...] | str  # MLP layer sizes, or a named network (NAMED_NETWORKS)
     activation: str
     seed: int
     epochs: int
@@ -57,8 +60,23 @@ class RunSpec(NamedTuple):
         return f"{arch_label(self.architecture)}/{self.optimizer}/seed-{self.seed}"
 
 
-def arch_label(sizes: Sequence[int]) -> str:
-    return "-".join(str(int(s)) for s in sizes)
+def arch_label(architecture: Sequence[int] | str) -> str:
+    """"784-256-10" for an MLP, the name for a named network."""
+    if isinstance(architecture, str):
+        return architecture
+    return "-".join(str(int(s)) for s in architecture)
+
+
+def build_network(architecture: Sequence[int] | str, activation: str = "relu", dtype="float64") -> Network:
+    """The network of an architecture entry: MLP sizes, or a name of :data:`NAMED_NETWORKS`."""
+    if isinstance(architecture, str):
+        return NAMED_NETWORKS[check_choice(architecture, "architectures", tuple(NAMED_NETWORKS))](dtype=np.dtype(dtype))
+    return MLP(list(architecture), activation=activation, dtype=np.dtype(dtype))
+
+
+def input_size(architecture: Sequence[int] | str) -> int:
+    """Flattened input features the architecture takes."""
+    return int(np.prod(build_network(architecture).input_shape))
 
 
 def validate_config(config: dict) -> dict:
@@ -86,8 +104,13 @@ def validate_config(config: dict) -> dict:
     check_positive_int(data["pool"], "data.pool")
     n_inputs = 784 // data["pool"] ** 2 if data["source"] == "mnist" else None
     for sizes in cfg["architectures"]:
+        if isinstance(sizes, str):
+            check_choice(sizes, "architectures", tuple(NAMED_NETWORKS))
+            if n_inputs is not None and input_size(sizes) != n_inputs:
+                raise ValueError(f"architectures: {sizes} takes {input_size(sizes)} inputs, MNIST pooled by {data['pool']} has {n_inputs}")
+            continue
         if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"architectures: each must be a list of >= 2 positive layer sizes, got {sizes!r}")
+            raise ValueError(f"architectures: each must be a list of >= 2 positive layer sizes or one of {', '.join(NAMED_NETWORKS)}, got {sizes!r}")
         if n_inputs is not None and sizes[0] != n_inputs:
             raise ValueError(f"architectures: input size {sizes[0]} does not match MNIST pooled by {data['pool']} ({n_inputs} inputs)")
         if sizes[-1] != 10:
@@ -96,7 +119,7 @@ def validate_config(config: dict) -> dict:
         if key != "*" and key not in optim.NAMES:
             raise ValueError(f"hyper: keys must be '*' or an optimiser name ({', '.join(optim.NAMES)}), got {key!r}")
     for name in cfg["optimizers"]:  # builds each optimiser once: rejects unknown or out-of-range hyperparameters
-        optim.make(name, MLP(cfg["architectures"][0]), platform=cfg["platform"], preset=cfg["preset"], backend="numpy", **_overrides(cfg, name))
+        optim.make(name, build_network(cfg["architectures"][0], cfg["activation"]), platform=cfg["platform"], preset=cfg["preset"], backend="numpy", **_overrides(cfg, name))
     return cfg
 
 
@@ -107,7 +130,7 @@ def _overrides(cfg: dict, name: str) -> dict:
 def expand(cfg: dict) -> list[RunSpec]:
     """All runs of a configuration, seed-major so that a partial sweep covers every architecture and optimiser."""
     return [
-        RunSpec(name, tuple(sizes), cfg["activation"], seed, cfg["epochs"], cfg["batch"], cfg["platform"], cfg["preset"], cfg["backend"], cfg["dtype"], dict(cfg["data"]), _overrides(cfg, name))
+        RunSpec(name, sizes if isinstance(sizes, str) else tuple(sizes), cfg["activation"], seed, cfg["epochs"], cfg["batch"], cfg["platform"], cfg["preset"], cfg["backend"], cfg["dtype"], dict(cfg["data"]), _overrides(cfg, name))
         for seed in cfg["seeds"]
         for sizes in cfg["architectures"]
         for name in cfg["optimizers"]

@@ -166,7 +166,7 @@ def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
     for row in range(2):
         axes[row, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(loc="lower right")
-    fig.suptitle(f"{title}: MLP {arch} (line: mean over seeds, band: min-max over seeds; dotted: 97% and 98%)")
+    fig.suptitle(f"{title}: {arch} (line: mean over seeds, band: min-max over seeds; dotted: 97% and 98%)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

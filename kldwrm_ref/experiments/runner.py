@@ -1,7 +1,7 @@
 """The experiment runner: the one training loop of the project (``kldwrm mnist``, ``kldwrm train``).
 
 Runs come from :func:`kldwrm_ref.experiments.config.expand`.  Every run of a seed
-starts from the same initialisation ``mlp.init(seed)`` and sees the same batches (epoch e shuffles
+starts from the same initialisation ``net.init(seed)`` and sees the same batches (epoch e shuffles
 with ``default_rng([seed, e])``), so differences between optimisers are paired by seed.
 
 Per run, in ``OUT/<name>/<architecture>/<optimiser>/seed-<s>/``:
@@ -31,9 +31,9 @@ from tqdm import tqdm
 import kldwrm_ref
 from kldwrm_ref import optim
 from kldwrm_ref.data import load_mnist, synthetic_classification
-from kldwrm_ref.experiments.config import RunSpec, expand, validate_config
+from kldwrm_ref.experiments.config import RunSpec, build_network, expand, input_size, validate_config
 from kldwrm_ref.experiments.report import write_summary
-from kldwrm_ref.model import MLP
+from kldwrm_ref.model import Network
 from kldwrm_ref.storage import load_checkpoint, read_csv, read_json, save_checkpoint, write_csv, write_json
 
 METRIC_FIELDS = (
@@ -71,7 +71,7 @@ def git_commit() -> str | None:
 
 def resolved_config(spec: RunSpec, opt: optim.Optimizer) -> dict:
     return dict(
-        run=dict(spec._asdict(), architecture=list(spec.architecture)),
+        run=dict(spec._asdict(), architecture=spec.architecture if isinstance(spec.architecture, str) else list(spec.architecture)),
         resolved_hyper=opt.describe(),
         kldwrm_ref_version=kldwrm_ref.__version__,
         git_commit=git_commit(),
@@ -80,13 +80,13 @@ def resolved_config(spec: RunSpec, opt: optim.Optimizer) -> dict:
 
 
 # ------------------------------------------------------------------------------------ runs
-def evaluate(mlp: MLP, theta: np.ndarray, X: np.ndarray, y: np.ndarray, chunk: int = 10000) -> tuple[float, float]:
+def evaluate(net: Network, theta: np.ndarray, X: np.ndarray, y: np.ndarray, chunk: int = 10000) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over all of (X, y), in chunks."""
     loss = correct = 0.0
     for start in range(0, len(y), chunk):
         rows = slice(start, start + chunk)
-        loss += mlp.loss(theta, X[rows], y[rows]) * len(y[rows])
-        correct += float(np.sum(mlp.predict(theta, X[rows]) == y[rows]))
+        loss += net.loss(theta, X[rows], y[rows]) * len(y[rows])
+        correct += float(np.sum(net.predict(theta, X[rows]) == y[rows]))
     return loss / len(y), correct / len(y)
 
 
@@ -121,9 +121,8 @@ def _record_divergence(run_dir: Path, epochs_completed: int, step: int, quantity
 def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) -> dict:
     """Train (or resume, or skip) one run; returns its final status."""
     run_dir = Path(run_dir)
-    dtype = np.dtype(spec.dtype)
-    mlp = MLP(spec.architecture, activation=spec.activation, dtype=dtype)
-    opt = optim.make(spec.optimizer, mlp, platform=spec.platform, preset=spec.preset, backend=spec.backend, **{"seed": spec.seed, **spec.hyper})
+    net = build_network(spec.architecture, spec.activation, spec.dtype)
+    opt = optim.make(spec.optimizer, net, platform=spec.platform, preset=spec.preset, backend=spec.backend, **{"seed": spec.seed, **spec.hyper})
     config = resolved_config(spec, opt)
     _check_same_run(run_dir, config)
     status = run_status(run_dir)
@@ -136,7 +135,7 @@ def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) 
         theta, state, epoch, wall_time = saved["theta"], saved["state"], saved["epoch"], saved["wall_time"]
         rows = [r for r in read_csv(run_dir / "metrics.csv") if int(r["epoch"]) <= epoch]
     else:
-        theta = mlp.init(spec.seed)
+        theta = net.init(spec.seed)
         state, epoch, wall_time, rows = opt.init(theta), 0, 0.0, []
     write_json(run_dir / "config.json", config)
     write_json(run_dir / "status.json", dict(state="running", epochs_completed=epoch))
@@ -161,8 +160,8 @@ def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) 
                 return _record_divergence(run_dir, epoch - 1, error.step, error.quantity, str(error))
             epoch_time = time.perf_counter() - start
             wall_time += epoch_time
-            train_loss, train_accuracy = evaluate(mlp, theta, data.X_train, data.y_train)
-            test_loss, test_accuracy = evaluate(mlp, theta, data.X_test, data.y_test)
+            train_loss, train_accuracy = evaluate(net, theta, data.X_train, data.y_train)
+            test_loss, test_accuracy = evaluate(net, theta, data.X_test, data.y_test)
             if not np.isfinite(test_loss) or not np.isfinite(train_loss):
                 return _record_divergence(run_dir, epoch - 1, state.step, "evaluation loss", f"diverged in epoch {epoch}: the evaluation loss is not finite")
             rows.append(dict(
@@ -188,7 +187,7 @@ def run_experiment(cfg: dict, out: str | Path, progress: bool = True, log=print)
     write_json(root / "experiment.json", cfg)
     datasets: dict[int, Dataset] = {}
     for spec in expand(cfg):
-        n_inputs = spec.architecture[0]
+        n_inputs = input_size(spec.architecture)
         if n_inputs not in datasets:
             datasets[n_inputs] = load_data(cfg["data"], n_inputs, cfg["dtype"])
         status = run_one(spec, datasets[n_inputs], root / spec.label, progress)

@@ -16,6 +16,7 @@ import numbers
 from typing import NamedTuple
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from kldwrm_ref.backends import Backend
 from kldwrm_ref.model.layers import BIAS_MODES, BlockSpec, Dense, Layer, ParameterFree, ReLU, per_sample
@@ -115,15 +116,11 @@ class Conv2d:
 
     def im2col(self, x: np.ndarray) -> np.ndarray:
         """Patches P (N, T, k) of x (N, in, H, W): P[n, t] is the (in, kh, kw) window under output position t."""
-        n, k, p = x.shape[0], self.kernel_size, self.padding
+        n, k, p, s = x.shape[0], self.kernel_size, self.padding, self.stride
         out_hw = self._out_hw(x.shape[2:])
-        xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
-        cols = np.empty((n, self.in_channels, k, k, *out_hw), dtype=x.dtype)
-        for i in range(k):
-            for j in range(k):
-                rows, columns = self._tap(i, j, out_hw)
-                cols[:, :, i, j] = xp[:, :, rows, columns]
-        return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n, out_hw[0] * out_hw[1], self.patch_size)
+        xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
+        windows = sliding_window_view(xp, (k, k), axis=(2, 3))[:, :, : s * (out_hw[0] - 1) + 1 : s, : s * (out_hw[1] - 1) + 1 : s]
+        return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n, out_hw[0] * out_hw[1], self.patch_size)  # one copy
 
     def col2im(self, cols: np.ndarray, in_hw) -> np.ndarray:
         """The adjoint of :meth:`im2col`: scatter-add the patch cotangents (R, T, k) back onto (R, in, H, W)."""
