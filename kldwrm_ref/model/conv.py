@@ -65,7 +65,7 @@ class Conv2d:
     kernel k, ``stride`` s, zero ``padding`` p, H_out = floor((H + 2p - k) / s) + 1.  Parameters
     W (out, in, k, k) row-major, then b (out,); ``init="torch"`` is :func:`torch_uniform`.
 
-    K-FAC (KFC, Grosse & Martens 2016).  With N samples, T output positions, pbar = [p; 1] the patch
+    K-FAC (KFC, Grosse & Martens 2016; docs/theory.md §5.6).  With N samples, T output positions, pbar = [p; 1] the patch
     with the homogeneous coordinate ((k+1) x (k+1) A) and delta_{r,t} the output cotangent of row r at
     position t, ``kfac_scaling`` selects the split of the same product G (x) A:
 
