@@ -19,7 +19,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from kldwrm_ref.backends import Backend
-from kldwrm_ref.model.layers import BIAS_MODES, BlockSpec, Dense, Layer, ParameterFree, ReLU, per_sample
+from kldwrm_ref.model.layers import BlockSpec, Dense, Layer, ParameterFree, ReLU, affine_blocks, homogeneous_moment, per_sample
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.validation import check_choice, check_positive_int
 
@@ -180,13 +180,7 @@ class Conv2d:
 
     def kfac_factors(self, cache, dy, n_samples, backend):
         n, t, k = cache.patches.shape
-        patches = cache.patches.reshape(n * t, k)
-        A = np.empty((k + 1, k + 1), dtype=patches.dtype)
-        A[:-1, :-1] = backend.matmul(patches.T, patches)
-        colsum = patches.sum(axis=0)
-        A[:-1, -1] = colsum
-        A[-1, :-1] = colsum
-        A[-1, -1] = n * t
+        A = homogeneous_moment(cache.patches.reshape(n * t, k), backend)
         deltas = self._positions(dy)
         sums = dy.sum(axis=(2, 3))
         a_scale, g_scale = (n_samples * t, n_samples) if self.kfac_scaling == "textbook" else (n_samples * t * t, n_samples / t)
@@ -194,13 +188,8 @@ class Conv2d:
         return ConvFactors(A / a_scale, backend.matmul(deltas.T, deltas) / g_scale, G_bias, np.ones((1, 1), dtype=A.dtype))
 
     def kfac_blocks(self, start, bias, name):
-        bias = check_choice(bias, "bias", BIAS_MODES)
-        out, k = self.out_channels, self.patch_size
-        w_index = start + np.arange(out * k).reshape(out, k)
-        b_index = start + out * k + np.arange(out)
-        if bias == "joint":
-            return [BlockSpec(name, np.concatenate([w_index, b_index[:, None]], axis=1).ravel(), slice(None))]
-        return [BlockSpec(f"{name} weight", w_index.ravel(), slice(0, k)), BlockSpec(f"{name} bias", b_index, slice(None), a_factor=3, g_factor=2)]
+        bias_block = BlockSpec("bias", np.empty(0, dtype=int), slice(None), a_factor=3, g_factor=2)  # G_bias (x) A_bias
+        return affine_blocks(start, self.out_channels, self.patch_size, bias, name, bias_block)
 
 
 class MaxPool2d(ParameterFree):

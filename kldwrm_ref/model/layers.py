@@ -68,6 +68,30 @@ class Layer(Protocol):
     def kfac_blocks(self, start: int, bias: str, name: str) -> list[BlockSpec]: ...
 
 
+def homogeneous_moment(rows: np.ndarray, backend: Backend) -> np.ndarray:
+    """sum over rows of abar abar^T with abar = [a; 1] (the homogeneous coordinate last), unscaled."""
+    n_in = rows.shape[1]
+    A = np.empty((n_in + 1, n_in + 1), dtype=rows.dtype)
+    A[:-1, :-1] = backend.matmul(rows.T, rows)
+    colsum = rows.sum(axis=0)
+    A[:-1, -1] = colsum
+    A[-1, :-1] = colsum
+    A[-1, -1] = rows.shape[0]
+    return A
+
+
+def affine_blocks(start: int, out: int, k: int, bias: str, name: str, bias_block: BlockSpec) -> list[BlockSpec]:
+    """K-FAC blocks of an affine map with weight (out, k) then bias (out,) from ``start`` in theta:
+    "joint", one block over [W | b]; "separate", W's block over A[:k, :k] and ``bias_block``
+    (its name and positions are filled in here)."""
+    bias = check_choice(bias, "bias", BIAS_MODES)
+    w_index = start + np.arange(out * k).reshape(out, k)
+    b_index = start + out * k + np.arange(out)
+    if bias == "joint":
+        return [BlockSpec(name, np.concatenate([w_index, b_index[:, None]], axis=1).ravel(), slice(None))]
+    return [BlockSpec(f"{name} weight", w_index.ravel(), slice(0, k)), bias_block._replace(name=f"{name} bias", positions=b_index)]
+
+
 def per_sample(dy: np.ndarray, cached: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(dy, cached) shaped to broadcast: dy's ``reps * N`` rows against the N cached rows."""
     n = cached.shape[0]
@@ -197,22 +221,11 @@ class Dense:
         backend.per_sample_rows(dy, x, out, start)
 
     def kfac_factors(self, x, dy, n_samples, backend):
-        n_in = x.shape[1]
-        A = np.empty((n_in + 1, n_in + 1), dtype=x.dtype)
-        A[:-1, :-1] = backend.matmul(x.T, x)
-        colsum = x.sum(axis=0)
-        A[:-1, -1] = colsum
-        A[-1, :-1] = colsum
-        A[-1, -1] = n_samples
+        A = homogeneous_moment(x, backend)
         A /= n_samples
         G = backend.matmul(dy.T, dy) / n_samples
         return A, G
 
     def kfac_blocks(self, start, bias, name):
-        bias = check_choice(bias, "bias", BIAS_MODES)
-        out, n_in = self.out_features, self.in_features
-        w_index = start + np.arange(out * n_in).reshape(out, n_in)
-        b_index = start + out * n_in + np.arange(out)
-        if bias == "joint":
-            return [BlockSpec(name, np.concatenate([w_index, b_index[:, None]], axis=1).ravel(), slice(None))]
-        return [BlockSpec(f"{name} weight", w_index.ravel(), slice(0, n_in)), BlockSpec(f"{name} bias", b_index, slice(n_in, n_in + 1))]
+        n_in = self.in_features
+        return affine_blocks(start, self.out_features, n_in, bias, name, BlockSpec("bias", np.empty(0, dtype=int), slice(n_in, n_in + 1)))
