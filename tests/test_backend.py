@@ -140,3 +140,27 @@ def test_full_optimiser_steps_equal_numpy(backend, name, platform, preset):
         thetas[be] = theta
     scale = np.max(np.abs(thetas["numpy"]))
     assert np.max(np.abs(thetas[backend] - thetas["numpy"])) <= 1e-10 * scale
+
+
+@pytest.mark.parametrize("backend", ["numba", "cuda"])
+@pytest.mark.parametrize("name", ["kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"])
+def test_cnn_optimiser_steps_equal_numpy(backend, name):
+    """Paper-preset steps on a tiny CNN (conv, pool, dropout; QE's inner solve from the first step):
+    every backend gives NumPy's iterates (one step on the slow CUDA simulator, three on numba)."""
+    from kldwrm_ref.model import Conv2d, Dense, Dropout, Flatten, MaxPool2d, Network, ReLU
+
+    rng = np.random.default_rng(4)
+    X, y = rng.standard_normal((5, 1, 6, 6)), rng.integers(0, 3, 5)
+    layers = [Conv2d(1, 2, 3, kfac_scaling="authors"), MaxPool2d(2), ReLU(), Flatten(), Dense(8, 4, init="torch"), ReLU(), Dropout(0.5), Dense(4, 3, init="torch")]
+    thetas = {}
+    for be in ("numpy", backend):
+        net = Network(layers, (1, 6, 6))
+        opt = optim.make(name, net, platform="kfac", preset="paper", backend=be, period=2, m=2, inner_steps=2, inner_after_full_wake=False)
+        theta = net.init(1)
+        state = opt.init(theta)
+        for _ in range(1 if backend == "cuda" else 3):
+            theta, state, _ = opt.step(theta, state, X, y)
+        thetas[be] = theta
+    scale = np.max(np.abs(thetas["numpy"]))
+    assert np.max(np.abs(thetas[backend] - thetas["numpy"])) <= 1e-10 * scale
+

@@ -16,6 +16,9 @@ def test_verify_runs_every_claim_and_all_pass_on_synthetic_data(tmp_path, capsys
     for needle in ("Theorem 1", "Theorem 2", "Theorem 3", "Limits §4.5", "QE consistency (a)", "QE consistency (b)", "KL expansion", "K-FAC"):
         assert needle in claims
     assert "PASS" in capsys.readouterr().out
+    on_cnn = [r for r in rows if r["on"].startswith("CNN")]
+    assert {r["claim"].split(":")[0] for r in on_cnn} >= {"Theorem 1", "Theorem 2", "Theorem 3", "QE consistency (b)"}
+    assert {r["status"] for r in on_cnn} == {"PASS"}
 
 
 def test_verify_exits_non_zero_on_a_failed_claim(monkeypatch, capsys):

@@ -23,7 +23,7 @@ from kldwrm_ref.curvature.averaging import truncated_wake_weights, wake_weights
 from kldwrm_ref.curvature.fisher import fisher, kl_divergence
 from kldwrm_ref.curvature.kfac import kfac_factors
 from kldwrm_ref.data import load_mnist, synthetic_classification
-from kldwrm_ref.model import MLP
+from kldwrm_ref.model import MLP, Conv2d, Dense, Flatten, Network, Tanh
 from kldwrm_ref.theory.objectives import OBJECTIVES, History, QuadraticObjective, check_history, qe_objective, quadratic_divergence
 from kldwrm_ref.theory.recursion import recursive_trajectory
 
@@ -244,7 +244,7 @@ def kfac_gap_checks(mlp, batches, seed, on) -> list[CheckResult]:
     factors = [kfac_factors(mlp, t, X) for t, (X, _) in zip(thetas[:-1], batches)]
     weights = wake_weights(rho, len(batches) - 1)
     gaps = []
-    for l in range(mlp.n_layers):
+    for l in range(len(factors[0])):
         Abar = sum(w * f[l].A for w, f in zip(weights, factors))
         Gbar = sum(w * f[l].G for w, f in zip(weights, factors))
         exact = sum(w * np.kron(f[l].G, f[l].A) for w, f in zip(weights, factors))
@@ -263,14 +263,26 @@ def kfac_gap_checks(mlp, batches, seed, on) -> list[CheckResult]:
 
 
 # ------------------------------------------------------------------------------ driver
+def small_cnn() -> Network:
+    """A 310-parameter CNN on 1 x 7 x 7 inputs (conv 1->3 3x3 stride 2, tanh, dense 27->10), small
+    enough for the dense exact Fisher, so the theorems can be checked on a convolutional trajectory.
+    It is smooth on purpose: max-pooling makes E_k non-differentiable where an argmax switches,
+    and QE's check (b) asks for grad E_k = 0."""
+    return Network([Conv2d(1, 3, 3, stride=2), Tanh(), Flatten(), Dense(27, 10, init="torch")], (1, 7, 7))
+
+
 def run_all(seed: int = 0, steps: int = 20, batch: int = 64, synthetic: bool = False) -> list[CheckResult]:
     mlp = MLP([49, 16, 10], "tanh")
     batches = load_problem(synthetic, batch, steps, seed)
-    on = f"MLP 49-16-10, {'synthetic data' if synthetic else '7x7 MNIST'}, batch {batch}"
+    data = "synthetic data" if synthetic else "7x7 MNIST"
+    on = f"MLP 49-16-10, {data}, batch {batch}"
     results = synthetic_checks(seed)
     results += trajectory_checks(mlp, batches, seed, on)
     results += kl_expansion_check(mlp, batches, seed, on)
     results += kfac_gap_checks(mlp, batches, seed, on)
+    cnn_on = f"CNN 1x7x7 conv3/2-tanh-27-10, {data}"
+    results += trajectory_checks(small_cnn(), batches, seed, cnn_on)
+    results += kl_expansion_check(small_cnn(), batches, seed, cnn_on)
     return results
 
 
