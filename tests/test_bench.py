@@ -29,3 +29,12 @@ def test_kernel_bench_times_every_operation_on_each_cpu_backend(capsys):
     for op in ("softmax_cross_entropy", "per_sample_rows", "kron_sum_divide", "matmul"):
         assert op in out
     assert "numba/numpy" in out
+
+
+def test_step_bench_times_the_paper_cnn(capsys):
+    """``kldwrm bench step --architectures paper-cnn`` (the phases of CNN steps; FLOPs are not counted)."""
+    result = step_bench.time_steps("kfac", "kfac", "paper", np.float32, "numpy", "paper-cnn", 16, period=2)
+    assert result["architecture"] == "paper-cnn" and result["median_s"] > 0 and np.isnan(result["flops"])
+    assert abs(sum(result["phases_s"].values()) - result["mean_s"]) < 1e-9
+    print(step_bench.format_breakdown([result], {"float32": 1e11}))
+    assert "paper-cnn" in capsys.readouterr().out

@@ -28,6 +28,7 @@ from kldwrm_ref.bench.timing import gemm_throughput, median_time
 from kldwrm_ref.curvature.fisher import fisher
 from kldwrm_ref.data import synthetic_classification
 from kldwrm_ref.model import MLP
+from kldwrm_ref.model.zoo import NAMED_NETWORKS, arch_label, build_network, input_size
 from kldwrm_ref.storage import write_json
 
 PHASES = ("forward_backward", "curvature", "inverse", "precondition", "inner")
@@ -78,14 +79,15 @@ def step_flops(name: str, mlp: MLP, batch: int, hyper: dict) -> float:
     return flops
 
 
-def time_steps(name: str, platform: str, preset: str, dtype, backend: str, sizes, batch: int, trace_memory: bool = False, **overrides) -> dict:
-    """Run 2 T + 3 steps (T the refresh period) and summarise the last 2 T (warm-up excluded)."""
-    mlp = MLP(sizes, dtype=dtype)
-    opt = optim.make(name, mlp, platform=platform, preset=preset, backend=backend, **overrides)
+def time_steps(name: str, platform: str, preset: str, dtype, backend: str, architecture, batch: int, trace_memory: bool = False, **overrides) -> dict:
+    """Run 2 T + 3 steps (T the refresh period) and summarise the last 2 T (warm-up excluded).
+    ``architecture``: MLP sizes or a named network (``"paper-cnn"``); FLOPs are counted for MLPs."""
+    net = build_network(architecture, dtype=np.dtype(dtype).name)
+    opt = optim.make(name, net, platform=platform, preset=preset, backend=backend, **overrides)
     period = opt.hyper.period if name != "sgd" else 1
     n_steps = 2 * max(period, 5)
-    X, y = synthetic_classification(batch * 4, sizes[0], sizes[-1], seed=0, dtype=dtype)
-    theta = mlp.init(0)
+    X, y = synthetic_classification(batch * 4, input_size(architecture), net.n_classes, seed=0, dtype=dtype)
+    theta = net.init(0)
     state = opt.init(theta)
     rows = []
     for k in range(n_steps + 3):
@@ -107,20 +109,23 @@ def time_steps(name: str, platform: str, preset: str, dtype, backend: str, sizes
     hyper = opt.describe()
     return dict(
         optimizer=name, platform=platform, preset=preset, dtype=np.dtype(dtype).name, backend=backend,
-        sizes=list(sizes), batch=batch, period=period, median_s=float(np.median(walls)), mean_s=float(walls.mean()),
-        phases_s=phases, peak_bytes=int(peak), flops=step_flops(name, mlp, batch, hyper),
+        architecture=arch_label(architecture), batch=batch, period=period, median_s=float(np.median(walls)), mean_s=float(walls.mean()),
+        phases_s=phases, peak_bytes=int(peak), flops=step_flops(name, net, batch, hyper) if isinstance(net, MLP) else float("nan"),
         inner_steps=hyper.get("inner_steps", 0) if name == "qe-kld-wrm" else 0,
     )
 
 
-def breakdown(presets, dtypes, backends, trace_memory=True, **overrides) -> list[dict]:
+def breakdown(presets, dtypes, backends, architectures=((784, 256, 10),), trace_memory=True, **overrides) -> list[dict]:
+    """Every optimiser of :data:`BREAKDOWN_OPTIMIZERS` per architecture (batch 512; EA-CM on the dense
+    platform always uses a 49-32-10 MLP at batch 256)."""
     results = []
     for dtype in dtypes:
         for backend in backends:
             for preset in presets:
-                for name, platform in BREAKDOWN_OPTIMIZERS:
-                    sizes, batch = ((49, 32, 10), 256) if platform == "dense" else ((784, 256, 10), 512)
-                    results.append(time_steps(name, platform, preset, dtype, backend, sizes, batch, trace_memory, **overrides))
+                for architecture in architectures:
+                    for name, platform in BREAKDOWN_OPTIMIZERS:
+                        arch, batch = ((49, 32, 10), 256) if platform == "dense" else (architecture, 512)
+                        results.append(time_steps(name, platform, preset, dtype, backend, arch, batch, trace_memory, **overrides))
     return results
 
 
@@ -146,13 +151,14 @@ def scaling(dtype, backend: str) -> dict:
 
 
 def format_breakdown(results: list[dict], peaks: dict) -> str:
-    header = f"{'optimizer':<12} {'preset':<6} {'dtype':<7} {'backend':<7} {'median ms':>9} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'peak MB':>8} {'GFLOP':>6} {'% GEMM':>7}"
+    header = f"{'architecture':<12} {'optimizer':<12} {'preset':<6} {'dtype':<7} {'backend':<7} {'median ms':>9} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'peak MB':>8} {'GFLOP':>6} {'% GEMM':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
         fraction = r["flops"] / r["mean_s"] / peaks[r["dtype"]]
-        line = f"{r['optimizer']:<12} {r['preset']:<6} {r['dtype']:<7} {r['backend']:<7} {1e3 * r['median_s']:>9.2f} {1e3 * r['mean_s']:>8.2f}"
+        line = f"{r['architecture']:<12} {r['optimizer']:<12} {r['preset']:<6} {r['dtype']:<7} {r['backend']:<7} {1e3 * r['median_s']:>9.2f} {1e3 * r['mean_s']:>8.2f}"
         line += "".join(f" {1e3 * r['phases_s'][p]:>8.2f}" for p in PHASES) + f" {1e3 * r['phases_s']['rest']:>6.2f}"
-        line += f" {r['peak_bytes'] / 2**20:>8.1f} {r['flops'] / 1e9:>6.2f} {100 * fraction:>6.1f}%"
+        flops = f"{r['flops'] / 1e9:>6.2f} {100 * fraction:>6.1f}%" if np.isfinite(r["flops"]) else f"{'-':>6} {'-':>7}"
+        line += f" {r['peak_bytes'] / 2**20:>8.1f} {flops}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -176,18 +182,18 @@ def targets(results: list[dict], peaks: dict) -> str:
     lines = []
     groups: dict = {}
     for r in results:
-        groups.setdefault((r["preset"], r["dtype"], r["backend"]), {})[r["optimizer"]] = r
-    for (preset, dtype, backend), by_name in groups.items():
+        groups.setdefault((r["architecture"], r["preset"], r["dtype"], r["backend"]), {})[r["optimizer"]] = r
+    for (architecture, preset, dtype, backend), by_name in groups.items():
         parts = []
         for name in ("kfac", "so-kld-wrm"):
-            if name in by_name:
+            if name in by_name and np.isfinite(by_name[name]["flops"]):
                 r = by_name[name]
                 parts.append(f"{name} {100 * r['flops'] / r['mean_s'] / peaks[dtype]:.0f}% of GEMM")
         if "qe-kld-wrm" in by_name and "so-kld-wrm" in by_name:
             qe, so = by_name["qe-kld-wrm"], by_name["so-kld-wrm"]
             inner = qe.get("inner_steps", 0)
             parts.append(f"QE / SO = {qe['mean_s'] / so['mean_s']:.1f} (bound 1 + inner steps = {1 + inner})")
-        lines.append(f"  {preset:<6} {dtype:<7} {backend:<6}: " + "; ".join(parts))
+        lines.append(f"  {architecture:<12} {preset:<6} {dtype:<7} {backend:<6}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -197,13 +203,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"])
     parser.add_argument("--backends", nargs="+", choices=["numpy", "numba", "auto"], default=["numpy", "numba"])
     parser.add_argument("--damping-style", choices=["eigen", "factored", "factored-explicit"], help="override the K-FAC damping style")
+    parser.add_argument("--architectures", nargs="+", default=["784-256-10"], metavar="ARCH", help="MLP sizes like 784-256-10, or paper-cnn (default: 784-256-10)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling tables")
     parser.add_argument("--json", metavar="PATH", help="also write every number to PATH")
     args = parser.parse_args(argv)
     overrides = {"damping_style": args.damping_style} if args.damping_style else {}
     peaks = {name: gemm_throughput(np.dtype(name).type) for name in ("float32", "float64")}
     print("GEMM throughput (2048^3): " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
-    results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, **overrides)
+    try:
+        architectures = [a if a in NAMED_NETWORKS else tuple(int(s) for s in a.split("-")) for a in args.architectures]
+    except ValueError:
+        parser.error(f"--architectures takes MLP sizes like 784-256-10 or one of {', '.join(NAMED_NETWORKS)}")
+    results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, architectures, **overrides)
     print("\nper-step breakdown (ms; mean = amortised over 2 refresh periods; % GEMM = step FLOPs / mean time / GEMM throughput)")
     print(format_breakdown(results, peaks))
     print("\ntargets (amortised mean step):")

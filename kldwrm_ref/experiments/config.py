@@ -7,19 +7,16 @@ comparison :data:`QUICK`) expanded into runs, one per (architecture, optimiser, 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from typing import Any, NamedTuple
-
-import numpy as np
 
 from kldwrm_ref import optim
 from kldwrm_ref.backends import BACKENDS
-from kldwrm_ref.model import ACTIVATIONS, MLP, Network, paper_cnn
+from kldwrm_ref.model import ACTIVATIONS
+from kldwrm_ref.model.zoo import NAMED_NETWORKS, arch_label, build_network, input_size
 from kldwrm_ref.validation import check_choice, check_positive_int
 
 DTYPES = ("float32", "float64")
 DATA_SOURCES = ("mnist", "synthetic")
-NAMED_NETWORKS = {"paper-cnn": paper_cnn}  # the authors' CNN (REFERENCE.md), on 1 x 28 x 28 MNIST
 # The README's main job: K-FAC against the three KLD-WRM methods, paper preset, 2 seeds, 5 epochs.
 QUICK: dict[str, Any] = dict(
     name="quick",
@@ -58,25 +55,6 @@ class RunSpec(NamedTuple):
     @property
     def label(self) -> str:
         return f"{arch_label(self.architecture)}/{self.optimizer}/seed-{self.seed}"
-
-
-def arch_label(architecture: Sequence[int] | str) -> str:
-    """"784-256-10" for an MLP, the name for a named network."""
-    if isinstance(architecture, str):
-        return architecture
-    return "-".join(str(int(s)) for s in architecture)
-
-
-def build_network(architecture: Sequence[int] | str, activation: str = "relu", dtype="float64") -> Network:
-    """The network of an architecture entry: MLP sizes, or a name of :data:`NAMED_NETWORKS`."""
-    if isinstance(architecture, str):
-        return NAMED_NETWORKS[check_choice(architecture, "architectures", tuple(NAMED_NETWORKS))](dtype=np.dtype(dtype))
-    return MLP(list(architecture), activation=activation, dtype=np.dtype(dtype))
-
-
-def input_size(architecture: Sequence[int] | str) -> int:
-    """Flattened input features the architecture takes."""
-    return int(np.prod(build_network(architecture).input_shape))
 
 
 def validate_config(config: dict) -> dict:
