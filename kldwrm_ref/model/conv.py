@@ -211,28 +211,42 @@ class MaxPool2d(ParameterFree):
             raise ValueError(f"{self.name} expects inputs of shape (C, H, W) with H, W >= {k}, got {input_shape}")
         return (input_shape[0], input_shape[1] // k, input_shape[2] // k)
 
-    def windows(self, x: np.ndarray) -> np.ndarray:
-        """x (N, C, H, W) as (N, C, H // k, W // k, k * k), the window entries in row-major order."""
+    def taps(self, x: np.ndarray):
+        """(index, view) for each of the k*k window offsets in row-major order: view[n, c, i, j] is
+        x[n, c, k i + di, k j + dj] (strided views, no copies)."""
         k = self.kernel_size
-        n, c, h, w = x.shape[0], x.shape[1], x.shape[2] // k, x.shape[3] // k
-        return x[:, :, : h * k, : w * k].reshape(n, c, h, k, w, k).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h, w, k * k)
+        h, w = x.shape[2] // k, x.shape[3] // k
+        for index in range(k * k):
+            di, dj = divmod(index, k)
+            yield index, x[:, :, di : di + k * h : k, dj : dj + k * w : k]
 
     def forward(self, params, x, backend, rng):
-        windows = self.windows(x)
-        argmax = windows.argmax(axis=4)
-        return np.take_along_axis(windows, argmax[..., None], axis=4)[..., 0], (argmax, x.shape[1:])
+        taps = self.taps(x)
+        _, first = next(taps)
+        y, argmax = first.copy(), np.zeros(first.shape, dtype=np.int8 if self.kernel_size**2 < 128 else np.int64)
+        for index, view in taps:
+            larger = view > y  # strictly: a tie keeps the first maximum, as PyTorch
+            np.copyto(y, view, where=larger)
+            np.copyto(argmax, index, where=larger)
+        return y, (argmax, x.shape[1:])
 
     def backward(self, params, cache, dy, backend):
         argmax, (c, h, w) = cache
-        k, (rows, _, ho, wo) = self.kernel_size, dy.shape
-        windows = np.zeros((*dy.shape, k * k), dtype=dy.dtype)
-        np.put_along_axis(windows, np.tile(argmax, (rows // argmax.shape[0], 1, 1, 1))[..., None], dy[..., None], axis=4)
-        dx = np.zeros((rows, c, h, w), dtype=dy.dtype)
-        dx[:, :, : ho * k, : wo * k] = windows.reshape(rows, c, ho, wo, k, k).transpose(0, 1, 2, 4, 3, 5).reshape(rows, c, ho * k, wo * k)
+        dx = np.zeros((dy.shape[0], c, h, w), dtype=dy.dtype)
+        reps = dy.shape[0] // argmax.shape[0]
+        argmax = argmax if reps == 1 else np.tile(argmax, (reps, 1, 1, 1))  # row r is sample r mod N
+        for index, view in self.taps(dx):
+            np.copyto(view, dy, where=argmax == index)
         return dx
 
     def jvp(self, params, cache, dparams, dx, backend):
-        return None if dx is None else np.take_along_axis(self.windows(dx), cache[0][..., None], axis=4)[..., 0]
+        if dx is None:
+            return None
+        argmax = cache[0]
+        out = np.empty(argmax.shape, dtype=dx.dtype)
+        for index, view in self.taps(dx):
+            np.copyto(out, view, where=argmax == index)
+        return out
 
 
 class Flatten(ParameterFree):
