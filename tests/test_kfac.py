@@ -156,3 +156,22 @@ def test_singular_undamped_kfac_is_rejected():
         EigenDampedInverse(blocks, mlp.n_params, 0.0, 0.0, NUMPY)
     with pytest.raises(ValueError, match="damping must be a finite real number >= 0"):
         EigenDampedInverse(blocks, mlp.n_params, -1.0, 0.0, NUMPY)
+
+
+@pytest.mark.parametrize("kron_sum", [False, True])
+def test_each_distinct_factor_is_decomposed_once(monkeypatch, kron_sum):
+    """Separate bias blocks share their layer's G: 2 layers give 6 decompositions (G, A_w, A_b each), not 8."""
+    from kldwrm_ref.curvature import inverses
+
+    calls = []
+    real = inverses.safe_eigh
+    monkeypatch.setattr(inverses, "safe_eigh", lambda matrix, name, *rest: calls.append(name) or real(matrix, name, *rest))
+    mlp = MLP([6, 5, 3])
+    rng = np.random.default_rng(0)
+    blocks = kron_blocks(mlp, random_spd_factors(mlp, rng), "separate")
+    if kron_sum:
+        FactoredKronSumInverse(blocks, kron_blocks(mlp, random_spd_factors(mlp, rng), "separate"), mlp.n_params, 0.1, 0.01, "eigen", 0.0, NUMPY)
+    else:
+        damped_inverse(blocks, mlp.n_params, 0.01, "eigen", 0.0, NUMPY)
+    assert len(blocks) == 4 and len(calls) == 6
+    assert sum("factor G" in name for name in calls) == 2

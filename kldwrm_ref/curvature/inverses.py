@@ -82,6 +82,19 @@ def floored(values: np.ndarray, floor: float) -> np.ndarray:
     return np.where(values <= floor, 0.0, values).astype(values.dtype) if floor > 0 else values
 
 
+def decompose_factors(blocks: Sequence[KronBlock]) -> list[tuple[Eigen, Eigen]]:
+    """(eigh of G, eigh of A) per block, each distinct factor decomposed once: blocks that share a
+    factor array (a layer's weight and separate bias blocks share G) share its decomposition."""
+    done: dict[int, Eigen] = {}
+
+    def eigh(matrix: np.ndarray, name: str) -> Eigen:
+        if id(matrix) not in done:
+            done[id(matrix)] = safe_eigh(matrix, name)
+        return done[id(matrix)]
+
+    return [(eigh(b.G, f"{b.name} factor G"), eigh(b.A, f"{b.name} factor A")) for b in blocks]
+
+
 class _EigenbasisInverse(BlockDiagonalOperator):
     """Shared set-up: eigendecompose every factor once; ``self.scales[i]`` = (d_G, d_A, additive
     damping) with the eigenvalues floored and, for factored damping, shifted."""
@@ -92,7 +105,7 @@ class _EigenbasisInverse(BlockDiagonalOperator):
         super().__init__(blocks, n_params, backend)
         self.damping = check_nonnegative(damping, "damping")
         self.eig_floor = check_nonnegative(eig_floor, "eig_floor")
-        self.eigens = [(safe_eigh(b.G, f"{b.name} factor G"), safe_eigh(b.A, f"{b.name} factor A")) for b in self.blocks]
+        self.eigens = decompose_factors(self.blocks)
         self.scales = []
         for block, (eg, ea) in zip(self.blocks, self.eigens):
             d_g, d_a = floored(eg.values, self.eig_floor), floored(ea.values, self.eig_floor)
@@ -159,8 +172,16 @@ class FactoredKronSumInverse(BlockDiagonalOperator):
         if len(current_blocks) != len(self.blocks):
             raise ValueError("average_blocks and current_blocks must have the same length")
         self.alpha = check_nonnegative(alpha, "alpha")
-        summed = [KronBlock(bar.A + alpha * cur.A, bar.G + alpha * cur.G, bar.positions, bar.name) for bar, cur in zip(self.blocks, current_blocks)]
-        self.inner = damped_inverse(summed, n_params, damping, style, eig_floor, backend)
+        sums: dict[tuple[int, int], np.ndarray] = {}
+
+        def summed(average: np.ndarray, current: np.ndarray) -> np.ndarray:  # one array per distinct pair of factors
+            key = (id(average), id(current))
+            if key not in sums:
+                sums[key] = average + alpha * current
+            return sums[key]
+
+        summed_blocks = [KronBlock(summed(bar.A, cur.A), summed(bar.G, cur.G), bar.positions, bar.name) for bar, cur in zip(self.blocks, current_blocks)]
+        self.inner = damped_inverse(summed_blocks, n_params, damping, style, eig_floor, backend)
 
     def apply_block(self, i, V):
         return self.inner.apply_block(i, V)
