@@ -81,3 +81,44 @@ def test_gradient_fisher_and_kfac_factors_match_pytorch(activation):
         abar = np.hstack([activations[l].numpy(), np.ones((len(X), 1))])
         assert np.linalg.norm(A - abar.T @ abar / len(X)) <= 1e-12 * np.linalg.norm(A)
         assert np.linalg.norm(G - G_torch[l]) <= 1e-10 * np.linalg.norm(G_torch[l])
+
+
+def test_cnn_gradient_and_kfc_factors_match_pytorch():
+    """A small CNN loaded into torch through its state dict: autograd gradient, and KFC factors from
+    torch's own unfold and per-sample output gradients (empirical Fisher, textbook scaling)."""
+    from kldwrm_ref.model import Conv2d, Dense, Flatten, MaxPool2d, Network, ReLU
+    from kldwrm_ref.model.weights import theta_to_torch_state_dict
+
+    rng = np.random.default_rng(2)
+    net = Network([Conv2d(2, 3, 3, padding=1), MaxPool2d(2), ReLU(), Conv2d(3, 4, 2, stride=2), ReLU(), Flatten(), Dense(4, 5, init="torch")], (2, 6, 6))
+    theta = net.init(0) + 0.1 * rng.standard_normal(net.n_params)
+    X, y = rng.standard_normal((7, 2, 6, 6)), rng.integers(0, 5, 7)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.MaxPool2d(2), torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 2, stride=2), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4, 5)
+    )
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in theta_to_torch_state_dict(net, theta).items()})
+    x = torch.from_numpy(X)
+    conv_outputs = []
+    h = x
+    for module in model:
+        h = module(h)
+        if isinstance(module, torch.nn.Conv2d):
+            h.retain_grad()
+            conv_outputs.append(h)
+    loss = torch.nn.functional.cross_entropy(h, torch.from_numpy(y), reduction="sum")  # per-sample output gradients
+    loss.backward()
+    grad_torch = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy() / len(y)
+    grad = net.loss_and_grad(theta, X, y)[1]
+    assert np.linalg.norm(grad - grad_torch) <= 1e-10 * np.linalg.norm(grad_torch)
+
+    factors = kfac_factors(net, theta, X, y, "empirical")
+    second_input = model[2](model[1](conv_outputs[0]))  # ReLU(max-pool(conv 1)), as torch computes it
+    for (module, output, inp), f in zip([(model[0], conv_outputs[0], x), (model[3], conv_outputs[1], second_input)], factors[:2]):
+        patches = torch.nn.functional.unfold(inp, module.kernel_size, padding=module.padding, stride=module.stride)  # (N, C k k, T)
+        n, _, t = patches.shape
+        pbar = torch.cat([patches, torch.ones(n, 1, t, dtype=patches.dtype)], dim=1).permute(0, 2, 1).reshape(n * t, -1)
+        A = (pbar.T @ pbar / (n * t)).detach().numpy()
+        delta = output.grad.permute(0, 2, 3, 1).reshape(n * t, -1)
+        G = (delta.T @ delta / n).numpy()
+        np.testing.assert_allclose(f.A, A, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(f.G, G, rtol=1e-10, atol=1e-14)
