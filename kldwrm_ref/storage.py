@@ -2,8 +2,9 @@
 
 Every write goes to a temporary file in the target's directory and is moved over the target with
 ``os.replace`` (atomic on POSIX and Windows), so an interrupt leaves either the old or the new
-file.  Checkpoints (theta and the optimiser state) are pickles loaded by an unpickler that
-accepts only numpy arrays/scalars and classes and functions of this package.
+file.  Boolean arrays are stored bit-packed in ``.npz`` files, read without pickle.  Checkpoints
+(theta and the optimiser state) are pickles loaded by an unpickler that accepts only numpy
+arrays/scalars and classes and functions of this package.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
+
+import numpy as np
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> Path:
@@ -59,6 +62,24 @@ def write_csv(path: str | os.PathLike, rows: Sequence[dict], fields: Sequence[st
 def read_csv(path: str | os.PathLike) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
+
+
+def write_bools(path: str | os.PathLike, values: np.ndarray, **scalars: int) -> Path:
+    """Save a 1-D boolean array bit-packed, with named integers, as a compressed ``.npz``."""
+    values = np.asarray(values)
+    if values.ndim != 1 or values.dtype != bool:
+        raise ValueError(f"values must be a 1-D boolean array, got dtype {values.dtype} and shape {values.shape}")
+    if {"bits", "size"} & set(scalars):
+        raise ValueError("scalars must not be named 'bits' or 'size'")
+    arrays: dict[str, Any] = dict(bits=np.packbits(values), size=len(values), **scalars)
+    return atomic_write(path, lambda fh: np.savez_compressed(fh, allow_pickle=False, **arrays))
+
+
+def read_bools(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, int]]:
+    """The boolean array and the named integers saved by :func:`write_bools`."""
+    with np.load(path, allow_pickle=False) as saved:
+        values = np.unpackbits(saved["bits"], count=int(saved["size"])).astype(bool)
+        return values, {key: int(saved[key]) for key in saved.files if key not in ("bits", "size")}
 
 
 class CheckpointUnpickler(pickle.Unpickler):

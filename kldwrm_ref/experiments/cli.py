@@ -1,8 +1,9 @@
 """``kldwrm mnist`` and ``kldwrm train``: command lines over the experiment runner.
 
 ``kldwrm mnist`` runs (or resumes) a configuration (``--config`` or the quick comparison) with
-command-line overrides; ``kldwrm train`` is the short single-seed comparison, the same runner
-with a one-seed configuration written under ``runs/train``.
+command-line overrides, serially or in parallel (``--jobs``, ``--scheduler``); ``kldwrm train``
+is the short single-seed comparison, the same runner with a one-seed configuration written under
+``runs/train``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from kldwrm_ref import optim
 from kldwrm_ref.backends import BACKENDS
+from kldwrm_ref.experiments import parallel
 from kldwrm_ref.experiments.config import DTYPES, NAMED_NETWORKS, QUICK, validate_config
 from kldwrm_ref.experiments.report import write_summary
 from kldwrm_ref.experiments.runner import run_experiment
@@ -96,7 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="runs", help="output folder (default: runs)")
     parser.add_argument("--summary-only", action="store_true", help="rebuild the summary and plots from existing runs")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="run N runs at a time in worker processes (default 1: serially); needs the 'parallel' extra")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="run the runs on the Dask distributed cluster at ADDRESS (e.g. tcp://host:8786); needs the 'parallel' extra")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be an integer >= 1, got {args.jobs}")
+    if args.scheduler and args.jobs > 1:
+        parser.error("--jobs and --scheduler exclude each other: the cluster's workers set how many runs run at a time")
     try:
         cfg = validate_config(config_from_args(args))
     except (ValueError, OSError) as error:
@@ -104,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.summary_only:
         print(write_summary(Path(args.out) / cfg["name"], cfg))
         return 0
-    run_experiment(cfg, args.out, progress=not args.no_progress)
+    if args.jobs > 1 or args.scheduler:
+        try:
+            parallel.require(args.scheduler)
+        except ImportError as error:
+            parser.exit(2, f"kldwrm mnist: error: {error}\n")
+    run_experiment(cfg, args.out, progress=not args.no_progress, jobs=args.jobs, scheduler=args.scheduler)
     return 0
 
 

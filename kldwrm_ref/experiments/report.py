@@ -6,7 +6,10 @@ the seeds that reached it, with how many did), seconds per epoch.  Because every
 seed starts from the same weights and sees the same batches, the comparison is also
 given paired by seed against the first optimiser of the configuration (K-FAC, or EA-CM for the
 exact family): the mean +- std of the per-seed accuracy differences and the number of seeds on
-which the method is ahead.
+which the method is ahead.  Per architecture, a significance table tests the final test accuracy
+against that baseline (:mod:`kldwrm_ref.experiments.statistics`): mean difference with its 95% t
+interval, paired t and Wilcoxon p, the t p Holm-adjusted over every comparison of the summary, and
+on how many seeds the exact McNemar test on the per-example test correctness gives p < 0.05.
 """
 
 from __future__ import annotations
@@ -16,23 +19,32 @@ from pathlib import Path
 import numpy as np
 
 from kldwrm_ref.experiments.config import expand
-from kldwrm_ref.storage import read_csv, read_json, write_text
+from kldwrm_ref.experiments.statistics import holm, mcnemar, paired_comparison
+from kldwrm_ref.storage import read_bools, read_csv, read_json, write_text
 
 THRESHOLDS = (0.97, 0.98)
+ALPHA = 0.05
 
 
 def collect(root: Path, cfg: dict) -> dict:
-    """{(architecture label, optimiser): [per-seed dict(seed, status, metrics arrays)]} from the run files."""
+    """{(architecture label, optimiser): [per-seed dict(seed, status, metrics arrays, correct)]} from the run files.
+
+    ``correct`` is the per-example test correctness of the last epoch in ``metrics``, or None.
+    """
     groups: dict = {}
     for spec in expand(cfg):
         run_dir = root / spec.label
         arch = spec.label.split("/")[0]
-        entry: dict = dict(seed=spec.seed, status=None, metrics={})
+        entry: dict = dict(seed=spec.seed, status=None, metrics={}, correct=None)
         if (run_dir / "status.json").exists():
             entry["status"] = read_json(run_dir / "status.json")
         if (run_dir / "metrics.csv").exists():
             rows = read_csv(run_dir / "metrics.csv")
             entry["metrics"] = {key: np.array([float(r[key]) for r in rows]) for key in (rows[0] if rows else {})}
+        if entry["metrics"] and (run_dir / "test_correct.npz").exists():
+            correct, saved = read_bools(run_dir / "test_correct.npz")
+            if saved.get("epoch") == int(entry["metrics"]["epoch"][-1]):
+                entry["correct"] = correct
         groups.setdefault((arch, spec.optimizer), []).append(entry)
     return groups
 
@@ -106,22 +118,56 @@ def results_table(groups: dict) -> str:
     return "\n".join(lines)
 
 
+def comparisons(groups: dict, baseline: str) -> list[tuple[str, str, list]]:
+    """(architecture, optimiser, [(run, baseline run)]) for each method with a seed both finished with as many epochs."""
+    out = []
+    for (arch, name), runs in groups.items():
+        if name == baseline or (arch, baseline) not in groups:
+            continue
+        base = {r["seed"]: r for r in _usable(groups[(arch, baseline)])}
+        pairs = [(r, base[r["seed"]]) for r in _usable(runs) if r["seed"] in base]
+        pairs = [(m, b) for m, b in pairs if len(m["metrics"]["epoch"]) == len(b["metrics"]["epoch"])]
+        if pairs:
+            out.append((arch, name, pairs))
+    return out
+
+
 def paired_table(groups: dict, baseline: str) -> str:
     """Per-seed differences (method - baseline) of best and final test accuracy, in points."""
     header = ["architecture", "optimizer", "seeds", "best acc - " + baseline, "final acc - " + baseline, "ahead on best", "ahead on final"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (arch, name), runs in groups.items():
-        if name == baseline or (arch, baseline) not in groups:
-            continue
-        base = {r["seed"]: r["metrics"] for r in _usable(groups[(arch, baseline)])}
-        pairs = [(r["metrics"], base[r["seed"]]) for r in _usable(runs) if r["seed"] in base]
-        pairs = [(m, b) for m, b in pairs if len(m["epoch"]) == len(b["epoch"])]  # same number of epochs
-        if not pairs:
-            continue
-        best = np.array([m["test_accuracy"].max() - b["test_accuracy"].max() for m, b in pairs])
-        final = np.array([m["test_accuracy"][-1] - b["test_accuracy"][-1] for m, b in pairs])
+    for arch, name, pairs in comparisons(groups, baseline):
+        best = np.array([m["metrics"]["test_accuracy"].max() - b["metrics"]["test_accuracy"].max() for m, b in pairs])
+        final = np.array([m["metrics"]["test_accuracy"][-1] - b["metrics"]["test_accuracy"][-1] for m, b in pairs])
         lines.append("| " + " | ".join([arch, name, str(len(pairs)), _mean_std(best), _mean_std(final), f"{int((best > 0).sum())}/{len(pairs)}", f"{int((final > 0).sum())}/{len(pairs)}"]) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _p(value: float) -> str:
+    return "-" if np.isnan(value) else f"{value:.3f}" if value >= 0.001 else f"{value:.0e}"
+
+
+def significance_tables(groups: dict, baseline: str) -> dict[str, str]:
+    """{architecture: markdown} testing the final test accuracy of each method against ``baseline``."""
+    rows = []
+    for arch, name, pairs in comparisons(groups, baseline):
+        test = paired_comparison([100 * m["metrics"]["test_accuracy"][-1] for m, _ in pairs], [100 * b["metrics"]["test_accuracy"][-1] for _, b in pairs], ALPHA)
+        mc = [mcnemar(m["correct"], b["correct"]).p for m, b in pairs if m["correct"] is not None and b["correct"] is not None]
+        rows.append((arch, name, test, f"{sum(p < ALPHA for p in mc)}/{len(mc)}" if mc else "-"))
+    adjusted = holm([test.t_p for _, _, test, _ in rows])
+    header = ["optimizer", "seeds", f"final acc - {baseline} [{1 - ALPHA:.0%} CI]", "paired t p", "Wilcoxon p", f"Holm t p ({int(np.count_nonzero(~np.isnan(adjusted)))} tests)", f"seeds with McNemar p < {ALPHA}"]
+    lines: dict[str, list[str]] = {}
+    notes: dict[str, dict[str, list[str]]] = {}  # {arch: {note: [optimisers]}}
+    for (arch, name, test, mc_cell), holm_p in zip(rows, adjusted):
+        interval = f" [{test.ci_low:.2f}, {test.ci_high:.2f}]" if test.n > 1 else ""
+        cells = [name, str(test.n), f"{test.mean:.2f}{interval}", _p(test.t_p), _p(test.wilcoxon_p), _p(holm_p), mc_cell]
+        lines.setdefault(arch, ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]).append("| " + " | ".join(cells) + " |")
+        if test.note:
+            notes.setdefault(arch, {}).setdefault(test.note, []).append(name)
+    tables = {arch: "\n".join(table) for arch, table in lines.items()}
+    for arch, by_note in notes.items():
+        tables[arch] += "\n\n" + "\n".join(f"- {', '.join(names)}: {note}." for note, names in by_note.items())
+    return tables
 
 
 def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
@@ -190,6 +236,14 @@ def write_summary(root: str | Path, cfg: dict) -> str:
     paired = paired_table(groups, baseline)
     if paired:
         parts += ["", f"Paired by seed (same initialisation and batches), difference to {baseline} in accuracy points:", "", paired]
+    tables = significance_tables(groups, baseline)
+    if tables:
+        parts += [
+            "", f"Significance of the final test accuracy minus {baseline}'s, paired by seed, in points; p-values two-sided; "
+            "Holm over the paired t tests of every architecture and method in this summary; McNemar exact, per seed, on which test examples each classifies correctly.",
+        ]
+    for arch, table in tables.items():
+        parts += ["", f"{arch}:", "", table]
     for arch in dict.fromkeys(a for a, _ in groups):
         png = plot(groups, arch, root / f"{arch}.png", cfg["name"])
         if png is not None:

@@ -10,6 +10,8 @@ Per run, in ``OUT/<name>/<architecture>/<optimiser>/seed-<s>/``:
 - ``metrics.csv``: one row per epoch (full-train-set and test loss and accuracy, mean batch loss,
   cumulative training wall time, steps, clip activations);
 - ``checkpoint.pkl``: theta and optimiser state after the last finished epoch;
+- ``test_correct.npz``: which test examples the parameters of the last finished epoch classify
+  correctly (bit-packed, with that ``epoch``), for the McNemar tests of the summary;
 - ``status.json``: ``running``, ``finished`` or ``diverged`` (with the step and quantity).
 
 Every file is written atomically.  Rerunning the same command skips finished and diverged runs
@@ -20,6 +22,8 @@ is rebuilt from the files at the end.
 
 from __future__ import annotations
 
+import functools
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -34,7 +38,8 @@ from kldwrm_ref.data import load_mnist, synthetic_classification
 from kldwrm_ref.experiments.config import RunSpec, build_network, expand, input_size, validate_config
 from kldwrm_ref.experiments.report import write_summary
 from kldwrm_ref.model import Network
-from kldwrm_ref.storage import load_checkpoint, read_csv, read_json, save_checkpoint, write_csv, write_json
+from kldwrm_ref.storage import load_checkpoint, read_csv, read_json, save_checkpoint, write_bools, write_csv, write_json
+from kldwrm_ref.validation import check_positive_int
 
 METRIC_FIELDS = (
     "epoch", "steps", "train_loss", "train_accuracy", "batch_loss", "test_loss", "test_accuracy",
@@ -80,14 +85,14 @@ def resolved_config(spec: RunSpec, opt: optim.Optimizer) -> dict:
 
 
 # ------------------------------------------------------------------------------------ runs
-def evaluate(net: Network, theta: np.ndarray, X: np.ndarray, y: np.ndarray, chunk: int = 10000) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over all of (X, y), in chunks."""
-    loss = correct = 0.0
+def evaluate(net: Network, theta: np.ndarray, X: np.ndarray, y: np.ndarray, chunk: int = 10000) -> tuple[float, float, np.ndarray]:
+    """Mean cross-entropy, accuracy and per-example correctness over all of (X, y), in chunks."""
+    loss, correct = 0.0, np.empty(len(y), dtype=bool)
     for start in range(0, len(y), chunk):
         rows = slice(start, start + chunk)
         loss += net.loss(theta, X[rows], y[rows]) * len(y[rows])
-        correct += float(np.sum(net.predict(theta, X[rows]) == y[rows]))
-    return loss / len(y), correct / len(y)
+        correct[rows] = net.predict(theta, X[rows]) == y[rows]
+    return loss / len(y), np.count_nonzero(correct) / len(y), correct
 
 
 def batches(n: int, batch: int, seed: int, epoch: int):
@@ -126,10 +131,13 @@ def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) 
     config = resolved_config(spec, opt)
     _check_same_run(run_dir, config)
     status = run_status(run_dir)
+    checkpoint_path = run_dir / "checkpoint.pkl"
     if status and (status["state"] == "diverged" or (status["state"] == "finished" and status["epochs_completed"] >= spec.epochs)):
+        if status["state"] == "finished" and checkpoint_path.exists() and not (run_dir / "test_correct.npz").exists():  # finished before the file existed
+            saved = load_checkpoint(checkpoint_path)
+            write_bools(run_dir / "test_correct.npz", evaluate(net, saved["theta"], data.X_test, data.y_test)[2], epoch=saved["epoch"])
         return status
 
-    checkpoint_path = run_dir / "checkpoint.pkl"
     if checkpoint_path.exists():
         saved = load_checkpoint(checkpoint_path)
         theta, state, epoch, wall_time = saved["theta"], saved["state"], saved["epoch"], saved["wall_time"]
@@ -160,8 +168,8 @@ def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) 
                 return _record_divergence(run_dir, epoch - 1, error.step, error.quantity, str(error))
             epoch_time = time.perf_counter() - start
             wall_time += epoch_time
-            train_loss, train_accuracy = evaluate(net, theta, data.X_train, data.y_train)
-            test_loss, test_accuracy = evaluate(net, theta, data.X_test, data.y_test)
+            train_loss, train_accuracy, _ = evaluate(net, theta, data.X_train, data.y_train)
+            test_loss, test_accuracy, test_correct = evaluate(net, theta, data.X_test, data.y_test)
             if not np.isfinite(test_loss) or not np.isfinite(train_loss):
                 return _record_divergence(run_dir, epoch - 1, state.step, "evaluation loss", f"diverged in epoch {epoch}: the evaluation loss is not finite")
             rows.append(dict(
@@ -170,6 +178,7 @@ def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) 
                 wall_time=wall_time, epoch_time=epoch_time, kl_clip_active=clips["kl"], rms_clip_active=clips["rms"],
             ))
             write_csv(run_dir / "metrics.csv", rows, METRIC_FIELDS)
+            write_bools(run_dir / "test_correct.npz", test_correct, epoch=epoch)
             save_checkpoint(checkpoint_path, dict(theta=theta, state=state, epoch=epoch, wall_time=wall_time))
             write_json(run_dir / "status.json", dict(state="running", epochs_completed=epoch))
             bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", acc=f"{100 * test_accuracy:.2f}%", time=f"{wall_time:.0f}s")
@@ -180,22 +189,45 @@ def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) 
     return status
 
 
-def run_experiment(cfg: dict, out: str | Path, progress: bool = True, log=print) -> Path:
-    """Run (or resume) every run of ``cfg`` under ``out/<name>``; writes the summary; returns that folder."""
+def status_line(label: str, status: dict) -> str:
+    """One line of the sweep's log: a run's label and how it ended."""
+    line = f"{label:<40} {status['state']} ({status['epochs_completed']} epochs)"
+    return line + f": {status['message']}" if status["state"] == "diverged" else line
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_data(data_json: str, n_inputs: int, dtype: str) -> Dataset:
+    return load_data(json.loads(data_json), n_inputs, dtype)
+
+
+def run_task(spec: RunSpec, run_dir: str) -> tuple[str, dict]:
+    """One run in a worker process, loading its data itself (cached per process): (its label, its final status)."""
+    data = _cached_data(json.dumps(spec.data, sort_keys=True), input_size(spec.architecture), spec.dtype)
+    return spec.label, run_one(spec, data, Path(run_dir), progress=False)
+
+
+def run_experiment(cfg: dict, out: str | Path, progress: bool = True, log=print, jobs: int = 1, scheduler: str | None = None) -> Path:
+    """Run (or resume) every run of ``cfg`` under ``out/<name>``; writes the summary; returns that folder.
+
+    ``jobs > 1`` or a Dask ``scheduler`` address runs the runs in parallel, as :func:`run_task`
+    (:mod:`kldwrm_ref.experiments.parallel`); runs keep all their state in their folders, so they
+    skip, resume and extend as in a serial sweep.
+    """
     cfg = validate_config(cfg)
+    check_positive_int(jobs, "jobs")
     root = Path(out) / cfg["name"]
     write_json(root / "experiment.json", cfg)
-    datasets: dict[int, Dataset] = {}
-    for spec in expand(cfg):
-        n_inputs = input_size(spec.architecture)
-        if n_inputs not in datasets:
-            datasets[n_inputs] = load_data(cfg["data"], n_inputs, cfg["dtype"])
-        status = run_one(spec, datasets[n_inputs], root / spec.label, progress)
-        line = f"{spec.label:<40} {status['state']} ({status['epochs_completed']} epochs)"
-        if status["state"] == "diverged":
-            line += f": {status['message']}"
-        log(line)
+    if jobs > 1 or scheduler is not None:
+        from kldwrm_ref.experiments.parallel import parallel_map
+
+        for label, status in parallel_map(run_task, [(spec, str(root / spec.label)) for spec in expand(cfg)], jobs, scheduler):
+            log(status_line(label, status))
+    else:
+        datasets: dict[int, Dataset] = {}
+        for spec in expand(cfg):
+            n_inputs = input_size(spec.architecture)
+            if n_inputs not in datasets:
+                datasets[n_inputs] = load_data(cfg["data"], n_inputs, cfg["dtype"])
+            log(status_line(spec.label, run_one(spec, datasets[n_inputs], root / spec.label, progress)))
     log("\n" + write_summary(root, cfg))
     return root
-
-

@@ -1,0 +1,82 @@
+"""Parallel sweeps (``--jobs``, ``--scheduler``) write the same runs as the serial sweep."""
+
+import sys
+
+import pytest
+
+from kldwrm_ref.experiments import runner
+from kldwrm_ref.experiments.cli import main
+from kldwrm_ref.experiments.config import expand, validate_config
+from kldwrm_ref.storage import read_csv, read_json
+
+ARGV = ["--synthetic", "--architectures", "12-8-10", "--optimizers", "kfac", "qe-kld-wrm", "--seeds", "0", "1", "--epochs", "2", "--batch", "40", "--dtype", "float64", "--hyper", "period=3", "--no-progress"]
+TIMELESS = [k for k in runner.METRIC_FIELDS if k not in ("wall_time", "epoch_time")]
+
+
+def sweep(out, *extra):
+    assert main([*ARGV, "--out", str(out), *extra]) == 0
+    cfg = validate_config(read_json(out / "quick/experiment.json"))
+    return {spec.label: out / "quick" / spec.label for spec in expand(cfg)}
+
+
+def assert_same_runs(a: dict, b: dict):
+    assert a.keys() == b.keys() and len(a) == 4
+    for label in a:
+        rows_a, rows_b = read_csv(a[label] / "metrics.csv"), read_csv(b[label] / "metrics.csv")
+        assert [[r[k] for k in TIMELESS] for r in rows_a] == [[r[k] for k in TIMELESS] for r in rows_b], label
+        assert read_json(a[label] / "status.json") == read_json(b[label] / "status.json") == dict(state="finished", epochs_completed=2)
+        config_a, config_b = read_json(a[label] / "config.json"), read_json(b[label] / "config.json")
+        assert config_a == config_b, label
+        assert (a[label] / "test_correct.npz").read_bytes() == (b[label] / "test_correct.npz").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    return sweep(tmp_path_factory.mktemp("serial"))
+
+
+def trained_elsewhere() -> bool:
+    """No run loaded its data in this process: they ran in workers."""
+    return runner._cached_data.cache_info().misses == 0
+
+
+def test_jobs_2_writes_the_serial_runs_extends_and_skips(serial, tmp_path, capsys):
+    runner._cached_data.cache_clear()
+    sweep(tmp_path, "--jobs", "2", "--epochs", "1")
+    runs = sweep(tmp_path, "--jobs", "2")  # the workers extend every run from its epoch-1 checkpoint
+    assert_same_runs(serial, runs)
+    assert "| 12-8-10 | qe-kld-wrm | 2/2 |" in capsys.readouterr().out
+    written = {label: (run / "metrics.csv").stat().st_mtime_ns for label, run in runs.items()}
+    sweep(tmp_path, "--jobs", "2")  # finished: nothing is rewritten
+    assert {label: (run / "metrics.csv").stat().st_mtime_ns for label, run in runs.items()} == written
+    assert trained_elsewhere()
+
+
+def test_a_dask_cluster_writes_the_serial_runs(serial, tmp_path):
+    from distributed import LocalCluster
+
+    runner._cached_data.cache_clear()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        runs = sweep(tmp_path, "--scheduler", cluster.scheduler_address)
+    assert_same_runs(serial, runs)
+    assert trained_elsewhere()
+
+
+def test_missing_extra_gives_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "joblib", None)  # makes `import joblib` fail as if it were not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main([*ARGV, "--out", str(tmp_path), "--jobs", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "kldwrm mnist: error: --jobs needs the optional package joblib: pip install 'kldwrm_ref[parallel]'\n"
+    assert not (tmp_path / "quick").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--jobs", "0"], "--jobs must be an integer >= 1"), (["--jobs", "2", "--scheduler", "tcp://127.0.0.1:1"], "exclude each other")],
+)
+def test_bad_parallel_options(extra, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*ARGV, "--out", str(tmp_path), *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
