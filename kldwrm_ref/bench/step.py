@@ -3,10 +3,11 @@ is to the machine's matrix-product throughput.
 
 1. Breakdown: per optimiser (MLP 784-256-10, batch 512; EA-CM on the dense platform uses a
    49-32-10 net at batch 256, since a dense 203,530-parameter Fisher does not fit), preset, dtype
-   and backend: the median step and the amortised mean step over ``2 T`` steps (T = refresh
-   period, so eigendecompositions are amortised), split into forward/backward, curvature
-   statistics, inverse (eigendecompositions on refresh steps), preconditioning, QE inner solve
-   and the rest; peak traced memory (tracemalloc).
+   and backend: the median step between refreshes, the mean refresh step (with its own phase
+   breakdown in the JSON) and the amortised mean step over ``2 T`` steps (T = refresh period, so
+   eigendecompositions are amortised), split into forward/backward, curvature statistics,
+   inverse (eigendecompositions on refresh steps), preconditioning, QE inner solve and the rest;
+   peak traced memory (tracemalloc).
 2. Limit: the throughput of a large GEMM in float32 and float64, the FLOPs of each step counted
    from the shapes (:func:`step_flops`), and the achieved fraction of that throughput.
 3. Scaling: K-FAC step time against hidden width and batch size, and the dense Fisher build
@@ -98,18 +99,22 @@ def time_steps(name: str, platform: str, preset: str, dtype, backend: str, archi
         theta, state, info = opt.step(theta, state, X[rows_index], y[rows_index])
         wall = time.perf_counter() - start
         if k >= 3:
-            rows.append((wall, info["time"]))
+            rows.append((wall, info["time"], bool(info.get("refreshed", False))))
     peak = 0
     if trace_memory:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    walls = np.array([w for w, _ in rows])
-    phases = {p: float(np.mean([t.get(p, 0.0) for _, t in rows])) for p in PHASES}
+    walls = np.array([w for w, _, _ in rows])
+    refreshed = np.array([r for _, _, r in rows])
+    phases = {p: float(np.mean([t.get(p, 0.0) for _, t, _ in rows])) for p in PHASES}
     phases["rest"] = float(walls.mean()) - sum(phases.values())
+    refresh_phases = {p: float(np.mean([t.get(p, 0.0) for _, t, r in rows if r])) if refreshed.any() else 0.0 for p in PHASES}
     hyper = opt.describe()
     return dict(
         optimizer=name, platform=platform, preset=preset, dtype=np.dtype(dtype).name, backend=backend,
         architecture=arch_label(architecture), batch=batch, period=period, median_s=float(np.median(walls)), mean_s=float(walls.mean()),
+        median_non_refresh_s=float(np.median(walls[~refreshed])) if (~refreshed).any() else float("nan"),
+        refresh_s=float(walls[refreshed].mean()) if refreshed.any() else float("nan"), refresh_phases_s=refresh_phases,
         phases_s=phases, peak_bytes=int(peak), flops=step_flops(name, net, batch, hyper) if isinstance(net, MLP) else float("nan"),
         inner_steps=hyper.get("inner_steps", 0) if name == "qe-kld-wrm" else 0,
     )
@@ -151,11 +156,12 @@ def scaling(dtype, backend: str) -> dict:
 
 
 def format_breakdown(results: list[dict], peaks: dict) -> str:
-    header = f"{'architecture':<12} {'optimizer':<12} {'preset':<6} {'dtype':<7} {'backend':<7} {'median ms':>9} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'peak MB':>8} {'GFLOP':>6} {'% GEMM':>7}"
+    header = f"{'architecture':<12} {'optimizer':<12} {'preset':<6} {'dtype':<7} {'backend':<7}"
+    header += f" {'non-refr':>8} {'refresh':>8} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'peak MB':>8} {'GFLOP':>6} {'% GEMM':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
         fraction = r["flops"] / r["mean_s"] / peaks[r["dtype"]]
-        line = f"{r['architecture']:<12} {r['optimizer']:<12} {r['preset']:<6} {r['dtype']:<7} {r['backend']:<7} {1e3 * r['median_s']:>9.2f} {1e3 * r['mean_s']:>8.2f}"
+        line = f"{r['architecture']:<12} {r['optimizer']:<12} {r['preset']:<6} {r['dtype']:<7} {r['backend']:<7} {1e3 * r['median_non_refresh_s']:>8.2f} {1e3 * r['refresh_s']:>8.2f} {1e3 * r['mean_s']:>8.2f}"
         line += "".join(f" {1e3 * r['phases_s'][p]:>8.2f}" for p in PHASES) + f" {1e3 * r['phases_s']['rest']:>6.2f}"
         flops = f"{r['flops'] / 1e9:>6.2f} {100 * fraction:>6.1f}%" if np.isfinite(r["flops"]) else f"{'-':>6} {'-':>7}"
         line += f" {r['peak_bytes'] / 2**20:>8.1f} {flops}"
@@ -215,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--architectures takes MLP sizes like 784-256-10 or one of {', '.join(NAMED_NETWORKS)}")
     results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, architectures, **overrides)
-    print("\nper-step breakdown (ms; mean = amortised over 2 refresh periods; % GEMM = step FLOPs / mean time / GEMM throughput)")
+    print("\nper-step breakdown (ms; non-refr = median step between refreshes, refresh = mean refresh step, mean = amortised over 2 refresh periods; % GEMM = step FLOPs / mean time / GEMM throughput)")
     print(format_breakdown(results, peaks))
     print("\ntargets (amortised mean step):")
     print(targets(results, peaks))
