@@ -42,7 +42,7 @@ def test_step_bench_times_the_paper_cnn(capsys):
 
 def test_step_bench_separates_refresh_steps_from_the_others():
     """With period 3 over 10 timed steps, refresh and non-refresh times come from their own steps."""
-    result = step_bench.time_steps("kfac", "kfac", "theory", np.float64, "numpy", (6, 5, 3), 8, period=3)
+    result = step_bench.time_steps("kfac", "kfac", "theory", np.float64, "numpy", (100, 60, 10), 64, period=3)
     assert result["period"] == 3 and result["refresh_s"] > 0 and result["median_non_refresh_s"] > 0
     assert result["refresh_phases_s"]["inverse"] > 0  # the eigendecompositions happen on refresh steps
     assert result["refresh_s"] > result["median_non_refresh_s"]  # a refresh adds factor statistics and eigendecompositions
