@@ -1,10 +1,9 @@
-"""Files that must never be left half-written: atomic writes and restricted checkpoint pickles.
+"""Files that must never be left half-written: atomic writes of text, JSON, CSV and bit-packed arrays.
 
 Every write goes to a temporary file in the target's directory and is moved over the target with
 ``os.replace`` (atomic on POSIX and Windows), so an interrupt leaves either the old or the new
 file.  Boolean arrays are stored bit-packed in ``.npz`` files, read without pickle.  Checkpoints
-(theta and the optimiser state) are pickles loaded by an unpickler that accepts only numpy
-arrays/scalars and classes and functions of this package.
+are in :mod:`kldwrm_ref.experiments.checkpoint`.
 """
 
 from __future__ import annotations
@@ -13,11 +12,10 @@ import csv
 import io
 import json
 import os
-import pickle
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -80,28 +78,3 @@ def read_bools(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, int]]:
     with np.load(path, allow_pickle=False) as saved:
         values = np.unpackbits(saved["bits"], count=int(saved["size"])).astype(bool)
         return values, {key: int(saved[key]) for key in saved.files if key not in ("bits", "size")}
-
-
-class CheckpointUnpickler(pickle.Unpickler):
-    """Accepts numpy arrays, dtypes and scalars and this package's own classes; refuses the rest."""
-
-    _NUMPY: ClassVar[set[str]] = {"_reconstruct", "_frombuffer", "ndarray", "dtype", "scalar"}
-
-    def find_class(self, module: str, name: str):
-        package = module.split(".")[0]
-        if package == "kldwrm_ref" or (package == "numpy" and name in self._NUMPY):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"checkpoint refers to {module}.{name}: only numpy and kldwrm_ref objects are allowed")
-
-
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    return atomic_write(path, lambda fh: pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint; one written by an older layout of the package gets a clear error."""
-    with open(path, "rb") as fh:
-        try:
-            return CheckpointUnpickler(fh).load()
-        except (ModuleNotFoundError, AttributeError) as error:
-            raise ValueError(f"{path} was written by an older version of kldwrm_ref ({error}); delete it to restart that run from scratch") from None

@@ -1,17 +1,17 @@
 """``kldwrm mnist``: files, resume equivalence, divergence records, option errors, summary."""
 
-import pickle
 
 import numpy as np
 import pytest
 
 from kldwrm_ref import optim
 from kldwrm_ref.experiments import runner as experiment
+from kldwrm_ref.experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kldwrm_ref.experiments.cli import main
 from kldwrm_ref.experiments.config import expand, validate_config
 from kldwrm_ref.experiments.report import collect, paired_table
 from kldwrm_ref.experiments.runner import run_experiment
-from kldwrm_ref.storage import load_checkpoint, read_csv, read_json
+from kldwrm_ref.storage import read_csv, read_json
 
 TINY = dict(
     name="tiny",
@@ -43,8 +43,9 @@ def test_tiny_end_to_end_writes_every_file(tmp_path):
         assert int(rows[-1]["steps"]) == 2 * (320 // 40)
         config = read_json(run_dir / "config.json")
         assert config["resolved_hyper"]["period"] == 3 and config["kldwrm_ref_version"]
-        saved = load_checkpoint(run_dir / "checkpoint.pkl")
-        assert saved["epoch"] == 2 and saved["state"].step == 16
+        _, state, scalars = load_checkpoint(run_dir / "checkpoint.npz")
+        assert scalars["epoch"] == 2 and state.step == 16 and state.inverse is None
+        assert not (run_dir / "checkpoint.pkl").exists()
     summary = (root / "summary.md").read_text()
     assert "| 12-8-10 | kfac | 2/2 |" in summary and "qe-kld-wrm" in summary
     assert (root / "12-8-10.png").stat().st_size > 10000
@@ -54,7 +55,7 @@ def test_evaluation_matches_the_model(tmp_path):
     """The CSV's accuracies are those of the checkpointed theta, recomputed independently."""
     root = run_experiment({**TINY, "optimizers": ["kfac"], "seeds": [0]}, tmp_path, progress=False, log=lambda *_: None)
     run_dir = root / "12-8-10/kfac/seed-0"
-    theta = load_checkpoint(run_dir / "checkpoint.pkl")["theta"]
+    theta = load_checkpoint(run_dir / "checkpoint.npz")[0]
     data = experiment.load_data(validate_config(TINY)["data"], 12, "float64")
     from kldwrm_ref import MLP
 
@@ -110,7 +111,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
         rows_a, rows_b = read_csv(a / "metrics.csv"), read_csv(b / "metrics.csv")
         timeless = [k for k in experiment.METRIC_FIELDS if k not in ("wall_time", "epoch_time")]
         assert [[r[k] for k in timeless] for r in rows_a] == [[r[k] for k in timeless] for r in rows_b]
-        np.testing.assert_array_equal(load_checkpoint(a / "checkpoint.pkl")["theta"], load_checkpoint(b / "checkpoint.pkl")["theta"])
+        np.testing.assert_array_equal(load_checkpoint(a / "checkpoint.npz")[0], load_checkpoint(b / "checkpoint.npz")[0])
 
 
 def test_finished_runs_are_skipped_and_can_be_extended(tmp_path, monkeypatch):
@@ -207,25 +208,68 @@ def test_paired_table_differences(tmp_path):
     assert expected in table.splitlines()[-1].split("|")[5]
 
 
-def test_checkpoint_unpickler_refuses_foreign_globals(tmp_path):
-    import os
+def test_checkpoint_round_trip_restores_every_array_and_type(tmp_path):
+    """K-FAC (KFACFactors), QE (a wake of iterates, Previous) and a CNN (ConvFactors) states come back exactly."""
+    from kldwrm_ref import MLP
+    from kldwrm_ref.data import synthetic_classification
+    from kldwrm_ref.model import paper_cnn
 
-    path = tmp_path / "evil.pkl"
+    X, y = synthetic_classification(40, 784, 10, seed=0)
+    for net, name in ((MLP([784, 8, 10]), "qe-kld-wrm"), (paper_cnn(), "q-kld-wrm")):
+        opt = optim.make(name, net, platform="kfac", preset="paper", period=2)
+        theta = net.init(0)
+        state = opt.init(theta)
+        for _ in range(4):
+            theta, state, _ = opt.step(theta, state, X, y)
+        save_checkpoint(tmp_path / "c.npz", theta, state, epoch=3, wall_time=1.5)
+        theta2, state2, scalars = load_checkpoint(tmp_path / "c.npz")
+        assert scalars == {"epoch": 3, "wall_time": 1.5}
+        np.testing.assert_array_equal(theta2, theta)
+        expected, got = state._replace(inverse=None), state2
+        assert type(got.ea.average[0]) is type(expected.ea.average[0]) and got.previous.alpha == expected.previous.alpha
+        flat = lambda s: [np.asarray(leaf) for leaf in _leaves(s)]  # noqa: E731
+        for a, b in zip(flat(expected), flat(got), strict=True):
+            np.testing.assert_array_equal(a, b)
+        # resuming from the loaded state continues exactly as the original
+        np.testing.assert_array_equal(opt.step(theta2, state2, X, y)[0], opt.step(theta, state, X, y)[0])
 
-    class Evil:
-        def __reduce__(self):
-            return os.system, ("true",)
 
-    path.write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(pickle.UnpicklingError, match="only numpy and kldwrm_ref"):
+def _leaves(tree):
+    if tree is None:
+        return []
+    if isinstance(tree, tuple):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [tree]
+
+
+def test_damaged_or_foreign_checkpoints_are_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "c.npz"
+    np.savez(path, theta=np.zeros(3))  # an npz without the tree
+    with pytest.raises(CheckpointError, match="no valid tree entry"):
+        load_checkpoint(path)
+    path.write_bytes(b"not a zip file")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    np.savez(path, __tree__=np.array('{"format": "kldwrm-checkpoint-1", "theta": {"array": "theta"}, "state": null, "scalars": {"dict": {}}}'))
+    with pytest.raises(CheckpointError, match="array 'theta' is missing"):
+        load_checkpoint(path)
+    np.save(tmp_path / "obj.npy", np.array([object()], dtype=object), allow_pickle=True)
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:  # an npz whose array is a pickled object array
+        archive.write(tmp_path / "obj.npy", "theta.npy")
+        archive.writestr("__tree__.npy", (tmp_path / "obj.npy").read_bytes())
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(path)
 
 
-def test_checkpoint_of_an_older_package_layout_gets_a_clear_error(tmp_path):
-    path = tmp_path / "old.pkl"
-    path.write_bytes(b"\x80\x04ckldwrm_ref.kfac\nKFACInverse\n.")  # a class of the pre-0.2 flat layout
-    with pytest.raises(ValueError, match="older version of kldwrm_ref"):
-        load_checkpoint(path)
+def test_a_pickle_checkpoint_of_an_older_version_is_refused_unread(tmp_path):
+    cfg = {**TINY, "optimizers": ["kfac"], "seeds": [0], "epochs": 1}
+    run_dir = tmp_path / "tiny/12-8-10/kfac/seed-0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pkl").write_bytes(b"\x80\x04cos\nsystem\n.")  # would run code if unpickled
+    with pytest.raises(CheckpointError, match="never unpickled; delete it"):
+        run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
 
 
 def test_the_paper_cnn_runs_end_to_end_from_the_command_line(tmp_path, capsys):

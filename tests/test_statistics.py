@@ -203,12 +203,12 @@ def table_row(summary: str, arch: str, name: str) -> list[str]:
 def independent_correctness(run_dir, arch):
     """Which test examples the checkpointed parameters classify correctly, from the network's logits."""
     from kldwrm_ref import MLP
+    from kldwrm_ref.experiments.checkpoint import load_checkpoint
     from kldwrm_ref.experiments.config import validate_config
     from kldwrm_ref.experiments.runner import load_data
-    from kldwrm_ref.storage import load_checkpoint
 
     data = load_data(validate_config(SWEEP)["data"], 12, "float64")
-    theta = load_checkpoint(run_dir / "checkpoint.pkl")["theta"]
+    theta = load_checkpoint(run_dir / "checkpoint.npz")[0]
     return np.argmax(MLP(arch).logits(theta, data.X_test), 1) == data.y_test
 
 

@@ -9,7 +9,8 @@ Per run, in ``OUT/<name>/<architecture>/<optimiser>/seed-<s>/``:
 - ``config.json``: the resolved configuration (every hyperparameter), package version, git commit;
 - ``metrics.csv``: one row per epoch (full-train-set and test loss and accuracy, mean batch loss,
   cumulative training wall time, steps, clip activations);
-- ``checkpoint.pkl``: theta and optimiser state after the last finished epoch;
+- ``checkpoint.npz``: theta and optimiser state after the last finished epoch (plain arrays and a
+  JSON tree, no pickle: :mod:`kldwrm_ref.experiments.checkpoint`);
 - ``test_correct.npz``: which test examples the parameters of the last finished epoch classify
   correctly (bit-packed, with that ``epoch``), for the McNemar tests of the summary;
 - ``status.json``: ``running``, ``finished`` or ``diverged`` (with the step and quantity).
@@ -35,10 +36,11 @@ from tqdm import tqdm
 import kldwrm_ref
 from kldwrm_ref import optim
 from kldwrm_ref.data import load_mnist, synthetic_classification
+from kldwrm_ref.experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kldwrm_ref.experiments.config import RunSpec, build_network, expand, input_size, validate_config
 from kldwrm_ref.experiments.report import write_summary
 from kldwrm_ref.model import Network
-from kldwrm_ref.storage import load_checkpoint, read_csv, read_json, save_checkpoint, write_bools, write_csv, write_json
+from kldwrm_ref.storage import read_csv, read_json, write_bools, write_csv, write_json
 from kldwrm_ref.validation import check_positive_int
 
 METRIC_FIELDS = (
@@ -131,16 +133,18 @@ def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) 
     config = resolved_config(spec, opt)
     _check_same_run(run_dir, config)
     status = run_status(run_dir)
-    checkpoint_path = run_dir / "checkpoint.pkl"
+    checkpoint_path = run_dir / "checkpoint.npz"
+    if (run_dir / "checkpoint.pkl").exists():
+        raise CheckpointError(f"{run_dir / 'checkpoint.pkl'} is a pickle checkpoint of an older kldwrm_ref, which is never unpickled; delete it to restart that run from scratch")
     if status and (status["state"] == "diverged" or (status["state"] == "finished" and status["epochs_completed"] >= spec.epochs)):
         if status["state"] == "finished" and checkpoint_path.exists() and not (run_dir / "test_correct.npz").exists():  # finished before the file existed
-            saved = load_checkpoint(checkpoint_path)
-            write_bools(run_dir / "test_correct.npz", evaluate(net, saved["theta"], data.X_test, data.y_test)[2], epoch=saved["epoch"])
+            theta, _, scalars = load_checkpoint(checkpoint_path)
+            write_bools(run_dir / "test_correct.npz", evaluate(net, theta, data.X_test, data.y_test)[2], epoch=int(scalars["epoch"]))
         return status
 
     if checkpoint_path.exists():
-        saved = load_checkpoint(checkpoint_path)
-        theta, state, epoch, wall_time = saved["theta"], saved["state"], saved["epoch"], saved["wall_time"]
+        theta, state, scalars = load_checkpoint(checkpoint_path)
+        epoch, wall_time = int(scalars["epoch"]), float(scalars["wall_time"])
         rows = [r for r in read_csv(run_dir / "metrics.csv") if int(r["epoch"]) <= epoch]
     else:
         theta = net.init(spec.seed)
@@ -179,7 +183,7 @@ def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) 
             ))
             write_csv(run_dir / "metrics.csv", rows, METRIC_FIELDS)
             write_bools(run_dir / "test_correct.npz", test_correct, epoch=epoch)
-            save_checkpoint(checkpoint_path, dict(theta=theta, state=state, epoch=epoch, wall_time=wall_time))
+            save_checkpoint(checkpoint_path, theta, state, epoch=epoch, wall_time=wall_time)
             write_json(run_dir / "status.json", dict(state="running", epochs_completed=epoch))
             bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", acc=f"{100 * test_accuracy:.2f}%", time=f"{wall_time:.0f}s")
     finally:
