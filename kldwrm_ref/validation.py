@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -48,3 +50,33 @@ def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
 
+
+
+def check_output_file(path: str | os.PathLike, name: str) -> Path:
+    """A file path that can be written: not a directory, in an existing writable directory."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a directory; give the path of a file to write")
+    folder = target.parent
+    if not folder.exists():
+        raise ValueError(f"{name} {str(path)!r}: the directory {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{name} {str(path)!r}: {str(folder)!r} is not a directory")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{name} {str(path)!r}: the directory {str(folder)!r} is not writable")
+    return target
+
+
+def check_output_dir(path: str | os.PathLike, name: str) -> Path:
+    """A directory that exists and is writable, or can be created below a writable directory."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{name} {str(path)!r} exists and is not a directory")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name} {str(path)!r}: {str(existing)!r} is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{name} {str(path)!r}: {str(existing)!r} is not writable")
+    return target

@@ -41,3 +41,32 @@ def test_cli_lists_commands_and_rejects_unknown(capsys):
     assert cli.main(["frobnicate"]) == 2
     with pytest.raises(SystemExit):
         train_main(["--epochs", "0", "--synthetic"])
+
+
+def _bad_paths(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    return {"missing directory": str(tmp_path / "missing" / "x.json"), "a directory": str(tmp_path), "below a file": str(a_file / "x.json")}, a_file
+
+
+@pytest.mark.parametrize("command", ["verify", "bench step", "mnist", "train"])
+def test_bad_output_paths_fail_at_once_with_one_line(command, tmp_path, capsys):
+    """Every output path is checked before any work: exit 2 with one line naming the option, within a second."""
+    import time
+
+    json_paths, a_file = _bad_paths(tmp_path)
+    if command in ("mnist", "train"):
+        cases = {"an existing file": [str(a_file)], "below a file": [str(a_file / "runs")]}
+        option = "--out"
+    else:
+        cases = {label: [path] for label, path in json_paths.items()}
+        option = "--json"
+    argv_head = command.split() + (["--synthetic"] if command in ("verify", "mnist", "train") else [])
+    for label, (path,) in cases.items():
+        start = time.perf_counter()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*argv_head, option, path])
+        assert exit_info.value.code == 2, label
+        assert time.perf_counter() - start < 1.0, label
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("kldwrm") and option in err[-1] and "Traceback" not in "\n".join(err), (label, err)

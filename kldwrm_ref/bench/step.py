@@ -31,6 +31,7 @@ from kldwrm_ref.data import synthetic_classification
 from kldwrm_ref.model import MLP
 from kldwrm_ref.model.zoo import NAMED_NETWORKS, arch_label, build_network, input_size
 from kldwrm_ref.storage import write_json
+from kldwrm_ref.validation import check_output_file
 
 PHASES = ("forward_backward", "curvature", "inverse", "precondition", "inner")
 BREAKDOWN_OPTIMIZERS = (
@@ -213,6 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling tables")
     parser.add_argument("--json", metavar="PATH", help="also write every number to PATH")
     args = parser.parse_args(argv)
+    if args.json:
+        try:
+            check_output_file(args.json, "--json")
+        except ValueError as error:
+            parser.error(str(error))
     overrides = {"damping_style": args.damping_style} if args.damping_style else {}
     peaks = {name: gemm_throughput(np.dtype(name).type) for name in ("float32", "float64")}
     print("GEMM throughput (2048^3): " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))

@@ -21,6 +21,7 @@ from kldwrm_ref.experiments.report import write_summary
 from kldwrm_ref.experiments.runner import run_experiment
 from kldwrm_ref.model import ACTIVATIONS
 from kldwrm_ref.storage import read_json
+from kldwrm_ref.validation import check_output_dir
 
 
 def _parse_value(text: str):
@@ -106,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scheduler and args.jobs > 1:
         parser.error("--jobs and --scheduler exclude each other: the cluster's workers set how many runs run at a time")
     try:
+        check_output_dir(args.out, "--out")
         cfg = validate_config(config_from_args(args))
     except (ValueError, OSError) as error:
         parser.error(str(error))
@@ -136,6 +138,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.batch < 1 or args.hidden < 1:
         parser.error("--epochs, --batch and --hidden must be >= 1")
+    try:
+        check_output_dir(args.out, "--out")
+    except ValueError as error:
+        parser.error(str(error))
     cfg = dict(
         name="train", description=f"single-seed comparison, MLP 784-{args.hidden}-10", optimizers=args.optimizers,
         architectures=[[784, args.hidden, 10]], epochs=args.epochs, seeds=[args.seed], batch=args.batch,

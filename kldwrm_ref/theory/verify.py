@@ -10,7 +10,6 @@ training trajectory with the exact Fisher.  Errors are relative to the step:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,8 +23,10 @@ from kldwrm_ref.curvature.fisher import fisher, kl_divergence
 from kldwrm_ref.curvature.kfac import kfac_factors
 from kldwrm_ref.data import load_mnist, synthetic_classification
 from kldwrm_ref.model import MLP, Conv2d, Dense, Flatten, Network, Tanh
+from kldwrm_ref.storage import write_json
 from kldwrm_ref.theory.objectives import OBJECTIVES, History, QuadraticObjective, check_history, qe_objective, quadratic_divergence
 from kldwrm_ref.theory.recursion import recursive_trajectory
+from kldwrm_ref.validation import check_output_file
 
 TOLERANCE = 1e-9
 
@@ -305,14 +306,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         parser.error("--steps and --batch must be >= 1")
+    if args.json:
+        try:
+            check_output_file(args.json, "--json")
+        except ValueError as error:
+            parser.error(str(error))
     start = time.perf_counter()
     results = run_all(args.seed, args.steps, args.batch, args.synthetic)
     print(format_table(results))
     failed = [r for r in results if r.status == "FAIL"]
     print(f"\n{len(results) - len(failed)} of {len(results)} checks passed or informational, {len(failed)} failed ({time.perf_counter() - start:.1f} s)")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump([{**r._asdict(), "status": r.status} for r in results], fh, indent=2)
+        write_json(args.json, [{**r._asdict(), "status": r.status} for r in results])
     return 1 if failed else 0
 
 
