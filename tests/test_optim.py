@@ -176,3 +176,58 @@ def test_forced_divergence_raises_with_step_and_quantity(problem, name, monkeypa
         for X, y in batches:
             theta, state, _ = opt.step(theta, state, X, y)
     assert (info.value.step, info.value.quantity) == (2, "gradient")
+
+
+def _first_divergence(opt, theta, batches):
+    state = opt.init(theta)
+    with pytest.raises(DivergenceError) as info:
+        for X, y in batches:
+            theta, state, _ = opt.step(theta, state, X, y)
+    return info.value
+
+
+@pytest.mark.parametrize("name", ["sgd", "kfac", "qe-kld-wrm"])
+def test_a_batch_with_a_nan_is_a_divergence_at_its_step(problem, name):
+    mlp, batches = problem
+    poisoned = [(X.copy(), y) for X, y in batches[:4]]
+    poisoned[2][0][1, 3] = np.nan
+    opt = make(name, mlp, platform="kfac" if name == "kfac" else "dense", inner_steps=1)
+    error = _first_divergence(opt, mlp.init(0), poisoned)
+    assert (error.step, error.quantity) == (2, "batch") and "NaN or an infinity" in str(error)
+
+
+@pytest.mark.parametrize("name", ["sgd", "so-kld-wrm"])
+def test_a_step_size_schedule_returning_inf_is_a_divergence(problem, name):
+    mlp, batches = problem
+    opt = make(name, mlp, step_size=lambda k: 0.1 if k < 3 else float("inf"))
+    error = _first_divergence(opt, mlp.init(0), batches)
+    assert (error.step, error.quantity) == (3, "step size")
+
+
+def test_zero_damping_with_a_rank_deficient_factor_is_a_divergence():
+    """Two samples in 6 dimensions: A has rank <= 3, so G (x) A with damping 0 is singular."""
+    X, y = synthetic_classification(2, 6, 4, seed=0)
+    mlp = MLP([6, 5, 4], "tanh")
+    opt = make("kfac", mlp, platform="kfac", damping=0.0, weight_decay=0.0)
+    error = _first_divergence(opt, mlp.init(0), [(X, y)])
+    assert (error.step, error.quantity) == (0, "curvature inverse") and "singular" in str(error)
+
+
+def test_a_failing_eigendecomposition_is_a_divergence(problem, monkeypatch):
+    """scipy's eigh raising LinAlgError (also on the float64 retry with jitter) ends the run at that step."""
+    import scipy.linalg
+
+    mlp, batches = problem
+    opt = make("kfac", mlp, platform="kfac", period=2)
+    real, calls = scipy.linalg.eigh, []
+
+    def failing_after_first_refresh(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2 * mlp.n_layers:  # the first refresh decomposes A and G of each layer
+            raise np.linalg.LinAlgError("forced")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "eigh", failing_after_first_refresh)
+    with pytest.warns(RuntimeWarning, match="retrying in float64 with jitter"):
+        error = _first_divergence(opt, mlp.init(0), batches)
+    assert (error.step, error.quantity) == (2, "curvature inverse") and "failed even with jitter" in str(error)

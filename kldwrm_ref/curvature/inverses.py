@@ -30,6 +30,10 @@ DAMPING_STYLES = ("eigen", "factored", "factored-explicit")
 KRON_SUM_MODES = ("exact", "factored")
 
 
+class SingularCurvatureError(ValueError):
+    """The damped K-FAC matrix has a zero eigenvalue (damping 0 with a rank-deficient factor)."""
+
+
 def _block_matrix(block: KronBlock, v: np.ndarray) -> np.ndarray:
     return v[block.positions].reshape(block.G.shape[0], block.A.shape[0])
 
@@ -115,7 +119,7 @@ class _EigenbasisInverse(BlockDiagonalOperator):
             else:
                 add = self.damping
             if np.any(np.outer(d_g, d_a) + add <= 0):
-                raise ValueError(f"{block.name}: damped K-FAC matrix is singular; use damping > 0")
+                raise SingularCurvatureError(f"{block.name}: damped K-FAC matrix is singular; use damping > 0")
             self.scales.append((d_g, d_a, add))
 
     def apply_block(self, i, V):

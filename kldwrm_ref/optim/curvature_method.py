@@ -26,13 +26,14 @@ import numpy as np
 
 from kldwrm_ref.curvature.averaging import ExponentialAverage
 from kldwrm_ref.curvature.estimators import DenseEstimator, Estimator, KFACEstimator
+from kldwrm_ref.curvature.inverses import SingularCurvatureError
 from kldwrm_ref.curvature.linalg import CurvatureError
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.optim.clipping import clip_direction
 from kldwrm_ref.optim.correction import authors_corrected_gradient, wake_corrected_gradient
-from kldwrm_ref.optim.hyper import Hyper, step_size_at
+from kldwrm_ref.optim.hyper import Hyper
 from kldwrm_ref.optim.qe import inner_solve
-from kldwrm_ref.optim.state import DivergenceError, Optimizer, OptState, Previous, finite_or_raise
+from kldwrm_ref.optim.state import DivergenceError, Optimizer, OptState, Previous, check_batch, finite_or_raise, step_size_or_raise
 
 
 class MethodSpec(NamedTuple):
@@ -82,7 +83,8 @@ def make_curvature_method(name: str, net: Network, hyper: Hyper, platform: str) 
     def step(theta: np.ndarray, state: OptState, X: np.ndarray, y: np.ndarray):
         timer, k = _PhaseTimer(), state.step
         assert state.ea is not None, "state was not made by this optimiser's init"
-        alpha = step_size_at(hyper.step_size, k)
+        alpha = step_size_or_raise(hyper.step_size, k)
+        check_batch(k, X)
 
         with timer("forward_backward"):  # 1. gradient
             masks = (hyper.seed, k, 1)  # dropout masks of this step: the same in every pass of the step
@@ -146,7 +148,7 @@ def _refreshed_inverse(estimator: Estimator, cached, updates: int, refresh: bool
         if cached is None or cached[0] != key:
             cached = (key, estimator.sum_inverse(averaged, B, alpha))
         return cached, cached[1]
-    except CurvatureError as error:
+    except (CurvatureError, SingularCurvatureError) as error:
         raise DivergenceError(k, "curvature inverse", f"failed: {error}") from error
 
 

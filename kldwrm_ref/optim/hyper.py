@@ -155,9 +155,3 @@ def resolve(name: str, preset: str, overrides: dict[str, Any]) -> Hyper:
     if name != "sgd" and hyper.momentum != 0:
         raise ValueError(f"momentum applies to 'sgd' only; {name!r} takes no momentum (got momentum={hyper.momentum!r})")
     return hyper
-
-
-def step_size_at(step_size: StepSize, k: int) -> float:
-    """alpha_k from a constant or a callable of the step number."""
-    alpha = step_size(k) if callable(step_size) else step_size
-    return check_positive(alpha, f"step size at step {k}")

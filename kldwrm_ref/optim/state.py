@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,6 +30,20 @@ def finite_or_raise(step: int, quantity: str, value: Any) -> None:
             finite_or_raise(step, quantity, leaf)
         elif not np.all(np.isfinite(leaf)):
             raise DivergenceError(step, quantity)
+
+
+def step_size_or_raise(step_size, k: int) -> float:
+    """alpha_k, or :class:`DivergenceError` when a schedule returns a non-finite or non-positive value."""
+    from_schedule = step_size(k) if callable(step_size) else step_size
+    if not isinstance(from_schedule, numbers.Real) or not math.isfinite(from_schedule) or from_schedule <= 0:
+        raise DivergenceError(k, "step size", f"is {from_schedule!r}, not a finite number > 0")
+    return float(from_schedule)
+
+
+def check_batch(k: int, X: np.ndarray) -> None:
+    """A batch with a NaN or an infinity ends the run as diverged at step k (quantity "batch")."""
+    if not np.all(np.isfinite(X)):
+        raise DivergenceError(k, "batch", "holds a NaN or an infinity")
 
 
 class Previous(NamedTuple):
