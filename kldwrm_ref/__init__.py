@@ -8,7 +8,9 @@ implementer must match in docs/conventions.md.  The package follows the pipeline
 - :mod:`kldwrm_ref.curvature` - Fisher, K-FAC, inverses, exponential averaging, estimators;
 - :mod:`kldwrm_ref.optim` - the optimisers (optax-style ``init`` / ``step``);
 - :mod:`kldwrm_ref.theory`, :mod:`kldwrm_ref.experiments`, :mod:`kldwrm_ref.bench` - the checks,
-  the MNIST experiments and the benchmarks; :mod:`kldwrm_ref.data` - MNIST without internet.
+  the MNIST experiments and the benchmarks; :mod:`kldwrm_ref.data` - MNIST without internet;
+- :mod:`kldwrm_ref.trajectory`, :mod:`kldwrm_ref.testing` - per-step reference trajectories and the
+  assertion that compares another implementation's with them (docs/trajectory-format.md).
 """
 
 __version__ = "0.2.0"

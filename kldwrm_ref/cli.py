@@ -1,4 +1,4 @@
-"""The ``kldwrm`` command: ``verify``, ``mnist``, ``train``, ``bench``."""
+"""The ``kldwrm`` command: ``verify``, ``mnist``, ``train``, ``bench``, ``trajectory``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from collections.abc import Callable, Sequence
 from kldwrm_ref.bench import cli as bench_cli
 from kldwrm_ref.experiments import cli as experiments_cli
 from kldwrm_ref.theory import verify
+from kldwrm_ref.trajectory import cli as trajectory_cli
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "verify": (verify.main, "run the paper's claims as numerical checks"),
     "mnist": (experiments_cli.main, "resumable multi-seed MNIST experiments, summary table and plots"),
     "train": (experiments_cli.train_main, "short single-seed MNIST comparison of optimisers"),
     "bench": (bench_cli.main, "benchmarks that print numbers (curvature, kernels, step)"),
+    "trajectory": (trajectory_cli.main, "export per-step reference trajectories, compare two (docs/trajectory-format.md)"),
 }
 
 
@@ -21,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: kldwrm COMMAND [options]", "", "commands:"]
-        lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nkldwrm: unknown command {argv[0]!r}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The package's import graph: no cycles, and imports go one way along the pipeline
-validation/storage/data <- backends <- model <- curvature <- optim <- {theory, experiments, bench} <- cli."""
+validation/storage/data <- backends <- model <- curvature <- optim <- {theory, experiments, bench, trajectory}
+<- testing <- cli."""
 
 import ast
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import kldwrm_ref
 
 PACKAGE = Path(kldwrm_ref.__file__).parent
-LAYERS = {"validation": 0, "storage": 0, "data": 1, "backends": 1, "model": 2, "curvature": 3, "optim": 4, "theory": 5, "experiments": 5, "bench": 5, "cli": 6}
+LAYERS = {"validation": 0, "storage": 0, "data": 1, "backends": 1, "model": 2, "curvature": 3, "optim": 4, "theory": 5, "experiments": 5, "bench": 5, "trajectory": 5, "testing": 6, "cli": 7}
 
 
 def module_name(path: Path) -> str:

@@ -71,11 +71,16 @@ class KFACOperator(BlockDiagonalOperator):
         return mm(mm(block.G, V), block.A)
 
 
-def pi_damping(A: np.ndarray, G: np.ndarray, damping: float) -> tuple[float, float]:
-    """Martens & Grosse (2015) factored damping: gamma_A = pi sqrt(eta), gamma_G = sqrt(eta) / pi,
-    pi = sqrt((tr A / dim A) / (tr G / dim G)); pi = 1 when a trace is not positive."""
+def pi_factor(A: np.ndarray, G: np.ndarray) -> float:
+    """pi = sqrt((tr A / dim A) / (tr G / dim G)); 1 when a trace is not positive (§5.2)."""
     tr_a, tr_g = np.trace(A) / A.shape[0], np.trace(G) / G.shape[0]
-    pi = float(np.sqrt(tr_a / tr_g)) if tr_a > 0 and tr_g > 0 else 1.0
+    return float(np.sqrt(tr_a / tr_g)) if tr_a > 0 and tr_g > 0 else 1.0
+
+
+def pi_damping(A: np.ndarray, G: np.ndarray, damping: float) -> tuple[float, float]:
+    """Martens & Grosse (2015) factored damping: gamma_A = pi sqrt(eta), gamma_G = sqrt(eta) / pi
+    with pi = :func:`pi_factor`."""
+    pi = pi_factor(A, G)
     root = float(np.sqrt(damping))
     return pi * root, root / pi
 
@@ -101,7 +106,8 @@ def decompose_factors(blocks: Sequence[KronBlock]) -> list[tuple[Eigen, Eigen]]:
 
 class _EigenbasisInverse(BlockDiagonalOperator):
     """Shared set-up: eigendecompose every factor once; ``self.scales[i]`` = (d_G, d_A, additive
-    damping) with the eigenvalues floored and, for factored damping, shifted."""
+    damping) with the eigenvalues floored and, for factored damping, shifted; ``self.pis`` the pi
+    of every block under factored damping (None under eigen damping)."""
 
     factored = False
 
@@ -111,9 +117,11 @@ class _EigenbasisInverse(BlockDiagonalOperator):
         self.eig_floor = check_nonnegative(eig_floor, "eig_floor")
         self.eigens = decompose_factors(self.blocks)
         self.scales = []
+        pis: list[float] = []
         for block, (eg, ea) in zip(self.blocks, self.eigens):
             d_g, d_a = floored(eg.values, self.eig_floor), floored(ea.values, self.eig_floor)
             if self.factored:
+                pis.append(pi_factor(block.A, block.G))
                 gamma_a, gamma_g = pi_damping(block.A, block.G, self.damping)
                 d_g, d_a, add = d_g + gamma_g, d_a + gamma_a, 0.0
             else:
@@ -121,6 +129,12 @@ class _EigenbasisInverse(BlockDiagonalOperator):
             if np.any(np.outer(d_g, d_a) + add <= 0):
                 raise SingularCurvatureError(f"{block.name}: damped K-FAC matrix is singular; use damping > 0")
             self.scales.append((d_g, d_a, add))
+        self.pis = pis if self.factored else None
+
+    @property
+    def eigenpairs(self) -> list[tuple[Eigen, Eigen]]:
+        """(eigh of G, eigh of A) per block: the bases the inverse is applied in."""
+        return self.eigens
 
     def apply_block(self, i, V):
         mm = self.backend.matmul
@@ -186,6 +200,12 @@ class FactoredKronSumInverse(BlockDiagonalOperator):
 
         summed_blocks = [KronBlock(summed(bar.A, cur.A), summed(bar.G, cur.G), bar.positions, bar.name) for bar, cur in zip(self.blocks, current_blocks)]
         self.inner = damped_inverse(summed_blocks, n_params, damping, style, eig_floor, backend)
+        self.pis = self.inner.pis
+
+    @property
+    def eigenpairs(self) -> list[tuple[Eigen, Eigen]]:
+        """(eigh of Gbar + alpha G_k, eigh of Abar + alpha A_k) per block."""
+        return self.inner.eigens
 
     def apply_block(self, i, V):
         return self.inner.apply_block(i, V)
@@ -203,11 +223,18 @@ class ExactKronSumInverse(BlockDiagonalOperator):
         self.alpha = check_nonnegative(alpha, "alpha")
         check_positive(damping, "damping (kron_sum='exact' needs damping > 0)")
         self.general = []
+        self.pis = []
         for bar, cur in zip(self.blocks, current_blocks):
+            self.pis.append(pi_factor(bar.A, bar.G))
             gamma_a, gamma_g = pi_damping(bar.A, bar.G, damping)
             ea = safe_eigh(cur.A, f"{bar.name} Kronecker-sum factor A", bar.A + gamma_a * np.eye(bar.A.shape[0]))
             eg = safe_eigh(cur.G, f"{bar.name} Kronecker-sum factor G", bar.G + gamma_g * np.eye(bar.G.shape[0]))
             self.general.append((eg, ea))
+
+    @property
+    def eigenpairs(self) -> list[tuple[Eigen, Eigen]]:
+        """(generalised eigenpairs of G_k, of A_k) per block (V_G, V_A normalised as in §5.5)."""
+        return self.general
 
     def apply_block(self, i, V):
         eg, ea = self.general[i]

@@ -105,6 +105,9 @@ class ParameterFree:
 
     name = "parameter-free"
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
     def param_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         return ()
 

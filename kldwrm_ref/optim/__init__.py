@@ -38,12 +38,12 @@ from kldwrm_ref.optim.curvature_method import SPECS, MethodSpec, make_curvature_
 from kldwrm_ref.optim.hyper import NAMES, PLATFORMS, Hyper, resolve
 from kldwrm_ref.optim.hyper import PRESETS_NAMES as PRESETS
 from kldwrm_ref.optim.sgd import make_sgd
-from kldwrm_ref.optim.state import DivergenceError, Optimizer, OptState, Previous
+from kldwrm_ref.optim.state import DivergenceError, Optimizer, OptState, Previous, StepTrace
 from kldwrm_ref.validation import check_choice
 
 __all__ = [
     "NAMES", "PLATFORMS", "PRESETS", "SPECS", "DivergenceError", "Hyper", "MethodSpec", "OptState", "Optimizer",
-    "Previous", "clip_direction", "kl_clip_factor", "make", "rms_clip",
+    "Previous", "StepTrace", "clip_direction", "kl_clip_factor", "make", "rms_clip",
 ]
 
 
@@ -52,7 +52,8 @@ def make(name: str, net: Network, platform: str | None = None, preset: str = "th
 
     ``platform``: "dense" (exact curvature matrices) or "kfac" (default for ``name="kfac"``);
     ``preset``: "theory" or "paper"; ``overrides``: any :class:`Hyper` field.  The network is
-    re-bound to ``backend``.
+    re-bound to ``backend`` (``Optimizer.network``).  The curvature methods put a
+    :class:`StepTrace` of every step into ``info["trace"]``.
     """
     name = check_choice(name, "name", NAMES)
     platform = check_choice(platform or ("kfac" if name == "kfac" else "dense"), "platform", PLATFORMS)
@@ -64,4 +65,4 @@ def make(name: str, net: Network, platform: str | None = None, preset: str = "th
     if net.backend is not resolved:
         net = net.with_backend(resolved)
     optimizer = make_sgd(net, hyper) if name == "sgd" else make_curvature_method(name, net, hyper, platform)
-    return optimizer._replace(platform=platform, preset=preset, backend=resolved.name)
+    return optimizer._replace(platform=platform, preset=preset, backend=resolved.name, network=net)

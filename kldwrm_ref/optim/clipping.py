@@ -21,15 +21,27 @@ def clip_groups(net: Network, per: str) -> list[slice]:
     return list(layers.values())
 
 
+def _group_factors(v: np.ndarray, limit: float, groups: list[slice]) -> np.ndarray:
+    """Per group, min(1, limit / RMS(v_t)) with RMS = |v_t| / sqrt(size) (1 for a zero group)."""
+    factors = []
+    for sl in groups:
+        rms = np.linalg.norm(v[sl]) / np.sqrt(v[sl].size)
+        factors.append(min(1.0, limit / rms) if rms > 0 else 1.0)
+    return np.array(factors, dtype=np.float64)
+
+
+def _scaled(v: np.ndarray, factors: np.ndarray, groups: list[slice]) -> np.ndarray:
+    out = v.copy()
+    for sl, factor in zip(groups, factors):
+        out[sl] *= factor
+    return out
+
+
 def rms_clip(net: Network, v: np.ndarray, limit: float, per: str = "layer") -> tuple[np.ndarray, float]:
     """Per group v_t *= min(1, limit / RMS(v_t)), RMS = |v_t| / sqrt(size); returns (v, smallest factor)."""
-    out, smallest = v.copy(), 1.0
-    for sl in clip_groups(net, per):
-        rms = np.linalg.norm(v[sl]) / np.sqrt(v[sl].size)
-        factor = min(1.0, limit / rms) if rms > 0 else 1.0
-        out[sl] *= factor
-        smallest = min(smallest, factor)
-    return out, smallest
+    groups = clip_groups(net, per)
+    factors = _group_factors(v, limit, groups)
+    return _scaled(v, factors, groups), float(factors.min())
 
 
 def kl_clip_factor(v: np.ndarray, ghat: np.ndarray, alpha: float, kl_clip: float) -> float:
@@ -39,7 +51,8 @@ def kl_clip_factor(v: np.ndarray, ghat: np.ndarray, alpha: float, kl_clip: float
 
 
 def clip_direction(net: Network, v: np.ndarray, ghat: np.ndarray, alpha: float, hyper: Hyper) -> tuple[np.ndarray, dict]:
-    """Apply the RMS clip and the kl_clip trust region to v; returns (v, info with the factors).
+    """Apply the RMS clip and the kl_clip trust region to v; returns (v, info with the factors:
+    "rms_clip_factors" per group, their minimum "rms_clip_factor", and "kl_clip_factor").
 
     clip_order="sequential": nu is computed from the RMS-clipped v; "joint" (the authors'): nu
     from the unclipped v, and both factors are applied together.
@@ -48,7 +61,10 @@ def clip_direction(net: Network, v: np.ndarray, ghat: np.ndarray, alpha: float, 
     joint = hyper.clip_order == "joint"
     nu = kl_clip_factor(v, ghat, alpha, hyper.kl_clip) if hyper.kl_clip is not None and joint else None
     if hyper.rms_clip is not None:
-        v, info["rms_clip_factor"] = rms_clip(net, v, hyper.rms_clip, hyper.rms_clip_per)
+        groups = clip_groups(net, hyper.rms_clip_per)
+        info["rms_clip_factors"] = _group_factors(v, hyper.rms_clip, groups)
+        info["rms_clip_factor"] = float(info["rms_clip_factors"].min())
+        v = _scaled(v, info["rms_clip_factors"], groups)
     if hyper.kl_clip is not None:
         info["kl_clip_factor"] = nu if joint else kl_clip_factor(v, ghat, alpha, hyper.kl_clip)
         v = v * info["kl_clip_factor"]

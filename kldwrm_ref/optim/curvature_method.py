@@ -12,6 +12,9 @@ A step reads, in order:
 6. inner solve         QE only: minimise E_k from the Q step;
 7. apply               theta_{k+1} = theta_k + s, and remember what step k+1's correction needs.
 
+``info["trace"]`` holds references to what the phases computed (:class:`~kldwrm_ref.optim.state.StepTrace`;
+:func:`kldwrm_ref.trajectory.record` copies them).
+
 What tells the methods apart is a :class:`MethodSpec`, not string flags.
 """
 
@@ -33,7 +36,7 @@ from kldwrm_ref.optim.clipping import clip_direction
 from kldwrm_ref.optim.correction import authors_corrected_gradient, wake_corrected_gradient
 from kldwrm_ref.optim.hyper import Hyper
 from kldwrm_ref.optim.qe import inner_solve
-from kldwrm_ref.optim.state import DivergenceError, Optimizer, OptState, Previous, check_batch, finite_or_raise, step_size_or_raise
+from kldwrm_ref.optim.state import DivergenceError, Optimizer, OptState, Previous, StepTrace, check_batch, finite_or_raise, step_size_or_raise
 
 
 class MethodSpec(NamedTuple):
@@ -95,8 +98,9 @@ def make_curvature_method(name: str, net: Network, hyper: Hyper, platform: str) 
         with timer("curvature"):  # 2. update curvature
             refresh = average.due(state.ea)
             current = state.current
+            labels = (hyper.seed, k)  # Monte-Carlo labels of this step: default_rng([seed, k])
             if refresh:
-                current = estimator.compute(theta, X, y, cache, np.random.default_rng([hyper.seed, k]))
+                current = estimator.compute(theta, X, y, cache, np.random.default_rng(labels))
                 finite_or_raise(k, "curvature", current)
             ea = average.update(state.ea, current if refresh else None, net.backend)
             averaged = average.value(ea)
@@ -110,16 +114,17 @@ def make_curvature_method(name: str, net: Network, hyper: Hyper, platform: str) 
         with timer("precondition"):  # 4. wake-correct, 5. precondition and clip
             ghat = _corrected_gradient(spec, hyper, estimator, average, state, g, alpha, k)
             ghat_wd = ghat + hyper.weight_decay * theta
-            v, info = clip_direction(net, solver.matvec(ghat_wd), ghat_wd, alpha, hyper)
-            s = -alpha * v
+            unclipped = solver.matvec(ghat_wd)
+            v, info = clip_direction(net, unclipped, ghat_wd, alpha, hyper)
+            s = q_step = -alpha * v
             finite_or_raise(k, "step", s)
 
-        wake = state.wake
+        wake, inner_steps = state.wake, None
         if spec.inner_solve:  # 6. inner solve
             with timer("inner"):
                 wake = (wake + (theta,))[-hyper.m:]
                 if len(wake) == hyper.m or not hyper.inner_after_full_wake:
-                    s = inner_solve(net, estimator, hyper, theta, s, g, B, alpha, wake, X, k, masks)
+                    s, inner_steps = inner_solve(net, estimator, hyper, theta, s, g, B, alpha, wake, X, k, masks)
                     finite_or_raise(k, "inner-solve step", s)
 
         # 7. apply, and remember what the next correction needs
@@ -131,7 +136,8 @@ def make_curvature_method(name: str, net: Network, hyper: Hyper, platform: str) 
         previous = Previous(alpha, g, ghat, v, model_gradient)
         new_state = OptState(k + 1, ea, inverse, current, previous, wake)
         timer.times["total"] = sum(timer.times.values())
-        info.update(loss=loss, step_norm=float(np.linalg.norm(s)), refreshed=refresh, time=timer.times)
+        trace = StepTrace(alpha, masks, labels, g, current if refresh else None, averaged, solver, estimator.damping, ghat, ghat_wd, unclipped, v, q_step, inner_steps, s)
+        info.update(loss=loss, step_norm=float(np.linalg.norm(s)), refreshed=refresh, time=timer.times, trace=trace)
         return theta + s, new_state, info
 
     return Optimizer(name, hyper, init, step)

@@ -64,8 +64,9 @@ def wake_objective(net: Network, estimator: Estimator, hyper: Hyper, theta_k, g,
     return WakeObjective(net, theta_k, g, estimator.operator(B), hyper.kappa / alpha, proximal, hyper.kl, kept, weights, ref_logits, X, masks)
 
 
-def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, g, B, alpha: float, wake, X, k: int, masks: tuple[int, ...]) -> np.ndarray:
-    """Approximately minimise E_k from theta_k + s_q; returns the final step s.
+def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, g, B, alpha: float, wake, X, k: int, masks: tuple[int, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Approximately minimise E_k from theta_k + s_q; returns the final step s and the step
+    theta^(i) - theta_k after each inner iteration i = 1..inner_steps (the last is s).
 
     inner="sgd" (the authors'): s -= u, u = momentum u + step_factor alpha grad (RMS-clipped if set).
     inner="preconditioned": Gauss-Newton with backtracking (Armijo) line search,
@@ -75,6 +76,7 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
     """
     objective = wake_objective(net, estimator, hyper, theta_k, g, B, alpha, wake, X, k, masks)
     s = s_q.copy()
+    steps: list[np.ndarray] = []
     value, grad = objective.value_and_gradient(theta_k + s)
     if hyper.inner == "sgd":
         velocity = np.zeros_like(s)
@@ -84,8 +86,9 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
                 direction, _ = rms_clip(net, direction, hyper.rms_clip, hyper.rms_clip_per)
             velocity = hyper.inner_momentum * velocity + direction * hyper.inner_step_factor * alpha
             s = s - velocity
+            steps.append(s)
             value, grad = objective.value_and_gradient(theta_k + s)
-        return s
+        return s, steps
     c = hyper.kappa / alpha
     # P depends on the inner iterate only with the dense exact Fisher; otherwise factor it once
     fixed = None if estimator.exact_curvature else gauss_newton_inverse(estimator, hyper, B, c, theta_k, X)
@@ -102,7 +105,8 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
                 break
             t *= 0.5
         s, value, grad = s + t * direction, new_value, new_grad
-    return s
+        steps.append(s)
+    return s, steps
 
 
 def gauss_newton_inverse(estimator: Estimator, hyper: Hyper, B, c: float, theta, X):

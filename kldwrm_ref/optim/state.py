@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kldwrm_ref.curvature.averaging import EAState
+from kldwrm_ref.model.network import Network
 from kldwrm_ref.optim.hyper import Hyper
 
 
@@ -68,9 +69,30 @@ class OptState(NamedTuple):
     velocity: np.ndarray | None = None  # SGD momentum
 
 
+class StepTrace(NamedTuple):
+    """What one curvature step computed, as references (nothing is copied): ``info["trace"]``,
+    in the order of the phases (docs/theory.md §4, §6; docs/trajectory-format.md)."""
+
+    alpha: float  # alpha_k
+    masks: tuple[int, ...]  # the seed of the step's dropout masks: net.training_rng(masks)
+    labels: tuple[int, ...]  # the seed of the Monte-Carlo labels' uniforms: default_rng(labels)
+    g: np.ndarray  # g_k
+    current: tuple | None  # M_k on a refresh step, else None
+    averaged: tuple  # Mbar_k
+    solver: Any  # the damped inverse P^{-1} applied to d
+    damping: float  # eta' = eta + wd, the damping every solve adds
+    ghat: np.ndarray  # ghat_k, without weight decay
+    d: np.ndarray  # ghat_k + wd theta_k, the vector preconditioned
+    unclipped: np.ndarray  # P^{-1} d
+    direction: np.ndarray  # V_k, after the clips
+    q_step: np.ndarray  # -alpha_k V_k
+    inner_steps: list[np.ndarray] | None  # QE: theta^(i) - theta_k after each inner iteration; None without an inner solve
+    step: np.ndarray  # s_k
+
+
 class Optimizer(NamedTuple):
     """``init(theta) -> state`` and ``step(theta, state, X, y) -> (theta, state, info)``, with the
-    resolved hyperparameters and where they apply."""
+    resolved hyperparameters, where they apply and the network the step computes with."""
 
     name: str
     hyper: Hyper
@@ -79,6 +101,7 @@ class Optimizer(NamedTuple):
     platform: str = "dense"
     preset: str = "theory"
     backend: str = "numpy"
+    network: Network | None = None
 
     def describe(self) -> dict:
         """Every resolved setting as plain values (for config files)."""

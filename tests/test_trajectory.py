@@ -1,0 +1,328 @@
+"""Trajectories (docs/trajectory-format.md): the round trip through the format, the recorded
+quantities against independent recomputations, the invariant comparison, refusals, and the
+``kldwrm trajectory`` command lines."""
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kldwrm_ref import MLP, optim
+from kldwrm_ref.cli import main as kldwrm
+from kldwrm_ref.data import load_mnist, synthetic_classification
+from kldwrm_ref.experiments.runner import load_data
+from kldwrm_ref.optim.hyper import FIELDS
+from kldwrm_ref.testing import assert_trajectory_close
+from kldwrm_ref.trajectory import Trajectory, TrajectoryError, compare, kron_error, load, record, save, sign_invariant_error
+
+FORCED_CLIPS = dict(period=2, kl_clip=1e-3, rms_clip=0.1, step_size=0.05)  # every clip active, stale steps between refreshes
+
+
+def batches(steps, n=32):
+    X, y = synthetic_classification(steps * n, 6, 4, seed=7)
+    return [(X[i * n : (i + 1) * n], y[i * n : (i + 1) * n]) for i in range(steps)]
+
+
+def recorded(name, preset="paper", steps=6, eigen=False, **overrides):
+    net = MLP([6, 5, 4], "tanh")
+    return net, record(optim.make(name, net, platform="kfac", preset=preset, backend="numpy", **overrides), net.init(3), batches(steps), eigen=eigen)
+
+
+@pytest.fixture(scope="module")
+def paper_q():
+    return recorded("q-kld-wrm", **FORCED_CLIPS)[1]
+
+
+def edited(trajectory, edit):
+    """A copy of ``trajectory`` with ``edit(k, step)`` applied to copies of its steps."""
+    steps = tuple({key: value.copy() for key, value in step.items()} for step in trajectory.steps)
+    for k, step in enumerate(steps):
+        edit(k, step)
+    return dataclasses.replace(trajectory, steps=steps)
+
+
+# ---------------------------------------------------------------------------- round trip
+def test_save_then_load_gives_the_record_back_exactly(paper_q, tmp_path):
+    assert load(save(paper_q, tmp_path / "t")) == paper_q
+    changed = edited(paper_q, lambda k, step: step.update(s=np.nextafter(step["s"], np.inf)) if k == 5 else None)
+    assert changed != paper_q  # equality is bitwise
+
+
+def test_cli_export_loads_back_equal_to_the_in_memory_record(tmp_path):
+    args = ["--optimizer", "qe-kld-wrm", "--architecture", "6-5-10", "--preset", "paper", "--steps", "4", "--batch", "16", "--synthetic", "--seed", "2"]
+    assert kldwrm(["trajectory", "export", *args, "--hyper", "period=2", "kl_clip=1e-3", "--out", str(tmp_path / "t")]) == 0
+    loaded = load(tmp_path / "t")
+    net = MLP([6, 5, 10])
+    synthetic = load_data(dict(source="synthetic", n_train=None, n_test=None), 6, "float64")  # kldwrm mnist --synthetic's
+    X, y = synthetic.X_train, synthetic.y_train
+    rows = [np.random.default_rng([2, 1]).permutation(2000)[16 * k : 16 * (k + 1)] for k in range(4)]  # epoch 1 of seed 2
+    opt = optim.make("qe-kld-wrm", net, platform="kfac", preset="paper", backend="numpy", seed=2, period=2, kl_clip=1e-3)
+    assert loaded == record(opt, net.init(2), [(X[r], y[r]) for r in rows], data=loaded.manifest["data"])
+    assert loaded.manifest["data"]["indices"] == [r.tolist() for r in rows]
+    assert "inner_steps" in loaded.steps[3] and "inner_steps" not in loaded.steps[1]  # the paper's QE waits for a full wake
+
+
+# ---------------------------------------------------------------------------- recorded = recomputed
+def test_recorded_loss_gradient_and_step_equal_a_recomputation(paper_q):
+    net = MLP([6, 5, 4], "tanh")
+    for k, step in enumerate(paper_q.steps):
+        loss, g = net.loss_and_grad(step["theta"], step["X"], step["y"])
+        assert float(step["loss"]) == pytest.approx(loss, rel=1e-14)
+        np.testing.assert_allclose(step["g"], g, rtol=1e-13, atol=1e-16)
+        if k + 1 < len(paper_q.steps):
+            taken = paper_q.steps[k + 1]["theta"] - step["theta"]
+            np.testing.assert_allclose(step["s"], taken, rtol=0, atol=4e-16 * np.abs(step["theta"]).max())
+
+
+def _independent_last_layer_factors(step, samples=None):
+    """A and G of the output layer of a 6-5-4 tanh MLP, written out with numpy (§5.1): empirical
+    cotangents pi - e_y, or Monte-Carlo ones from the recorded uniforms by inverse-CDF sampling."""
+    theta, X, y = step["theta"], step["X"], step["y"]
+    W0, b0, W1, b1 = theta[:30].reshape(5, 6), theta[30:35], theta[35:55].reshape(4, 5), theta[55:]
+    h = np.tanh(X @ W0.T + b0)
+    z = h @ W1.T + b1
+    pi = np.exp(z - z.max(axis=1, keepdims=True))
+    pi /= pi.sum(axis=1, keepdims=True)
+    hbar = np.hstack([h, np.ones((len(y), 1))])
+    labels = [y] if samples is None else [np.minimum((np.cumsum(pi, axis=1) <= u[:, None]).sum(axis=1), 3) for u in step["mc_uniforms"]]
+    deltas = [(pi - np.eye(4)[lab]) / np.sqrt(len(labels)) for lab in labels]
+    return hbar.T @ hbar / len(y), sum(d.T @ d for d in deltas) / len(y)
+
+
+def test_kfac_quantities_equal_an_independent_dense_replay():
+    """Paper-preset K-FAC: factors, average, d, the floored eigen-damped solve with separate bias
+    blocks, the kl clip and s, replayed with dense numpy matrices from the recorded factors."""
+    _, trajectory = recorded("kfac", period=2, kl_clip=1e-3, step_size=0.05)
+    hyper = trajectory.manifest["hyper"]
+    eta, rho = hyper["damping"] + hyper["weight_decay"], hyper["rho"]
+    average = None
+    for k, step in enumerate(trajectory.steps):
+        if k % 2 == 0:
+            A, G = _independent_last_layer_factors(step)
+            np.testing.assert_allclose(step["current.1.A"], A, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(step["current.1.G"], G, rtol=1e-12, atol=1e-15)
+            current = [step[f"current.{p}.{f}"] for p in (0, 1) for f in "AG"]
+            average = current if average is None else [rho * a + (1 - rho) * c for a, c in zip(average, current)]
+        else:
+            assert not any(key.startswith("current.") for key in step)
+        for recorded_factor, expected in zip([step[f"averaged.{p}.{f}"] for p in (0, 1) for f in "AG"], average):
+            np.testing.assert_allclose(recorded_factor, expected, rtol=1e-13, atol=1e-16)
+        d = step["g"] + hyper["weight_decay"] * step["theta"]
+        np.testing.assert_allclose(step["d"], d, rtol=1e-14)
+        matrix, start = np.zeros((55 + 4, 55 + 4)), 0
+        for A, G in zip(average[0::2], average[1::2]):
+            A, G = (_floored(m, hyper["eig_floor"]) for m in (A, G))
+            n_in, out = A.shape[0] - 1, G.shape[0]
+            matrix[start : start + out * n_in, start : start + out * n_in] = np.kron(G, A[:n_in, :n_in])  # W's block
+            matrix[start + out * n_in : start + out * n_in + out, start + out * n_in : start + out * n_in + out] = G * A[n_in, n_in]  # b's block
+            start += out * n_in + out
+        v = np.linalg.solve(matrix + eta * np.eye(len(d)), d)
+        np.testing.assert_allclose(step["v_unclipped"], v, rtol=1e-10)
+        nu = min(1.0, np.sqrt(hyper["kl_clip"] / (0.05**2 * v @ d)))
+        assert float(step["kl_clip_factor"]) == pytest.approx(nu, rel=1e-10)
+        np.testing.assert_allclose(step["s"], -0.05 * nu * v, rtol=1e-10)
+    assert min(float(step["kl_clip_factor"]) for step in trajectory.steps) < 1
+
+
+def _floored(matrix, floor):
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.where(values <= floor, 0.0, values)) @ vectors.T
+
+
+def test_monte_carlo_uniforms_reproduce_the_sampled_factor():
+    _, trajectory = recorded("kfac", preset="theory", steps=2, fisher_type="mc", samples=3)
+    for step in trajectory.steps:
+        assert step["mc_uniforms"].shape == (3, 32)
+        np.testing.assert_allclose(step["current.1.G"], _independent_last_layer_factors(step, samples=3)[1], rtol=1e-12, atol=1e-15)
+
+
+def test_clip_factors_pi_and_inner_steps_are_the_ones_applied():
+    net, trajectory = recorded("qe-kld-wrm", preset="theory", steps=3, damping_style="factored", kron_sum="factored", rms_clip=0.1, inner_steps=2)
+    groups = trajectory.manifest["rms_clip_groups"]
+    for step in trajectory.steps:
+        rms = [np.linalg.norm(step["v_unclipped"][a:b]) / np.sqrt(b - a) for a, b in groups]
+        np.testing.assert_allclose(step["rms_clip_factors"], np.minimum(1.0, 0.1 / np.array(rms)), rtol=1e-14)
+        np.testing.assert_allclose(step["v"], np.concatenate([f * step["v_unclipped"][a:b] for f, (a, b) in zip(step["rms_clip_factors"], groups)]), rtol=1e-14)
+        np.testing.assert_allclose(step["s_q"], -0.01 * step["v"], rtol=1e-14)
+        assert step["inner_steps"].shape == (2, net.n_params) and np.array_equal(step["inner_steps"][-1], step["s"])
+        # factored Kronecker sum: pi of (Abar + alpha A_k, Gbar + alpha G_k) per block (§5.2, §5.5)
+        for p in (0, 1):
+            A, G = (step[f"averaged.{p}.{f}"] + 0.01 * step[f"current.{p}.{f}"] for f in "AG")
+            assert step["pi"][p] == pytest.approx(np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G))), rel=1e-13)
+
+
+# ---------------------------------------------------------------------------- compare
+def test_compare_passes_on_itself_and_names_the_first_perturbed_step_and_quantity(paper_q, tmp_path, capsys):
+    save(paper_q, tmp_path / "ref")
+    assert compare(paper_q, paper_q).first_failure(0.0) is None
+    assert kldwrm(["trajectory", "compare", str(tmp_path / "ref"), str(tmp_path / "ref")]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and all(f"{k:>5}  ghat" in out for k in range(6))  # every step and quantity is printed
+    save(edited(paper_q, lambda k, step: step.update(ghat=step["ghat"] * (1 + 1e-6)) if k == 3 else None), tmp_path / "cand")
+    assert kldwrm(["trajectory", "compare", str(tmp_path / "ref"), str(tmp_path / "cand"), "--rtol", "1e-8"]) == 1
+    assert "first exceeds rtol 1e-08 at step 3, quantity 'ghat'" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match=re.escape("at step 3, quantity 'ghat': relative error 1.000e-06")):
+        assert_trajectory_close(tmp_path / "ref", tmp_path / "cand", rtol=1e-8)
+    assert_trajectory_close(paper_q, tmp_path / "cand", rtol=1e-5)
+
+
+def test_compare_fails_on_missing_steps_or_a_different_layout(paper_q):
+    shorter = Trajectory(dict(paper_q.manifest, steps=4), paper_q.steps[:4])
+    with pytest.raises(AssertionError, match="step 4, quantity 'steps'"):
+        assert_trajectory_close(paper_q, shorter)
+    layout = [dict(t, offset=t["offset"] + 1) for t in paper_q.manifest["theta_layout"]]
+    with pytest.raises(AssertionError, match="quantity 'theta layout'"):
+        assert_trajectory_close(paper_q, Trajectory(dict(paper_q.manifest, theta_layout=layout), paper_q.steps))
+
+
+def _scale_factors(trajectory, a, g, pi=1.0):
+    def edit(k, step):
+        for key in step:
+            if key.endswith(".0.A"):
+                step[key] = a * step[key]
+            elif key.endswith(".0.G"):
+                step[key] = g * step[key]
+        if "pi" in step:  # every block built from layer 0's factors (its weight and bias blocks)
+            step["pi"][[b["factors"] == 0 for b in trajectory.manifest["blocks"]]] *= pi
+
+    return edited(trajectory, edit)
+
+
+def test_factors_compare_as_kronecker_products(paper_q):
+    assert_trajectory_close(paper_q, _scale_factors(paper_q, 2.0, 0.5), rtol=1e-13)  # the scale moved between A and G
+    assert_trajectory_close(paper_q, _scale_factors(paper_q, -1.0, -1.0), rtol=1e-13)
+    with pytest.raises(AssertionError, match=re.escape("step 0, quantity 'current G(x)A layer 0 weight': relative error 1.000e+00")):
+        assert_trajectory_close(paper_q, _scale_factors(paper_q, 2.0, 1.0))
+    _, factored = recorded("kfac", steps=2, damping_style="factored")  # pi moves with the split: pi(2A, G/2) = 2 pi(A, G)
+    assert_trajectory_close(factored, _scale_factors(factored, 2.0, 0.5, pi=2.0), rtol=1e-13)
+    with pytest.raises(AssertionError, match="step 0, quantity 'pi'"):
+        assert_trajectory_close(factored, _scale_factors(factored, 2.0, 0.5))
+
+
+def test_eigenvectors_compare_up_to_sign_and_eigenvalues_as_products():
+    _, trajectory = recorded("kfac", steps=2, eigen=True)
+    flipped = edited(trajectory, lambda k, step: [step[key].__imul__(np.where(np.arange(step[key].shape[1]) % 2, -1.0, 1.0)) for key in step if key.endswith("vectors")])
+    rescaled = edited(trajectory, lambda k, step: [step[key].__imul__(3.0 if ".A." in key else 1 / 3.0) for key in step if key.endswith("values")])
+    assert_trajectory_close(trajectory, flipped, rtol=1e-14)
+    assert_trajectory_close(trajectory, rescaled, rtol=1e-14)
+    with pytest.raises(AssertionError, match=re.escape("step 0, quantity 'eigen.1.A.vectors'")):
+        assert_trajectory_close(trajectory, edited(trajectory, lambda k, step: step["eigen.1.A.vectors"].__setitem__((0, 0), 2.0)))
+
+
+def test_kron_error_equals_the_error_of_the_formed_products():
+    rng = np.random.default_rng(0)
+    A1, G1 = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
+    for A2, G2 in [(A1 + 1e-3 * rng.standard_normal((4, 4)), G1 - 2e-3 * rng.standard_normal((3, 3))), (-0.5 * A1, 2 * G1 + 0.1), (rng.standard_normal((4, 4)), G1)]:
+        direct = np.linalg.norm(np.kron(G1, A1) - np.kron(G2, A2)) / np.linalg.norm(np.kron(G1, A1))
+        assert kron_error(A1, G1, A2, G2) == pytest.approx(direct, rel=1e-9)
+    assert kron_error(A1, G1, -7.0 * A1, G1 / -7.0) < 1e-15
+    Q = np.linalg.qr(rng.standard_normal((5, 5)))[0]
+    assert sign_invariant_error(Q, Q * np.array([1, -1, 1, -1, -1])) == 0.0
+    assert sign_invariant_error(Q, Q[:, ::-1]) > 0.1
+
+
+# ---------------------------------------------------------------------------- refusals
+def test_an_npz_holding_an_object_array_is_refused(paper_q, tmp_path, capsys):
+    save(paper_q, tmp_path / "t")
+    with open(tmp_path / "t" / "step-00001.npz", "wb") as fh:
+        np.savez(fh, **paper_q.steps[1], bad=np.array([{"code": "runs on unpickling"}], dtype=object))
+    with pytest.raises(TrajectoryError, match=r"step-00001\.npz: entry 'bad' holds Python objects .* allow_pickle=False"):
+        load(tmp_path / "t")
+    with pytest.raises(SystemExit) as exit_:
+        kldwrm(["trajectory", "compare", str(tmp_path / "t"), str(tmp_path / "t")])
+    assert exit_.value.code == 2 and "holds Python objects" in capsys.readouterr().err
+
+
+def test_malformed_trajectories_are_refused(paper_q, tmp_path):
+    with pytest.raises(TrajectoryError, match=re.escape("no manifest.json")):
+        load(tmp_path)
+    save(paper_q, tmp_path / "t")
+    (tmp_path / "t" / "step-00002.npz").unlink()
+    with pytest.raises(TrajectoryError, match=re.escape("step-00002.npz is missing")):
+        load(tmp_path / "t")
+    with pytest.raises(TrajectoryError, match=re.escape("step 0 lacks ['g']")):
+        save(edited(paper_q, lambda k, step: step.pop("g")), tmp_path / "u")
+    with pytest.raises(TrajectoryError, match="quantity 'name' must be a numeric"):
+        save(edited(paper_q, lambda k, step: step.update(name=np.array("text"))), tmp_path / "u")
+    save(paper_q, tmp_path / "t")
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    (tmp_path / "t" / "manifest.json").write_text(json.dumps(dict(manifest, format="other-1")))
+    with pytest.raises(TrajectoryError, match="format 'other-1' is not 'kldwrm-trajectory-1'"):
+        load(tmp_path / "t")
+
+
+def test_record_refuses_what_it_cannot_record():
+    net = MLP([6, 5, 4])
+    with pytest.raises(ValueError, match=r"opt must be a curvature optimiser \(.*\) to be recorded; got 'sgd'"):
+        record(optim.make("sgd", net), net.init(0), batches(1))
+    with pytest.raises(ValueError, match="batches must hold at least one"):
+        record(optim.make("kfac", net), net.init(0), [])
+    with pytest.raises(ValueError, match="eigen=True needs the K-FAC platform"):
+        record(optim.make("ea-cm", net), net.init(0), batches(1), eigen=True)
+    with pytest.raises(ValueError, match="data must be plain JSON values"):
+        record(optim.make("kfac", net), net.init(0), batches(1), data={"rows": np.arange(3)})
+
+
+def test_export_refuses_bad_arguments(tmp_path, capsys):
+    base = ["trajectory", "export", "--optimizer", "kfac", "--architecture", "6-5-10", "--preset", "paper", "--synthetic", "--out", str(tmp_path / "t")]
+    for extra, message in [(["--steps", "0"], "--steps must be an integer >= 1"), (["--steps", "1", "--hyper", "dampin=0.1"], "unknown hyperparameter(s) ['dampin']"), (["--steps", "1", "--batch", "5000"], "--batch must be in [1, 2000]")]:
+        with pytest.raises(SystemExit) as exit_:
+            kldwrm(base + extra)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+# ---------------------------------------------------------------------------- command line
+@pytest.mark.parametrize("name, architecture, preset, steps", [
+    ("kfac", "20-8-10", "paper", 3), ("so-kld-wrm", "20-8-10", "paper", 3), ("q-kld-wrm", "20-8-10", "theory", 3), ("qe-kld-wrm", "20-8-10", "theory", 3),
+    ("kfac", "paper-cnn", "paper", 2), ("qe-kld-wrm", "paper-cnn", "theory", 2),
+])
+def test_cli_export_with_synthetic_data(tmp_path, name, architecture, preset, steps):
+    out = tmp_path / "t"
+    assert kldwrm(["trajectory", "export", "--optimizer", name, "--architecture", architecture, "--preset", preset, "--steps", str(steps), "--batch", "24", "--synthetic", "--hyper", "inner_steps=2", "--out", str(out)]) == 0
+    trajectory = load(out)
+    manifest = trajectory.manifest
+    assert manifest["steps"] == steps and manifest["optimizer"] == name and manifest["preset"] == preset
+    assert set(FIELDS) <= set(manifest["hyper"]) and manifest["hyper"]["inner_steps"] == 2
+    assert manifest["network"]["architecture"] == (architecture if architecture == "paper-cnn" else [20, 8, 10])
+    assert [t["offset"] for t in manifest["theta_layout"]] == sorted(t["offset"] for t in manifest["theta_layout"])
+    blocks = manifest["blocks"]
+    for step in trajectory.steps:
+        assert {"theta", "loss", "g", "ghat", "d", "v_unclipped", "v", "s", "damping"} <= set(step)
+        assert all(f"averaged.{b['factors']}.{b['A']}" in step and f"averaged.{b['factors']}.{b['G']}" in step for b in blocks)
+        assert ("inner_steps" in step) == (name == "qe-kld-wrm")
+    if architecture == "paper-cnn":
+        assert {"averaged.0.G_bias", "averaged.0.A_bias", "dropout.9"} <= set(trajectory.steps[0])
+        mask = trajectory.steps[0]["dropout.9"]
+        assert mask.shape == (24, 30) and set(np.unique(mask)) <= {0.0, 2.0}
+
+
+def test_the_docs_show_the_worked_example_verbatim():
+    source = (Path(__file__).parent / "test_trajectory_torch.py").read_text()
+    start, end = "# --- worked example: start\n", "# --- worked example: end"
+    example = source[source.index(start) + len(start) : source.index(end)].strip()
+    assert example in (Path(__file__).parents[1] / "docs" / "trajectory-format.md").read_text()
+
+
+@pytest.mark.mnist
+def test_cli_export_on_mnist_records_the_rows_it_describes(tmp_path):
+    assert kldwrm(["trajectory", "export", "--optimizer", "kfac", "--architecture", "784-8-10", "--preset", "paper", "--steps", "2", "--batch", "64", "--seed", "1", "--out", str(tmp_path / "t")]) == 0
+    trajectory, mnist = load(tmp_path / "t"), load_mnist()
+    assert trajectory.manifest["data"]["source"] == "mnist"
+    order = np.random.default_rng([1, 1]).permutation(60000)  # epoch 1 of seed 1
+    for k, step in enumerate(trajectory.steps):
+        rows = order[64 * k : 64 * (k + 1)]
+        assert trajectory.manifest["data"]["indices"][k] == rows.tolist()
+        np.testing.assert_array_equal(step["X"], mnist.X_train[rows])
+        np.testing.assert_array_equal(step["y"], mnist.y_train[rows])
+
+
+def test_pi_of_the_exact_kronecker_sum_is_that_of_the_averaged_factors():
+    _, trajectory = recorded("q-kld-wrm", preset="theory", steps=2)  # kron_sum="exact" damps Mbar with pi (§5.5)
+    for step in trajectory.steps:
+        for p in (0, 1):
+            A, G = step[f"averaged.{p}.A"], step[f"averaged.{p}.G"]
+            assert step["pi"][p] == pytest.approx(np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G))), rel=1e-13)
