@@ -1,7 +1,7 @@
 """``kldwrm verify``: the paper's claims (docs/theory.md §8) run as executable checks.
 
 Each check compares the *production* recursion (the optimisers and the step formulas of
-:mod:`kldwrm_ref.wake`) with an *independent direct minimisation* of the objective the theorem
+:mod:`kldwrm_ref.theory.recursion`) with an *independent direct minimisation* of the objective the theorem
 names (assembled linear system, and scipy.optimize), on synthetic histories and on a real
 training trajectory with the exact Fisher.  Errors are relative to the step:
 |theta_{k+1} - argmin| / |argmin - theta_k|.
