@@ -44,6 +44,13 @@ def check_positive_int(value: int, name: str) -> int:
     return int(value)
 
 
+def check_nonnegative_int(value: int, name: str) -> int:
+    """An integer >= 0 (padding)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
     """One of a fixed set of strings."""
     if value not in choices:

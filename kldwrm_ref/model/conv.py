@@ -21,17 +21,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 from kldwrm_ref.backends import Backend
 from kldwrm_ref.model.layers import BlockSpec, Dense, Layer, ParameterFree, ReLU, affine_blocks, homogeneous_moment, per_sample
 from kldwrm_ref.model.network import Network
-from kldwrm_ref.validation import check_choice, check_positive_int
+from kldwrm_ref.validation import check_choice, check_nonnegative_int, check_positive_int
 
 CONV_INITS = ("torch",)
 KFAC_SCALINGS = ("textbook", "authors")
-
-
-def check_nonnegative_int(value: int, name: str) -> int:
-    """An integer >= 0 (padding)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
 
 
 def torch_uniform(W: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> None:
