@@ -2,7 +2,9 @@
 
 Every write goes to a temporary file in the target's directory and is moved over the target with
 ``os.replace`` (atomic on POSIX and Windows), so an interrupt leaves either the old or the new
-file.  Boolean arrays are stored bit-packed in ``.npz`` files, read without pickle.  Checkpoints
+file.  A process killed inside a write (SIGKILL cannot be caught) leaves its temporary file
+``.<name>.<pid>.<random>.tmp`` behind; :func:`remove_stale_temporaries` deletes those whose process
+is gone.  Boolean arrays are stored bit-packed in ``.npz`` files, read without pickle.  Checkpoints
 are in :mod:`kldwrm_ref.experiments.checkpoint`.
 """
 
@@ -12,29 +14,61 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# Test-only hook for the kill campaign (:mod:`kldwrm_ref.experiments.faults`): seconds to sleep
+# between writing a temporary file and moving it into place, so that kills land inside writes.
+WRITE_DELAY_VARIABLE = "KLDWRM_TEST_WRITE_DELAY"
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> Path:
     """Call ``write(binary file)`` on a temporary sibling of ``path``, then move it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        delay = float(os.environ.get(WRITE_DELAY_VARIABLE, 0))
+        if delay > 0:
+            time.sleep(delay)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_write` in ``folder`` whose writing process is gone."""
+    removed = []
+    for entry in Path(folder).glob(".*.tmp"):
+        match = _TEMPORARY.match(entry.name)
+        if match and not process_alive(int(match.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -248,7 +248,7 @@ def test_significance_row_recomputed_from_the_run_files(tmp_path):
     assert "Holm t p (4 tests)" in summary and "signed-rank p cannot go below 0.25" in summary
 
 
-def test_test_correctness_is_backfilled_and_stale_files_are_ignored(tmp_path):
+def test_stale_test_correctness_is_ignored_by_the_summary_and_repaired_by_the_sweep(tmp_path):
     from kldwrm_ref.experiments.runner import run_experiment
     from kldwrm_ref.storage import read_bools, write_bools
 
@@ -257,10 +257,15 @@ def test_test_correctness_is_backfilled_and_stale_files_are_ignored(tmp_path):
     path = root / "12-8-10/kfac/seed-0/test_correct.npz"
     original, meta = read_bools(path)
     assert meta == {"epoch": 2} and len(original) == 100
-    write_bools(path, original, epoch=1)  # not the epoch of metrics.csv: left out of McNemar
-    run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
-    assert table_row((root / "summary.md").read_text(), "12-8-10", "so-kld-wrm")[6].endswith("/2")
-    path.unlink()  # a run finished before the file existed: the next command writes it from the checkpoint
+    write_bools(path, original, epoch=1)  # not the epoch of metrics.csv: the summary alone leaves it out of McNemar
+    from kldwrm_ref.experiments.config import validate_config
+    from kldwrm_ref.experiments.report import write_summary
+
+    assert table_row(write_summary(root, validate_config(cfg)), "12-8-10", "so-kld-wrm")[6].endswith("/2")
+    run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)  # the sweep rewrites it from the checkpoint
+    assert read_bools(path)[1] == {"epoch": 2}
+    assert table_row((root / "summary.md").read_text(), "12-8-10", "so-kld-wrm")[6].endswith("/3")
+    path.unlink()  # a lost file: the next command writes it from the checkpoint
     run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
     np.testing.assert_array_equal(read_bools(path)[0], original)
     assert table_row((root / "summary.md").read_text(), "12-8-10", "so-kld-wrm")[6].endswith("/3")

@@ -81,8 +81,8 @@ def _decode(node: Any, arrays, where: str) -> Any:
     raise CheckpointError(f"{where}: malformed tree entry {node!r:.80}")
 
 
-def save_checkpoint(path: str | os.PathLike, theta: np.ndarray, state: OptState, **scalars: float | int) -> Path:
-    """Write theta, the optimiser state (without its cached inverse) and ``scalars`` atomically."""
+def save_checkpoint(path: str | os.PathLike, theta: np.ndarray, state: OptState, **scalars: Any) -> Path:
+    """Write theta, the optimiser state (without its cached inverse) and ``scalars`` (numbers, arrays, dicts of them) atomically."""
     arrays: dict[str, np.ndarray] = {}
     tree = {"format": FORMAT, "theta": _encode(theta, arrays, "theta"), "state": _encode(state._replace(inverse=None), arrays, "state"), "scalars": _encode(scalars, arrays, "scalars")}
     entries = {**arrays, "__tree__": np.array(json.dumps(tree))}

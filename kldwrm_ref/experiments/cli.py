@@ -16,11 +16,10 @@ from pathlib import Path
 from kldwrm_ref import optim
 from kldwrm_ref.backends import BACKENDS
 from kldwrm_ref.experiments import parallel
-from kldwrm_ref.experiments.config import DTYPES, NAMED_NETWORKS, QUICK, validate_config
+from kldwrm_ref.experiments.config import DTYPES, NAMED_NETWORKS, QUICK, check_fields, read_config, validate_config
 from kldwrm_ref.experiments.report import write_summary
 from kldwrm_ref.experiments.runner import run_experiment
 from kldwrm_ref.model import ACTIVATIONS
-from kldwrm_ref.storage import read_json
 from kldwrm_ref.validation import check_output_dir
 
 
@@ -53,7 +52,7 @@ def _parse_architecture(text: str) -> list[int] | str:
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-    cfg = read_json(args.config) if args.config else {}
+    cfg = check_fields(read_config(args.config)) if args.config else {}
     overridden = False
     for field in ("name", "optimizers", "architectures", "epochs", "seeds", "batch", "platform", "preset", "backend", "dtype", "activation"):
         value = getattr(args, field)

@@ -7,6 +7,9 @@ comparison :data:`QUICK`) expanded into runs, one per (architecture, optimiser, 
 from __future__ import annotations
 
 import copy
+import json
+import os
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from kldwrm_ref import optim
@@ -57,11 +60,44 @@ class RunSpec(NamedTuple):
         return f"{arch_label(self.architecture)}/{self.optimizer}/seed-{self.seed}"
 
 
-def validate_config(config: dict) -> dict:
-    """Fill defaults from :data:`QUICK` and check every field; errors name the field."""
+def read_config(path: str | os.PathLike) -> dict:
+    """An experiment configuration file (a JSON object of the fields of :data:`QUICK`); errors name the file."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such configuration file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable JSON configuration ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must hold a JSON object of experiment fields, not a {type(config).__name__}")
+    return config
+
+
+# The JSON type each field must have (architectures and seeds are checked element by element below).
+_FIELD_TYPES = dict(
+    name=str, description=str, optimizers=list, architectures=list, activation=str, epochs=int, seeds=list, batch=int,
+    platform=str, preset=str, backend=str, dtype=str, data=dict, hyper=dict,
+)
+
+
+def check_fields(config: dict) -> dict:
+    """``config`` if it is a dict of known fields, each of its JSON type; else ValueError naming the field."""
+    if not isinstance(config, dict):
+        raise ValueError(f"a configuration must be a JSON object (dict), got {type(config).__name__}")
     unknown = set(config) - set(QUICK)
     if unknown:
         raise ValueError(f"unknown configuration field(s) {sorted(unknown)}; accepted: {sorted(QUICK)}")
+    for field, value in config.items():
+        if not isinstance(value, _FIELD_TYPES[field]):
+            raise ValueError(f"{field} must be a JSON {_FIELD_TYPES[field].__name__}, got {value!r:.60}")
+    if any(not isinstance(value, dict) for value in config.get("hyper", {}).values()):
+        raise ValueError("hyper must map '*' or optimiser names to objects of hyperparameters")
+    return config
+
+
+def validate_config(config: dict) -> dict:
+    """Fill defaults from :data:`QUICK` and check every field; errors name the field."""
+    check_fields(config)
     cfg = {**copy.deepcopy(QUICK), **copy.deepcopy(config)}
     cfg["data"] = {**QUICK["data"], **cfg["data"]}
     if not cfg["optimizers"]:

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from kldwrm_ref.experiments.config import expand
+from kldwrm_ref.experiments.run_folder import read_exports, read_test_correct
 from kldwrm_ref.experiments.statistics import holm, mcnemar, paired_comparison
-from kldwrm_ref.storage import read_bools, read_csv, read_json, write_text
+from kldwrm_ref.storage import write_text
 
 THRESHOLDS = (0.97, 0.98)
 ALPHA = 0.05
@@ -35,15 +36,11 @@ def collect(root: Path, cfg: dict) -> dict:
     for spec in expand(cfg):
         run_dir = root / spec.label
         arch = spec.label.split("/")[0]
-        entry: dict = dict(seed=spec.seed, status=None, metrics={}, correct=None)
-        if (run_dir / "status.json").exists():
-            entry["status"] = read_json(run_dir / "status.json")
-        if (run_dir / "metrics.csv").exists():
-            rows = read_csv(run_dir / "metrics.csv")
-            entry["metrics"] = {key: np.array([float(r[key]) for r in rows]) for key in (rows[0] if rows else {})}
-        if entry["metrics"] and (run_dir / "test_correct.npz").exists():
-            correct, saved = read_bools(run_dir / "test_correct.npz")
-            if saved.get("epoch") == int(entry["metrics"]["epoch"][-1]):
+        status, metrics = read_exports(run_dir)
+        entry: dict = dict(seed=spec.seed, status=status, metrics=metrics, correct=None)
+        if len(metrics.get("epoch", ())) and (run_dir / "test_correct.npz").exists():
+            correct, saved = read_test_correct(run_dir / "test_correct.npz")
+            if saved.get("epoch") == int(metrics["epoch"][-1]):
                 entry["correct"] = correct
         groups.setdefault((arch, spec.optimizer), []).append(entry)
     return groups

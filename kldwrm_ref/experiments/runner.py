@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -36,17 +37,16 @@ from tqdm import tqdm
 import kldwrm_ref
 from kldwrm_ref import optim
 from kldwrm_ref.data import load_mnist, synthetic_classification
-from kldwrm_ref.experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from kldwrm_ref.experiments.checkpoint import CheckpointError
 from kldwrm_ref.experiments.config import RunSpec, build_network, expand, input_size, validate_config
+from kldwrm_ref.experiments.lock import LockHeld, acquire_run_lock
 from kldwrm_ref.experiments.report import write_summary
+from kldwrm_ref.experiments.run_folder import CHECKPOINT, EXPORTS, METRIC_FIELDS, Record, RunFolderError, read_exports, restore, save_record
 from kldwrm_ref.model import Network
-from kldwrm_ref.storage import read_csv, read_json, write_bools, write_csv, write_json
+from kldwrm_ref.storage import read_json, remove_stale_temporaries, write_json
 from kldwrm_ref.validation import check_positive_int
 
-METRIC_FIELDS = (
-    "epoch", "steps", "train_loss", "train_accuracy", "batch_loss", "test_loss", "test_accuracy",
-    "wall_time", "epoch_time", "kl_clip_active", "rms_clip_active",
-)
+__all__ = ["METRIC_FIELDS", "run_experiment", "run_one", "run_task"]
 # Fields whose change makes an existing run a different run (epochs may grow: the run is extended).
 IDENTITY = ("optimizer", "architecture", "activation", "seed", "batch", "platform", "preset", "backend", "dtype", "data", "hyper")
 
@@ -103,59 +103,82 @@ def batches(n: int, batch: int, seed: int, epoch: int):
     return [order[i : i + batch] for i in range(0, n - batch + 1, batch)]
 
 
-def run_status(run_dir: Path) -> dict | None:
-    path = run_dir / "status.json"
-    return read_json(path) if path.exists() else None
-
-
-def _check_same_run(run_dir: Path, config: dict) -> None:
-    path = run_dir / "config.json"
-    if not path.exists():
-        return
-    old = read_json(path)["run"]
-    new = config["run"]
-    changed = [key for key in IDENTITY if old.get(key) != new.get(key)]
+def _check_same_run(run_dir: Path, old: dict, config: dict) -> None:
+    changed = [key for key in IDENTITY if old.get("run", {}).get(key) != config["run"].get(key)]
     if changed:
         raise ValueError(f"{run_dir} holds a run with different {', '.join(changed)}; choose another --out or delete it")
 
 
-def _record_divergence(run_dir: Path, epochs_completed: int, step: int, quantity: str, message: str) -> dict:
-    status = dict(state="diverged", epochs_completed=epochs_completed, step=step, quantity=quantity, message=message)
-    write_json(run_dir / "status.json", status)
+def _published(run_dir: Path, spec: RunSpec, config: dict, log) -> dict | None:
+    """The status of a run folder that holds exports but no checkpoint, if it is complete; else None.
+
+    Damaged exports are renamed ``<name>.corrupt`` (reported through ``log``); the run starts from scratch.
+    """
+    try:
+        status, _ = read_exports(run_dir)
+    except RunFolderError as error:
+        for name in EXPORTS:
+            if (run_dir / name).exists():
+                os.replace(run_dir / name, run_dir / f"{name}.corrupt")
+        log(f"{error}; renamed the run's files *.corrupt, the run starts again from scratch")
+        return None
+    if (run_dir / "config.json").exists():
+        _check_same_run(run_dir, read_json(run_dir / "config.json"), config)
+    if status is None or status["state"] == "running":
+        return None
+    if status["state"] == "finished" and status["epochs_completed"] < spec.epochs:
+        raise ValueError(f"{run_dir} holds {status['epochs_completed']} finished epochs but no checkpoint to extend them to {spec.epochs}")
     return status
 
 
-def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) -> dict:
-    """Train (or resume, or skip) one run; returns its final status."""
+def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True, log=print) -> dict:
+    """Train (or resume, or skip) one run; returns its final status.
+
+    The run folder is locked for the duration (:mod:`kldwrm_ref.experiments.lock`): a run locked by
+    another live process is skipped, with state ``locked`` in the returned status.  Without
+    ``progress`` each finished epoch is logged as one line.
+    """
     run_dir = Path(run_dir)
+    if (run_dir / "checkpoint.pkl").exists():
+        raise CheckpointError(f"{run_dir / 'checkpoint.pkl'} is a pickle checkpoint of an older kldwrm_ref, which is never unpickled; delete it to restart that run from scratch")
+    try:
+        lock = acquire_run_lock(run_dir)
+    except LockHeld as held:
+        return dict(state="locked", epochs_completed=0, message=str(held))
+    with lock:
+        remove_stale_temporaries(run_dir)
+        return _train(spec, data, run_dir, progress, log)
+
+
+def _train(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool, log) -> dict:
     net = build_network(spec.architecture, spec.activation, spec.dtype)
     opt = optim.make(spec.optimizer, net, platform=spec.platform, preset=spec.preset, backend=spec.backend, **{"seed": spec.seed, **spec.hyper})
     config = resolved_config(spec, opt)
-    _check_same_run(run_dir, config)
-    status = run_status(run_dir)
-    checkpoint_path = run_dir / "checkpoint.npz"
-    if (run_dir / "checkpoint.pkl").exists():
-        raise CheckpointError(f"{run_dir / 'checkpoint.pkl'} is a pickle checkpoint of an older kldwrm_ref, which is never unpickled; delete it to restart that run from scratch")
-    if status and (status["state"] == "diverged" or (status["state"] == "finished" and status["epochs_completed"] >= spec.epochs)):
-        if status["state"] == "finished" and checkpoint_path.exists() and not (run_dir / "test_correct.npz").exists():  # finished before the file existed
-            theta, _, scalars = load_checkpoint(checkpoint_path)
-            write_bools(run_dir / "test_correct.npz", evaluate(net, theta, data.X_test, data.y_test)[2], epoch=int(scalars["epoch"]))
-        return status
-
-    if checkpoint_path.exists():
-        theta, state, scalars = load_checkpoint(checkpoint_path)
-        epoch, wall_time = int(scalars["epoch"]), float(scalars["wall_time"])
-        rows = [r for r in read_csv(run_dir / "metrics.csv") if int(r["epoch"]) <= epoch]
+    had_checkpoint = (run_dir / CHECKPOINT).exists()
+    restored = restore(run_dir, log)
+    if not had_checkpoint and (published := _published(run_dir, spec, config, log)) is not None:
+        return published
+    if restored is not None:
+        _check_same_run(run_dir, restored.config, config)
+        if restored.status["state"] == "diverged" or (restored.status["state"] == "finished" and restored.epoch >= spec.epochs):
+            return restored.status
+        record = restored._replace(config=config, status=dict(state="running", epochs_completed=restored.epoch))
     else:
         theta = net.init(spec.seed)
-        state, epoch, wall_time, rows = opt.init(theta), 0, 0.0, []
-    write_json(run_dir / "config.json", config)
-    write_json(run_dir / "status.json", dict(state="running", epochs_completed=epoch))
+        record = Record(theta, opt.init(theta), config, [], None, dict(state="running", epochs_completed=0), 0.0)
+    save_record(run_dir, record)
 
     n = len(data.y_train)
     steps_per_epoch = n // spec.batch
     if steps_per_epoch < 1:
         raise ValueError(f"batch ({spec.batch}) must not exceed the number of training examples ({n})")
+    theta, state, epoch = record.theta, record.state, record.epoch
+
+    def diverged(step: int, quantity: str, message: str) -> dict:
+        status = dict(state="diverged", epochs_completed=record.epoch, step=step, quantity=quantity, message=message)
+        save_record(run_dir, record._replace(status=status))  # the last good epoch's parameters, with the verdict
+        return status
+
     bar = tqdm(total=spec.epochs * steps_per_epoch, initial=epoch * steps_per_epoch, desc=spec.label, disable=not progress, leave=False, dynamic_ncols=True)
     try:
         while epoch < spec.epochs:
@@ -169,34 +192,33 @@ def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True) 
                     clips["rms"] += info.get("rms_clip_factor", 1.0) < 1.0
                     bar.update(1)
             except optim.DivergenceError as error:
-                return _record_divergence(run_dir, epoch - 1, error.step, error.quantity, str(error))
+                return diverged(error.step, error.quantity, str(error))
             epoch_time = time.perf_counter() - start
-            wall_time += epoch_time
             train_loss, train_accuracy, _ = evaluate(net, theta, data.X_train, data.y_train)
             test_loss, test_accuracy, test_correct = evaluate(net, theta, data.X_test, data.y_test)
             if not np.isfinite(test_loss) or not np.isfinite(train_loss):
-                return _record_divergence(run_dir, epoch - 1, state.step, "evaluation loss", f"diverged in epoch {epoch}: the evaluation loss is not finite")
-            rows.append(dict(
+                return diverged(state.step, "evaluation loss", f"diverged in epoch {epoch}: the evaluation loss is not finite")
+            row = dict(
                 epoch=epoch, steps=state.step, train_loss=train_loss, train_accuracy=train_accuracy,
                 batch_loss=float(np.mean(batch_losses)), test_loss=test_loss, test_accuracy=test_accuracy,
-                wall_time=wall_time, epoch_time=epoch_time, kl_clip_active=clips["kl"], rms_clip_active=clips["rms"],
-            ))
-            write_csv(run_dir / "metrics.csv", rows, METRIC_FIELDS)
-            write_bools(run_dir / "test_correct.npz", test_correct, epoch=epoch)
-            save_checkpoint(checkpoint_path, theta, state, epoch=epoch, wall_time=wall_time)
-            write_json(run_dir / "status.json", dict(state="running", epochs_completed=epoch))
-            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", acc=f"{100 * test_accuracy:.2f}%", time=f"{wall_time:.0f}s")
+                wall_time=record.wall_time + epoch_time, epoch_time=epoch_time, kl_clip_active=clips["kl"], rms_clip_active=clips["rms"],
+            )
+            finished = epoch == spec.epochs
+            status = dict(state="finished" if finished else "running", epochs_completed=epoch)
+            record = Record(theta, state, config, record.rows + [row], test_correct, status, record.wall_time + epoch_time)
+            save_record(run_dir, record)
+            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", acc=f"{100 * test_accuracy:.2f}%", time=f"{record.wall_time:.0f}s")
+            if not progress:
+                log(f"{spec.label}: epoch {epoch}/{spec.epochs}, train loss {train_loss:.4f}, test accuracy {100 * test_accuracy:.2f}%, {epoch_time:.1f} s")
     finally:
         bar.close()
-    status = dict(state="finished", epochs_completed=epoch)
-    write_json(run_dir / "status.json", status)
-    return status
+    return record.status
 
 
 def status_line(label: str, status: dict) -> str:
     """One line of the sweep's log: a run's label and how it ended."""
     line = f"{label:<40} {status['state']} ({status['epochs_completed']} epochs)"
-    return line + f": {status['message']}" if status["state"] == "diverged" else line
+    return line + f": {status['message']}" if "message" in status else line
 
 
 @functools.lru_cache(maxsize=2)
@@ -221,6 +243,7 @@ def run_experiment(cfg: dict, out: str | Path, progress: bool = True, log=print,
     check_positive_int(jobs, "jobs")
     root = Path(out) / cfg["name"]
     write_json(root / "experiment.json", cfg)
+    remove_stale_temporaries(root)
     if jobs > 1 or scheduler is not None:
         from kldwrm_ref.experiments.parallel import parallel_map
 
@@ -232,6 +255,6 @@ def run_experiment(cfg: dict, out: str | Path, progress: bool = True, log=print,
             n_inputs = input_size(spec.architecture)
             if n_inputs not in datasets:
                 datasets[n_inputs] = load_data(cfg["data"], n_inputs, cfg["dtype"])
-            log(status_line(spec.label, run_one(spec, datasets[n_inputs], root / spec.label, progress)))
+            log(status_line(spec.label, run_one(spec, datasets[n_inputs], root / spec.label, progress, log)))
     log("\n" + write_summary(root, cfg))
     return root
