@@ -75,20 +75,30 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+def json_text(obj: Any) -> str:
+    """The text :func:`write_json` writes: indented, keys sorted, a final newline."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    return write_text(path, json_text(obj))
 
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def write_csv(path: str | os.PathLike, rows: Sequence[dict], fields: Sequence[str]) -> Path:
+def csv_text(rows: Sequence[dict], fields: Sequence[str]) -> str:
+    """The text :func:`write_csv` writes: a header of ``fields``, then one line per row."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return write_text(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict], fields: Sequence[str]) -> Path:
+    return write_text(path, csv_text(rows, fields))
 
 
 def read_csv(path: str | os.PathLike) -> list[dict]:

@@ -29,7 +29,7 @@ import numpy as np
 
 from kldwrm_ref.experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kldwrm_ref.optim.state import OptState
-from kldwrm_ref.storage import read_bools, write_bools, write_text
+from kldwrm_ref.storage import csv_text, json_text, read_bools, write_bools, write_text
 
 METRIC_FIELDS = (
     "epoch", "steps", "train_loss", "train_accuracy", "batch_loss", "test_loss", "test_accuracy",
@@ -43,6 +43,10 @@ EXPORTS = ("config.json", "metrics.csv", "test_correct.npz", "status.json")
 
 class RunFolderError(ValueError):
     """A file of a run folder is damaged or inconsistent."""
+
+
+class OlderCheckpointError(CheckpointError):
+    """A checkpoint without a run record, written by an older kldwrm_ref: refused, not treated as damage."""
 
 
 class Record(NamedTuple):
@@ -62,26 +66,14 @@ class Record(NamedTuple):
 
 
 # ------------------------------------------------------------------------- exports as bytes
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
-def _csv_bytes(rows: list[dict]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(METRIC_FIELDS), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode("utf-8")
-
-
-def _export_bytes(record: Record) -> dict[str, bytes]:
-    return {"config.json": _json_bytes(record.config), "metrics.csv": _csv_bytes(record.rows), "status.json": _json_bytes(record.status)}
+def _export_texts(record: Record) -> dict[str, str]:
+    return {"config.json": json_text(record.config), "metrics.csv": csv_text(record.rows, METRIC_FIELDS), "status.json": json_text(record.status)}
 
 
 def write_exports(run_dir: Path, record: Record, only: tuple[str, ...] = EXPORTS) -> None:
-    for name, data in _export_bytes(record).items():
+    for name, text in _export_texts(record).items():
         if name in only:
-            write_text(run_dir / name, data.decode("utf-8"))
+            write_text(run_dir / name, text)
     if "test_correct.npz" in only and record.test_correct is not None:
         write_bools(run_dir / "test_correct.npz", record.test_correct, epoch=record.epoch)
 
@@ -103,7 +95,7 @@ def load_record(run_dir: Path) -> Record:
     theta, state, scalars = load_checkpoint(path)
     missing = {"epoch", "wall_time", "config", "status", "history"} - set(scalars)
     if missing:
-        raise CheckpointError(f"{path}: holds no run record ({', '.join(sorted(missing))} missing): written by an older kldwrm_ref, or not by the runner")
+        raise OlderCheckpointError(f"{path}: holds no run record ({', '.join(sorted(missing))} missing): written by an older kldwrm_ref, or not by the runner")
     try:
         config, status = json.loads(str(scalars["config"])), json.loads(str(scalars["status"]))
         history = scalars["history"]
@@ -136,20 +128,18 @@ def restore(run_dir: Path, log) -> Record | None:
         return None
     try:
         record = load_record(run_dir)
+    except OlderCheckpointError:
+        raise
     except CheckpointError as error:
-        if "older kldwrm_ref" in str(error):
-            raise
         os.replace(path, path.with_name(CHECKPOINT + ".corrupt"))
         log(f"{error}; renamed it {CHECKPOINT}.corrupt, the run starts again from scratch")
         return None
-    stale = [name for name, data in _export_bytes(record).items() if _differs(run_dir / name, data)]
+    stale = [name for name, text in _export_texts(record).items() if _differs(run_dir / name, text.encode("utf-8"))]
     if record.test_correct is not None and not _bools_match(run_dir / "test_correct.npz", record.test_correct, record.epoch):
         stale.append("test_correct.npz")
     if stale:
         write_exports(run_dir, record, only=tuple(stale))
-        present = [name for name in stale if name != "status.json" or record.status["state"] != "running"]
-        if present:
-            log(f"{run_dir}: rewrote {', '.join(stale)} from the checkpoint (missing, damaged, or written before an interruption)")
+        log(f"{run_dir}: rewrote {', '.join(stale)} from the checkpoint (missing, damaged, or written before an interruption)")
     return record
 
 
