@@ -94,6 +94,71 @@ def test_matmul_and_its_transposed_variants(backend, m, k, n, dtype, seed, trans
     close(get_backend(backend).matmul(a, b), a @ b, dtype)
 
 
+conv_geometry = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(0, 2))  # channels, kernel, stride, padding
+
+
+def _direct_im2col(x, k, s, p):
+    """Patches by explicit loops over samples, positions and (c, i, j) (independent of the kernels)."""
+    n, c, h, w = x.shape
+    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    cols = np.zeros((n, out_h * out_w, c * k * k), dtype=x.dtype)
+    for a in range(n):
+        for oh in range(out_h):
+            for ow in range(out_w):
+                for ch in range(c):
+                    for i in range(k):
+                        for j in range(k):
+                            hh, ww = oh * s + i - p, ow * s + j - p
+                            if 0 <= hh < h and 0 <= ww < w:
+                                cols[a, oh * out_w + ow, (ch * k + i) * k + j] = x[a, ch, hh, ww]
+    return cols
+
+
+@pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
+@settings(max_examples=6)
+@given(geometry=conv_geometry, n=st.integers(1, 3), extra=st.tuples(st.integers(0, 4), st.integers(0, 3)), reps=st.integers(1, 2), dtype=dtypes, seed=st.integers(0, 2**16))
+def test_im2col_and_its_adjoint(backend, geometry, n, extra, reps, dtype, seed):
+    """im2col equals the direct loops; col2im is its adjoint: <col2im(u), x> = <u, im2col(x)>."""
+    channels, k, s, p = geometry
+    shape = (channels, max(1, k - 2 * p) + extra[0], max(1, k - 2 * p) + extra[1])
+    be, rng = get_backend(backend), np.random.default_rng(seed)
+    x = rng.standard_normal((n, *shape)).astype(dtype)
+    cols = be.im2col(x, k, s, p)
+    close(cols, _direct_im2col(x, k, s, p), dtype)
+    u = rng.standard_normal((reps * n, *cols.shape[1:])).astype(dtype)
+    dx = be.col2im(u, shape, k, s, p)
+    assert dx.shape == (reps * n, *shape) and dx.dtype == dtype
+    x_rows = np.concatenate([x] * reps)
+    lhs, rhs = float(np.sum(dx.astype(np.float64) * x_rows)), float(np.sum(u.astype(np.float64) * _direct_im2col(x_rows, k, s, p)))
+    assert abs(lhs - rhs) <= TOLERANCE[dtype] * max(1.0, float(np.sum(np.abs(u))) * float(np.max(np.abs(x))))
+    close(dx, ops.col2im(u, shape, k, s, p), dtype)
+
+
+@pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
+@settings(max_examples=6)
+@given(k=st.integers(1, 3), c=st.integers(1, 3), hw=st.tuples(st.integers(3, 7), st.integers(3, 7)), n=st.integers(1, 3), reps=st.integers(1, 2), ties=st.booleans(), dtype=dtypes, seed=st.integers(0, 2**16))
+def test_max_pool_and_unpool(backend, k, c, hw, n, reps, ties, dtype, seed):
+    """max_pool against a loop over windows (first maximum on ties, rows/columns past k floor(H/k)
+    dropped); max_unpool puts each row's cotangent at its sample's argmax and zeros elsewhere."""
+    be, rng = get_backend(backend), np.random.default_rng(seed)
+    x = (rng.integers(0, 3, (n, c, *hw)) if ties else rng.standard_normal((n, c, *hw))).astype(dtype)
+    y, argmax = be.max_pool(x, k)
+    out_h, out_w = hw[0] // k, hw[1] // k
+    assert y.shape == argmax.shape == (n, c, out_h, out_w)
+    dy = rng.standard_normal((reps * n, c, out_h, out_w)).astype(dtype)
+    want_dx = np.zeros((reps * n, c, *hw), dtype)
+    for a in range(n):
+        for ch in range(c):
+            for i in range(out_h):
+                for j in range(out_w):
+                    window = x[a, ch, i * k : (i + 1) * k, j * k : (j + 1) * k].ravel()
+                    first = int(np.flatnonzero(window == window.max())[0])
+                    assert y[a, ch, i, j] == window.max() and argmax[a, ch, i, j] == first
+                    for r in range(a, reps * n, n):
+                        want_dx[r, ch, i * k + first // k, j * k + first % k] = dy[r, ch, i, j]
+    np.testing.assert_array_equal(be.max_unpool(dy, argmax, (c, *hw), k), want_dx)
+
+
 def test_kernels_check_their_arguments():
     be = get_backend("numba")
     with pytest.raises(ValueError, match="kind must be 'forward' or 'symmetric'"):

@@ -27,7 +27,7 @@ from kldwrm_ref.backends import reference
 
 BACKENDS = ("numpy", "numba", "cuda", "auto")
 DEFAULT_BACKEND = "auto"
-OPERATIONS = ("softmax_cross_entropy", "sample_labels", "fisher_cotangents", "per_sample_rows", "ea_update", "eigen_divide", "kron_sum_divide", "kl_and_grad", "matmul")
+OPERATIONS = ("softmax_cross_entropy", "sample_labels", "fisher_cotangents", "per_sample_rows", "ea_update", "eigen_divide", "kron_sum_divide", "kl_and_grad", "im2col", "col2im", "max_pool", "max_unpool", "matmul")
 _MODULES = {"numba": "kldwrm_ref.backends.numba_cpu", "cuda": "kldwrm_ref.backends.cuda"}
 
 
@@ -41,6 +41,10 @@ class Backend(NamedTuple):
     eigen_divide: Callable
     kron_sum_divide: Callable
     kl_and_grad: Callable
+    im2col: Callable
+    col2im: Callable
+    max_pool: Callable
+    max_unpool: Callable
     matmul: Callable
 
     def __reduce__(self):
@@ -61,6 +65,10 @@ FASTEST_ON_CPU = dict(
     eigen_divide="numpy",
     kron_sum_divide="numpy",
     kl_and_grad="numba",
+    im2col="numpy",
+    col2im="numba",
+    max_pool="numba",
+    max_unpool="numba",
     matmul="numpy",
 )
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import config, cuda, float32, float64
 
-from kldwrm_ref.backends import rows
+from kldwrm_ref.backends import reference, rows
 
 TILE = 4 if config.ENABLE_CUDASIM else 16  # keep simulated blocks small
 ROW_THREADS = 32 if config.ENABLE_CUDASIM else 128  # the simulator runs every thread in Python
@@ -28,6 +28,10 @@ _xent_row = cuda.jit(device=True)(rows.xent_row)
 _sample_row = cuda.jit(device=True)(rows.sample_row)
 _cotangent_row = cuda.jit(device=True)(rows.cotangent_row)
 _kl_row = cuda.jit(device=True)(rows.kl_row)
+_im2col_element = cuda.jit(device=True)(rows.im2col_element)
+_col2im_element = cuda.jit(device=True)(rows.col2im_element)
+_max_pool_element = cuda.jit(device=True)(rows.max_pool_element)
+_max_unpool_element = cuda.jit(device=True)(rows.max_unpool_element)
 
 
 def require_gpu() -> None:
@@ -99,6 +103,30 @@ def _kron_sum_divide_kernel(rotated, nu, mu, alpha, out):
     for flat in range(cuda.grid(1), rotated.size, cuda.gridsize(1)):
         i, j = flat // cols, flat % cols
         out[i, j] = rotated[i, j] / (1.0 + alpha * (nu[i] * mu[j]))
+
+
+@cuda.jit
+def _im2col_kernel(x, cols, kernel, stride, padding, out_w):
+    for e in range(cuda.grid(1), cols.size, cuda.gridsize(1)):
+        _im2col_element(x, cols, e, kernel, stride, padding, out_w)
+
+
+@cuda.jit
+def _col2im_kernel(cols, dx, kernel, stride, padding, out_h, out_w):
+    for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        _col2im_element(cols, dx, e, kernel, stride, padding, out_h, out_w)
+
+
+@cuda.jit
+def _max_pool_kernel(x, y, argmax, kernel):
+    for e in range(cuda.grid(1), y.size, cuda.gridsize(1)):
+        _max_pool_element(x, y, argmax, e, kernel)
+
+
+@cuda.jit
+def _max_unpool_kernel(dy, argmax, dx, kernel):
+    for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        _max_unpool_element(dy, argmax, dx, e, kernel)
 
 
 def _make_matmul_kernel(element_type):
@@ -259,3 +287,45 @@ def matmul(a, b):
     grid = (max(1, math.ceil(n / TILE)), max(1, math.ceil(m / TILE)))
     _MATMUL[dtype][grid, (TILE, TILE)](_device(a_host), _device(b_host), c, trans_a, trans_b)
     return c.copy_to_host()
+
+
+def im2col(x, kernel, stride, padding):
+    """Patches (N, T, C k k) of x (N, C, H, W); see :func:`kldwrm_ref.backends.reference.im2col`."""
+    require_gpu()
+    d_x = _device(x)
+    out_h, out_w = reference.conv_out_hw(d_x.shape[2:], kernel, stride, padding)
+    cols = cuda.device_array((d_x.shape[0], out_h * out_w, d_x.shape[1] * kernel * kernel), dtype=d_x.dtype)
+    _im2col_kernel[_blocks(cols.size), ROW_THREADS](d_x, cols, int(kernel), int(stride), int(padding), out_w)
+    return cols.copy_to_host()
+
+
+def col2im(cols, in_shape, kernel, stride, padding):
+    """im2col's adjoint onto (R, C, H, W), one thread per input element (a gather, no atomics);
+    see :func:`kldwrm_ref.backends.reference.col2im`."""
+    require_gpu()
+    d_cols = _device(cols)
+    c, h, w = in_shape
+    out_h, out_w = reference.conv_out_hw((h, w), kernel, stride, padding)
+    dx = cuda.device_array((d_cols.shape[0], c, h, w), dtype=d_cols.dtype)
+    _col2im_kernel[_blocks(dx.size), ROW_THREADS](d_cols, dx, int(kernel), int(stride), int(padding), out_h, out_w)
+    return dx.copy_to_host()
+
+
+def max_pool(x, kernel):
+    """(max over k x k windows, argmax); see :func:`kldwrm_ref.backends.reference.max_pool`."""
+    require_gpu()
+    d_x = _device(x)
+    shape = (d_x.shape[0], d_x.shape[1], d_x.shape[2] // kernel, d_x.shape[3] // kernel)
+    y = cuda.device_array(shape, dtype=d_x.dtype)
+    argmax = cuda.device_array(shape, dtype=reference.pool_index_dtype(kernel))
+    _max_pool_kernel[_blocks(y.size), ROW_THREADS](d_x, y, argmax, int(kernel))
+    return y.copy_to_host(), argmax.copy_to_host()
+
+
+def max_unpool(dy, argmax, in_shape, kernel):
+    """max_pool's vjp; see :func:`kldwrm_ref.backends.reference.max_unpool`."""
+    require_gpu()
+    d_dy = _device(dy)
+    dx = cuda.device_array((d_dy.shape[0], *in_shape), dtype=d_dy.dtype)
+    _max_unpool_kernel[_blocks(dx.size), ROW_THREADS](d_dy, _device(argmax), dx, int(kernel))
+    return dx.copy_to_host()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kldwrm_ref.backends import rows
+from kldwrm_ref.backends import reference, rows
 
 _xent_row = njit(cache=True)(rows.xent_row)
 _sample_row = njit(cache=True)(rows.sample_row)
@@ -78,6 +78,66 @@ def _kron_sum_divide_kernel(rotated, nu, mu, alpha, out):
 def _kl_kernel(ref_logits, logits, values, grad, symmetric):
     for i in range(logits.shape[0]):
         _kl_row(ref_logits, logits, values, grad, symmetric, i)
+
+
+@njit(cache=True)
+def _im2col_kernel(x, cols, kernel, stride, padding, out_w):
+    height, width = x.shape[2], x.shape[3]
+    for n in range(cols.shape[0]):
+        for t in range(cols.shape[1]):
+            top, left = (t // out_w) * stride - padding, (t % out_w) * stride - padding
+            q = 0
+            for c in range(x.shape[1]):
+                for i in range(kernel):
+                    h = top + i
+                    for j in range(kernel):
+                        w = left + j
+                        cols[n, t, q] = x[n, c, h, w] if 0 <= h < height and 0 <= w < width else 0.0
+                        q += 1
+
+
+@njit(cache=True)
+def _col2im_kernel(cols, dx, kernel, stride, padding, out_w):
+    # serial scatter-add in im2col's order: no two writes race on the CPU
+    height, width = dx.shape[2], dx.shape[3]
+    for r in range(cols.shape[0]):
+        for t in range(cols.shape[1]):
+            top, left = (t // out_w) * stride - padding, (t % out_w) * stride - padding
+            q = 0
+            for c in range(dx.shape[1]):
+                for i in range(kernel):
+                    h = top + i
+                    for j in range(kernel):
+                        w = left + j
+                        if 0 <= h < height and 0 <= w < width:
+                            dx[r, c, h, w] += cols[r, t, q]
+                        q += 1
+
+
+@njit(cache=True)
+def _max_pool_kernel(x, y, argmax, kernel):
+    for n in range(y.shape[0]):
+        for c in range(y.shape[1]):
+            for i in range(y.shape[2]):
+                for j in range(y.shape[3]):
+                    best, best_index = x[n, c, i * kernel, j * kernel], 0
+                    for index in range(1, kernel * kernel):
+                        value = x[n, c, i * kernel + index // kernel, j * kernel + index % kernel]
+                        if value > best:
+                            best, best_index = value, index
+                    y[n, c, i, j] = best
+                    argmax[n, c, i, j] = best_index
+
+
+@njit(cache=True)
+def _max_unpool_kernel(dy, argmax, dx, kernel):
+    for r in range(dy.shape[0]):
+        sample = r % argmax.shape[0]
+        for c in range(dy.shape[1]):
+            for i in range(dy.shape[2]):
+                for j in range(dy.shape[3]):
+                    index = argmax[sample, c, i, j]
+                    dx[r, c, i * kernel + index // kernel, j * kernel + index % kernel] = dy[r, c, i, j]
 
 
 def _contiguous(*arrays):
@@ -160,3 +220,40 @@ def kl_and_grad(ref_logits, logits, kind="forward"):
 def matmul(a, b):
     """a @ b with NumPy's BLAS (no Numba kernel beats it on the CPU)."""
     return a @ b
+
+
+def im2col(x, kernel, stride, padding):
+    """Patches (N, T, C k k) of x (N, C, H, W); see :func:`kldwrm_ref.backends.reference.im2col`."""
+    (x,) = _contiguous(x)
+    out_h, out_w = reference.conv_out_hw(x.shape[2:], kernel, stride, padding)
+    cols = np.empty((x.shape[0], out_h * out_w, x.shape[1] * kernel * kernel), dtype=x.dtype)
+    _im2col_kernel(x, cols, int(kernel), int(stride), int(padding), out_w)
+    return cols
+
+
+def col2im(cols, in_shape, kernel, stride, padding):
+    """im2col's adjoint onto (R, C, H, W); see :func:`kldwrm_ref.backends.reference.col2im`."""
+    (cols,) = _contiguous(cols)
+    c, h, w = in_shape
+    out_w = reference.conv_out_hw((h, w), kernel, stride, padding)[1]
+    dx = np.zeros((cols.shape[0], c, h, w), dtype=cols.dtype)
+    _col2im_kernel(cols, dx, int(kernel), int(stride), int(padding), out_w)
+    return dx
+
+
+def max_pool(x, kernel):
+    """(max over k x k windows, argmax); see :func:`kldwrm_ref.backends.reference.max_pool`."""
+    (x,) = _contiguous(x)
+    shape = (x.shape[0], x.shape[1], x.shape[2] // kernel, x.shape[3] // kernel)
+    y = np.empty(shape, dtype=x.dtype)
+    argmax = np.empty(shape, dtype=reference.pool_index_dtype(kernel))
+    _max_pool_kernel(x, y, argmax, int(kernel))
+    return y, argmax
+
+
+def max_unpool(dy, argmax, in_shape, kernel):
+    """max_pool's vjp; see :func:`kldwrm_ref.backends.reference.max_unpool`."""
+    dy, argmax = _contiguous(dy, argmax)
+    dx = np.zeros((dy.shape[0], *in_shape), dtype=dy.dtype)
+    _max_unpool_kernel(dy, argmax, dx, int(kernel))
+    return dx

@@ -111,3 +111,70 @@ def kl_and_grad(ref_logits: np.ndarray, logits: np.ndarray, kind: str = "forward
     backward = np.sum(q * r, axis=1)
     grad = 0.5 * ((q - p) + q * (r - backward[:, None]))
     return 0.5 * (forward + backward), grad
+
+
+# ------------------------------------------------------------------ convolution and pooling
+def conv_out_hw(in_hw, kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    """Output size of a k x k window sliding with ``stride`` over the input zero-padded by ``padding``."""
+    return (in_hw[0] + 2 * padding - kernel) // stride + 1, (in_hw[1] + 2 * padding - kernel) // stride + 1
+
+
+def im2col(x: np.ndarray, kernel: int, stride: int, padding: int) -> np.ndarray:
+    """Patches P (N, T, C k k) of x (N, C, H, W): P[n, t] is the (C, k, k) window, row-major, under
+    output position t = oh * W_out + ow of the zero-padded input (docs/theory.md §5.6)."""
+    n, c = x.shape[:2]
+    out_h, out_w = conv_out_hw(x.shape[2:], kernel, stride, padding)
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else x
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (kernel, kernel), axis=(2, 3))
+    windows = windows[:, :, : stride * (out_h - 1) + 1 : stride, : stride * (out_w - 1) + 1 : stride]
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n, out_h * out_w, c * kernel * kernel)
+
+
+def col2im(cols: np.ndarray, in_shape, kernel: int, stride: int, padding: int) -> np.ndarray:
+    """The adjoint of :func:`im2col`: scatter-add patch cotangents (R, T, C k k) onto (R, C, H, W)."""
+    c, h, w = in_shape
+    out_h, out_w = conv_out_hw((h, w), kernel, stride, padding)
+    cols = cols.reshape(cols.shape[0], out_h, out_w, c, kernel, kernel)
+    dxp = np.zeros((cols.shape[0], c, h + 2 * padding, w + 2 * padding), dtype=cols.dtype)
+    for i in range(kernel):
+        for j in range(kernel):
+            rows = slice(i, i + stride * (out_h - 1) + 1, stride)
+            columns = slice(j, j + stride * (out_w - 1) + 1, stride)
+            dxp[:, :, rows, columns] += cols[..., i, j].transpose(0, 3, 1, 2)
+    return dxp[:, :, padding : padding + h, padding : padding + w]
+
+
+def pool_index_dtype(kernel: int):
+    """The integer type of max-pooling's argmax (the window offset 0..k^2 - 1)."""
+    return np.int8 if kernel * kernel < 128 else np.int64
+
+
+def max_pool(x: np.ndarray, kernel: int) -> tuple[np.ndarray, np.ndarray]:
+    """Max over non-overlapping k x k windows of x (N, C, H, W) (the last H mod k rows and W mod k
+    columns dropped): (y (N, C, H // k, W // k), argmax) with argmax the row-major offset di k + dj
+    of the first maximum in the window (a strict comparison, as PyTorch)."""
+    h, w = x.shape[2] // kernel, x.shape[3] // kernel
+    y = x[:, :, : kernel * h : kernel, : kernel * w : kernel].copy()
+    argmax = np.zeros(y.shape, dtype=pool_index_dtype(kernel))
+    for index in range(1, kernel * kernel):
+        di, dj = divmod(index, kernel)
+        view = x[:, :, di : di + kernel * h : kernel, dj : dj + kernel * w : kernel]
+        larger = view > y
+        np.copyto(y, view, where=larger)
+        np.copyto(argmax, index, where=larger)
+    return y, argmax
+
+
+def max_unpool(dy: np.ndarray, argmax: np.ndarray, in_shape, kernel: int) -> np.ndarray:
+    """max_pool's vjp: dx (R, C, H, W) holds dy at each window's argmax, zero elsewhere; dy has
+    R = reps * N rows, row r routed by sample r mod N's argmax."""
+    c, h, w = in_shape
+    dx = np.zeros((dy.shape[0], c, h, w), dtype=dy.dtype)
+    reps = dy.shape[0] // argmax.shape[0]
+    argmax = argmax if reps == 1 else np.tile(argmax, (reps, 1, 1, 1))
+    out_h, out_w = argmax.shape[2:]
+    for index in range(kernel * kernel):
+        di, dj = divmod(index, kernel)
+        view = dx[:, :, di : di + kernel * out_h : kernel, dj : dj + kernel * out_w : kernel]
+        np.copyto(view, dy, where=argmax == index)
+    return dx

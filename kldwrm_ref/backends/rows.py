@@ -1,6 +1,7 @@
 """Scalar/row helpers shared by the Numba-CPU and numba-cuda kernels (plain Python, compiled twice).
 
-Each takes 2-D arrays and a row index and loops over the row; none calls another (a plain Python
+Each takes arrays and a row index (or, for the convolution and pooling helpers, the flat index of
+one output element) and loops over that row or window; none calls another (a plain Python
 callee would not compile), so the same source compiles with ``numba.njit`` (CPU) and
 ``numba.cuda.jit(device=True)`` (GPU).  The maths is that of
 :mod:`kldwrm_ref.backends.reference` (docs/theory.md §1).
@@ -84,3 +85,73 @@ def kl_row(ref_logits, logits, values, grad, symmetric, i):
         else:
             grad[i, c] = q - p
     values[i] = 0.5 * (forward + backward) if symmetric else forward
+
+
+def im2col_element(x, cols, e, kernel, stride, padding, out_w):
+    """cols.flat[e] = x[n, c, oh s + i - p, ow s + j - p] (zero in the padding) for the flat index
+    e of cols (N, T, C k k), t = oh W_out + ow, the patch column (c, i, j) row-major."""
+    n_patch = cols.shape[2]
+    per_sample = cols.shape[1] * n_patch
+    n = e // per_sample
+    t = (e % per_sample) // n_patch
+    q = e % n_patch
+    c = q // (kernel * kernel)
+    i = (q % (kernel * kernel)) // kernel
+    j = q % kernel
+    h = (t // out_w) * stride + i - padding
+    w = (t % out_w) * stride + j - padding
+    if 0 <= h < x.shape[2] and 0 <= w < x.shape[3]:
+        cols[n, t, q] = x[n, c, h, w]
+    else:
+        cols[n, t, q] = 0.0
+
+
+def col2im_element(cols, dx, e, kernel, stride, padding, out_h, out_w):
+    """dx.flat[e] for dx (R, C, H, W): the sum of the patch cotangents cols[r, t, (c, i, j)] of
+    every output position t whose window covers (h, w); a gather, so threads never collide."""
+    height, width = dx.shape[2], dx.shape[3]
+    r = e // (dx.shape[1] * height * width)
+    c = (e // (height * width)) % dx.shape[1]
+    h = (e // width) % height + padding
+    w = e % width + padding
+    total = 0.0
+    for i in range(kernel):
+        hi = h - i
+        if hi >= 0 and hi % stride == 0 and hi // stride < out_h:
+            for j in range(kernel):
+                wj = w - j
+                if wj >= 0 and wj % stride == 0 and wj // stride < out_w:
+                    total += cols[r, (hi // stride) * out_w + wj // stride, (c * kernel + i) * kernel + j]
+    dx[r, c, h - padding, w - padding] = total
+
+
+def max_pool_element(x, y, argmax, e, kernel):
+    """y.flat[e] = the maximum of its k x k window of x, argmax.flat[e] = its first row-major offset."""
+    out_h, out_w = y.shape[2], y.shape[3]
+    n = e // (y.shape[1] * out_h * out_w)
+    c = (e // (out_h * out_w)) % y.shape[1]
+    i = (e // out_w) % out_h
+    j = e % out_w
+    best = x[n, c, i * kernel, j * kernel]
+    best_index = 0
+    for index in range(1, kernel * kernel):
+        value = x[n, c, i * kernel + index // kernel, j * kernel + index % kernel]
+        if value > best:
+            best = value
+            best_index = index
+    y[n, c, i, j] = best
+    argmax[n, c, i, j] = best_index
+
+
+def max_unpool_element(dy, argmax, dx, e, kernel):
+    """dx.flat[e] for dx (R, C, H, W): dy at the window's argmax (sample r mod N's), else zero."""
+    height, width = dx.shape[2], dx.shape[3]
+    r = e // (dx.shape[1] * height * width)
+    c = (e // (height * width)) % dx.shape[1]
+    h = (e // width) % height
+    w = e % width
+    i = h // kernel
+    j = w // kernel
+    dx[r, c, h, w] = 0.0
+    if i < dy.shape[2] and j < dy.shape[3] and argmax[r % argmax.shape[0], c, i, j] == (h % kernel) * kernel + w % kernel:
+        dx[r, c, h, w] = dy[r, c, i, j]

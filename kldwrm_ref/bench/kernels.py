@@ -15,7 +15,8 @@ from kldwrm_ref.model import MLP
 
 def kernel_inputs(dtype, rng: np.random.Generator) -> dict:
     """Arguments of each operation at the sizes it sees in training (784-256-10, batch 512; the
-    dense Fisher rows of a 49-32-10 net at batch 256; the 785 x 785 factor A)."""
+    dense Fisher rows of a 49-32-10 net at batch 256; the 785 x 785 factor A; the convolutions
+    and poolings of the paper's CNN at batch 512)."""
     logits = rng.standard_normal((512, 10)).astype(dtype)
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs = (probs / probs.sum(1, keepdims=True)).astype(dtype)
@@ -24,6 +25,9 @@ def kernel_inputs(dtype, rng: np.random.Generator) -> dict:
     factor = rng.standard_normal((785, 785)).astype(dtype)
     dense = MLP([49, 32, 10])
     u = np.empty((2560, dense.n_params), dtype)
+    images = rng.standard_normal((512, 1, 28, 28)).astype(dtype)
+    conv2_cols = rng.standard_normal((512, 64, 125)).astype(dtype)
+    pooled, argmax = get_backend("numpy").max_pool(rng.standard_normal((512, 5, 24, 24)).astype(dtype), 2)
     return dict(
         softmax_cross_entropy=("logits (512, 10)", (logits, rng.integers(0, 10, 512))),
         sample_labels=("probs (512, 10)", (probs, rng.random((1, 512)))),
@@ -33,6 +37,10 @@ def kernel_inputs(dtype, rng: np.random.Generator) -> dict:
         eigen_divide=("V (256, 785)", (rotated, d_g, d_a, 0.01)),
         kron_sum_divide=("V (256, 785)", (rotated, d_g, d_a, 0.01)),
         kl_and_grad=("logits (512, 10), symmetric", (logits, logits[::-1].copy(), "symmetric")),
+        im2col=("images (512, 1, 28, 28), 5 x 5", (images, 5, 1, 0)),
+        col2im=("patches (512, 64, 5 x 5 x 5)", (conv2_cols, (5, 12, 12), 5, 1, 0)),
+        max_pool=("(512, 5, 24, 24), 2 x 2", (rng.standard_normal((512, 5, 24, 24)).astype(dtype), 2)),
+        max_unpool=("(512, 5, 12, 12) -> 24 x 24", (pooled, argmax, (5, 24, 24), 2)),
         matmul=("(512, 784) @ (784, 256)", (rng.standard_normal((512, 784)).astype(dtype), rng.standard_normal((784, 256)).astype(dtype))),
     )
 

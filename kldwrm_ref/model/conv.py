@@ -16,9 +16,9 @@ import numbers
 from typing import NamedTuple
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from kldwrm_ref.backends import Backend
+from kldwrm_ref.backends.reference import conv_out_hw
 from kldwrm_ref.model.layers import BlockSpec, Dense, Layer, ParameterFree, ReLU, affine_blocks, homogeneous_moment, per_sample
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.validation import check_choice, check_nonnegative_int, check_positive_int
@@ -99,33 +99,11 @@ class Conv2d:
         return (self.out_channels, h, w)
 
     def _out_hw(self, in_hw) -> tuple[int, int]:
-        k, s, p = self.kernel_size, self.stride, self.padding
-        return (in_hw[0] + 2 * p - k) // s + 1, (in_hw[1] + 2 * p - k) // s + 1
+        return conv_out_hw(in_hw, self.kernel_size, self.stride, self.padding)
 
-    def _tap(self, i: int, j: int, out_hw) -> tuple[slice, slice]:
-        """The rows and columns of the padded input that kernel tap (i, j) reads, one per output position."""
-        s = self.stride
-        return slice(i, i + s * (out_hw[0] - 1) + 1, s), slice(j, j + s * (out_hw[1] - 1) + 1, s)
-
-    def im2col(self, x: np.ndarray) -> np.ndarray:
+    def im2col(self, x: np.ndarray, backend: Backend) -> np.ndarray:
         """Patches P (N, T, k) of x (N, in, H, W): P[n, t] is the (in, kh, kw) window under output position t."""
-        n, k, p, s = x.shape[0], self.kernel_size, self.padding, self.stride
-        out_hw = self._out_hw(x.shape[2:])
-        xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
-        windows = sliding_window_view(xp, (k, k), axis=(2, 3))[:, :, : s * (out_hw[0] - 1) + 1 : s, : s * (out_hw[1] - 1) + 1 : s]
-        return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n, out_hw[0] * out_hw[1], self.patch_size)  # one copy
-
-    def col2im(self, cols: np.ndarray, in_hw) -> np.ndarray:
-        """The adjoint of :meth:`im2col`: scatter-add the patch cotangents (R, T, k) back onto (R, in, H, W)."""
-        rows_n, k, p = cols.shape[0], self.kernel_size, self.padding
-        out_hw = self._out_hw(in_hw)
-        cols = cols.reshape(rows_n, *out_hw, self.in_channels, k, k)
-        dxp = np.zeros((rows_n, self.in_channels, in_hw[0] + 2 * p, in_hw[1] + 2 * p), dtype=cols.dtype)
-        for i in range(k):
-            for j in range(k):
-                rows, columns = self._tap(i, j, out_hw)
-                dxp[:, :, rows, columns] += cols[..., i, j].transpose(0, 3, 1, 2)
-        return dxp[:, :, p : p + in_hw[0], p : p + in_hw[1]]
+        return backend.im2col(x, self.kernel_size, self.stride, self.padding)
 
     def init(self, params, rng):
         torch_uniform(params[0], params[1], rng)
@@ -143,12 +121,12 @@ class Conv2d:
         return dy.reshape(dy.shape[0], self.out_channels, -1).transpose(0, 2, 1).reshape(-1, self.out_channels)
 
     def forward(self, params, x, backend, rng):
-        patches = self.im2col(x)
+        patches = self.im2col(x, backend)
         return self._apply(patches, params[0], params[1], self._out_hw(x.shape[2:]), backend), ConvCache(patches, x.shape[2:])
 
     def backward(self, params, cache, dy, backend):
         dcols = backend.matmul(self._positions(dy), params[0].reshape(self.out_channels, self.patch_size))
-        return self.col2im(dcols.reshape(dy.shape[0], -1, self.patch_size), cache.in_hw)
+        return backend.col2im(dcols.reshape(dy.shape[0], -1, self.patch_size), (self.in_channels, *cache.in_hw), self.kernel_size, self.stride, self.padding)
 
     def param_gradients(self, params, cache, dy, backend, out):
         n, t, _ = cache.patches.shape
@@ -160,7 +138,7 @@ class Conv2d:
         out_hw = self._out_hw(cache.in_hw)
         dy = self._apply(cache.patches, dparams[0], dparams[1], out_hw, backend)
         if dx is not None:
-            dy += self._apply(self.im2col(dx), params[0], None, out_hw, backend)
+            dy += self._apply(self.im2col(dx, backend), params[0], None, out_hw, backend)
         return dy
 
     def per_sample_rows(self, cache, dy, out, start, backend):
@@ -214,23 +192,12 @@ class MaxPool2d(ParameterFree):
             yield index, x[:, :, di : di + k * h : k, dj : dj + k * w : k]
 
     def forward(self, params, x, backend, rng):
-        taps = self.taps(x)
-        _, first = next(taps)
-        y, argmax = first.copy(), np.zeros(first.shape, dtype=np.int8 if self.kernel_size**2 < 128 else np.int64)
-        for index, view in taps:
-            larger = view > y  # strictly: a tie keeps the first maximum, as PyTorch
-            np.copyto(y, view, where=larger)
-            np.copyto(argmax, index, where=larger)
+        y, argmax = backend.max_pool(x, self.kernel_size)
         return y, (argmax, x.shape[1:])
 
     def backward(self, params, cache, dy, backend):
-        argmax, (c, h, w) = cache
-        dx = np.zeros((dy.shape[0], c, h, w), dtype=dy.dtype)
-        reps = dy.shape[0] // argmax.shape[0]
-        argmax = argmax if reps == 1 else np.tile(argmax, (reps, 1, 1, 1))  # row r is sample r mod N
-        for index, view in self.taps(dx):
-            np.copyto(view, dy, where=argmax == index)
-        return dx
+        argmax, in_shape = cache
+        return backend.max_unpool(dy, argmax, in_shape, self.kernel_size)
 
     def jvp(self, params, cache, dparams, dx, backend):
         if dx is None:
