@@ -1,4 +1,4 @@
-"""The ``kldwrm`` command: ``verify``, ``mnist``, ``train``, ``bench``, ``trajectory``."""
+"""The ``kldwrm`` command: ``verify``, ``mnist``, ``tune``, ``train``, ``bench``, ``trajectory``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from kldwrm_ref.trajectory import cli as trajectory_cli
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "verify": (verify.main, "run the paper's claims as numerical checks"),
     "mnist": (experiments_cli.main, "resumable multi-seed MNIST experiments, summary table and plots"),
+    "tune": (experiments_cli.tune_main, "the tuned comparison protocol: grid on a validation split, selection, final seeds"),
     "train": (experiments_cli.train_main, "short single-seed MNIST comparison of optimisers"),
     "bench": (bench_cli.main, "benchmarks that print numbers (curvature, kernels, step)"),
     "trajectory": (trajectory_cli.main, "export per-step reference trajectories, compare two (docs/trajectory-format.md)"),

@@ -1,4 +1,4 @@
-"""``kldwrm mnist`` and ``kldwrm train``: command lines over the experiment runner.
+"""``kldwrm mnist``, ``kldwrm tune`` and ``kldwrm train``: command lines over the experiment runner.
 
 ``kldwrm mnist`` runs (or resumes) a configuration (``--config`` or the quick comparison) with
 command-line overrides, serially or in parallel (``--jobs``, ``--scheduler``); ``kldwrm train``
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from kldwrm_ref import optim
 from kldwrm_ref.backends import BACKENDS
-from kldwrm_ref.experiments import parallel
+from kldwrm_ref.experiments import parallel, tune
 from kldwrm_ref.experiments.config import DTYPES, NAMED_NETWORKS, QUICK, check_fields, read_config, validate_config
 from kldwrm_ref.experiments.report import write_summary
 from kldwrm_ref.experiments.runner import run_experiment
@@ -119,6 +120,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as error:
             parser.exit(2, f"kldwrm mnist: error: {error}\n")
     run_experiment(cfg, args.out, progress=not args.no_progress, jobs=args.jobs, scheduler=args.scheduler)
+    return 0
+
+
+def tune_main(argv: Sequence[str] | None = None) -> int:
+    """``kldwrm tune --config experiments/tune-paper.json``: the tuned comparison protocol (docs/protocol.md)."""
+    parser = argparse.ArgumentParser(prog="kldwrm tune", description="Tune every optimiser on a validation split with the same grid budget, select, then run the selected settings with many seeds (docs/protocol.md).")
+    parser.add_argument("--config", required=True, help="protocol JSON (e.g. experiments/tune-paper.json)")
+    parser.add_argument("--out", default="runs", help="output folder (default: runs)")
+    parser.add_argument("--stage", choices=tune.STAGES, default="all", help="tune: the grid only; final: the final seeds from selected.json; all: both (default); summary: rebuild tables and plots only")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine (joblib; needs the 'parallel' extra)")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="run the runs on the Dask distributed cluster at ADDRESS; needs the 'parallel' extra")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.scheduler and args.jobs > 1:
+        parser.error("--jobs and --scheduler exclude each other: the cluster's workers set how many runs run at a time")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    try:
+        cfg = tune.validate_protocol(read_config(args.config))
+        check_output_dir(args.out, "--out")
+        if args.jobs > 1 or args.scheduler:
+            parallel.require(args.scheduler)
+    except (ValueError, ImportError) as error:
+        print(f"kldwrm tune: {error}", file=sys.stderr)
+        return 2
+    tune.run_protocol(cfg, args.out, args.stage, progress=not args.no_progress, jobs=args.jobs, scheduler=args.scheduler)
     return 0
 
 

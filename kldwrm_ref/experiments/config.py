@@ -116,6 +116,14 @@ def validate_config(config: dict) -> dict:
     data = cfg["data"]
     check_choice(data["source"], "data.source", DATA_SOURCES)
     check_positive_int(data["pool"], "data.pool")
+    unknown_data = set(data) - set(QUICK["data"]) - {"validation"}
+    if unknown_data:
+        raise ValueError(f"data: unknown field(s) {sorted(unknown_data)}; accepted: {sorted(set(QUICK['data']) | {'validation'})}")
+    validation = data.pop("validation", 0)  # absent when 0, so runs without a split keep their identity
+    if isinstance(validation, bool) or not isinstance(validation, int) or not 0 <= validation < 60000:
+        raise ValueError(f"data.validation must be an integer in [0, 60000) (training examples held out for selection), got {validation!r}")
+    if validation:
+        data["validation"] = validation
     n_inputs = 784 // data["pool"] ** 2 if data["source"] == "mnist" else None
     for sizes in cfg["architectures"]:
         if isinstance(sizes, str):

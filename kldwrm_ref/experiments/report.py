@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from kldwrm_ref.experiments.config import expand
 from kldwrm_ref.experiments.run_folder import read_exports, read_test_correct
@@ -168,7 +169,8 @@ def significance_tables(groups: dict, baseline: str) -> dict[str, str]:
 
 
 def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
-    """2 x 2 panels: test accuracy and training loss, against epochs and against wall time."""
+    """2 x 2 panels: test accuracy and training loss, against epochs and against wall time; the
+    band is the 95% t confidence interval of the mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +191,9 @@ def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
         for row, key in enumerate(("test_accuracy", "train_loss")):
             values = np.array([r["metrics"][key][:epochs] for r in runs])
             scale = 100.0 if key == "test_accuracy" else 1.0
-            mean, low, high = values.mean(0) * scale, values.min(0) * scale, values.max(0) * scale
+            mean = values.mean(0) * scale
+            half = stats.t.ppf(1 - ALPHA / 2, len(runs) - 1) * values.std(0, ddof=1) * scale / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
+            low, high = mean - half, mean + half
             for col, x in enumerate((x_epoch, x_time)):
                 ax = axes[row, col]
                 ax.plot(x, mean, color=color, label=f"{name} (n={len(runs)} seeds)", marker="o" if epochs <= 12 else None, markersize=3)
@@ -209,7 +213,7 @@ def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
     for row in range(2):
         axes[row, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(loc="lower right")
-    fig.suptitle(f"{title}: {arch} (line: mean over seeds, band: min-max over seeds; dotted: 97% and 98%)")
+    fig.suptitle(f"{title}: {arch} (line: mean over seeds, band: its {1 - ALPHA:.0%} t confidence interval; dotted: 97% and 98%)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -35,6 +35,8 @@ METRIC_FIELDS = (
     "epoch", "steps", "train_loss", "train_accuracy", "batch_loss", "test_loss", "test_accuracy",
     "wall_time", "epoch_time", "kl_clip_active", "rms_clip_active",
 )
+# Runs with a validation split (data.validation > 0) add these columns after METRIC_FIELDS.
+VALIDATION_FIELDS = ("val_loss", "val_accuracy")
 INTEGER_FIELDS = ("epoch", "steps", "kl_clip_active", "rms_clip_active")
 STATES = ("running", "finished", "diverged")
 CHECKPOINT = "checkpoint.npz"
@@ -65,9 +67,19 @@ class Record(NamedTuple):
         return len(self.rows)
 
 
+def metric_fields(validation: bool) -> tuple[str, ...]:
+    """The metrics.csv columns of a run without or with a validation split."""
+    return METRIC_FIELDS + VALIDATION_FIELDS if validation else METRIC_FIELDS
+
+
+def _has_validation(record: Record) -> bool:
+    return bool(record.config.get("run", {}).get("data", {}).get("validation"))
+
+
 # ------------------------------------------------------------------------- exports as bytes
 def _export_texts(record: Record) -> dict[str, str]:
-    return {"config.json": json_text(record.config), "metrics.csv": csv_text(record.rows, METRIC_FIELDS), "status.json": json_text(record.status)}
+    fields = metric_fields(_has_validation(record))
+    return {"config.json": json_text(record.config), "metrics.csv": csv_text(record.rows, fields), "status.json": json_text(record.status)}
 
 
 def write_exports(run_dir: Path, record: Record, only: tuple[str, ...] = EXPORTS) -> None:
@@ -80,7 +92,8 @@ def write_exports(run_dir: Path, record: Record, only: tuple[str, ...] = EXPORTS
 
 def save_record(run_dir: Path, record: Record) -> None:
     """Write the checkpoint, then its exports (each atomically)."""
-    history = {field: np.array([row[field] for row in record.rows], dtype=np.int64 if field in INTEGER_FIELDS else np.float64) for field in METRIC_FIELDS}
+    fields = metric_fields(_has_validation(record))
+    history = {field: np.array([row[field] for row in record.rows], dtype=np.int64 if field in INTEGER_FIELDS else np.float64) for field in fields}
     extra: dict = {} if record.test_correct is None else dict(test_correct=np.asarray(record.test_correct, dtype=bool))
     save_checkpoint(
         run_dir / CHECKPOINT, record.theta, record.state, epoch=record.epoch, wall_time=record.wall_time,
@@ -100,11 +113,12 @@ def load_record(run_dir: Path) -> Record:
         config, status = json.loads(str(scalars["config"])), json.loads(str(scalars["status"]))
         history = scalars["history"]
         epoch = int(scalars["epoch"])
-        rows = [{field: (int if field in INTEGER_FIELDS else float)(history[field][i]) for field in METRIC_FIELDS} for i in range(epoch)]
+        fields = metric_fields(bool(config.get("run", {}).get("data", {}).get("validation")))
+        rows = [{field: (int if field in INTEGER_FIELDS else float)(history[field][i]) for field in fields} for i in range(epoch)]
     except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: malformed run record ({error!r:.100})") from None
     correct = scalars.get("test_correct")
-    if any(len(history[field]) != epoch for field in METRIC_FIELDS) or (epoch > 0 and correct is None):
+    if any(len(history[field]) != epoch for field in fields) or (epoch > 0 and correct is None):
         raise CheckpointError(f"{path}: the run record's metrics do not cover its {epoch} epochs")
     _check_status(status, path)
     return Record(theta, state, config, rows, correct, status, float(scalars["wall_time"]))
@@ -169,19 +183,21 @@ def read_status(path: Path) -> dict:
 
 
 def read_metrics(path: Path) -> dict[str, np.ndarray]:
-    """The columns of a ``metrics.csv``: every field present, numbers finite, epochs 1, 2, ...; else RunFolderError."""
+    """The columns of a ``metrics.csv`` (METRIC_FIELDS, then VALIDATION_FIELDS if the run holds out a
+    validation split): every field present, numbers finite, epochs 1, 2, ...; else RunFolderError."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise RunFolderError(f"{path}: not UTF-8 text ({error})") from None
     reader = csv.DictReader(io.StringIO(text))
-    if tuple(reader.fieldnames or ()) != METRIC_FIELDS:
-        raise RunFolderError(f"{path}: header {reader.fieldnames} is not {list(METRIC_FIELDS)}")
-    columns: dict[str, list] = {field: [] for field in METRIC_FIELDS}
+    fields = tuple(reader.fieldnames or ())
+    if fields not in (metric_fields(False), metric_fields(True)):
+        raise RunFolderError(f"{path}: header {reader.fieldnames} is not {list(METRIC_FIELDS)}, optionally followed by {list(VALIDATION_FIELDS)}")
+    columns: dict[str, list] = {field: [] for field in fields}
     for line, row in enumerate(reader, start=2):
         if None in row:
-            raise RunFolderError(f"{path}, line {line}: more cells than the {len(METRIC_FIELDS)} of the header")
-        for field in METRIC_FIELDS:
+            raise RunFolderError(f"{path}, line {line}: more cells than the {len(fields)} of the header")
+        for field in fields:
             cell = row.get(field)
             try:
                 value = int(cell) if field in INTEGER_FIELDS else float(cell)  # type: ignore[arg-type]

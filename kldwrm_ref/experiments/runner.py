@@ -46,7 +46,7 @@ from kldwrm_ref.model import Network
 from kldwrm_ref.storage import read_json, remove_stale_temporaries, write_json
 from kldwrm_ref.validation import check_positive_int
 
-__all__ = ["METRIC_FIELDS", "run_experiment", "run_one", "run_task"]
+__all__ = ["METRIC_FIELDS", "run_experiment", "run_one", "run_task", "run_tasks"]
 # Fields whose change makes an existing run a different run (epochs may grow: the run is extended).
 IDENTITY = ("optimizer", "architecture", "activation", "seed", "batch", "platform", "preset", "backend", "dtype", "data", "hyper")
 
@@ -56,16 +56,24 @@ class Dataset(NamedTuple):
     y_train: np.ndarray
     X_test: np.ndarray
     y_test: np.ndarray
+    X_val: np.ndarray | None = None  # the held-out validation split (data.validation > 0)
+    y_val: np.ndarray | None = None
 
 
 def load_data(data: dict, n_inputs: int, dtype: str) -> Dataset:
-    """MNIST (pooled / subset as configured) or the synthetic problem of ``data``."""
+    """MNIST (pooled / subset as configured) or the synthetic problem of ``data``; with
+    ``data["validation"] = v > 0`` the last v training examples are held out as the validation split."""
+    validation = data.get("validation", 0)
     if data["source"] == "synthetic":
         n_train, n_test = data["n_train"] or 2000, data["n_test"] or 500
         X, y = synthetic_classification(n_train + n_test, n_inputs, 10, seed=1234, dtype=dtype)
-        return Dataset(X[:n_train], y[:n_train], X[n_train:], y[n_train:])
-    mnist = load_mnist(pool=data["pool"], subset=data["subset"], dtype=dtype)
-    return Dataset(mnist.X_train, mnist.y_train, mnist.X_test, mnist.y_test)
+        if not validation < n_train:
+            raise ValueError(f"data.validation must be below the {n_train} synthetic training examples, got {validation}")
+        kept = n_train - validation
+        held_out = (X[kept:n_train], y[kept:n_train]) if validation else (None, None)
+        return Dataset(X[:kept], y[:kept], X[n_train:], y[n_train:], *held_out)
+    mnist = load_mnist(pool=data["pool"], subset=data["subset"], validation=validation, dtype=dtype)
+    return Dataset(mnist.X_train, mnist.y_train, mnist.X_test, mnist.y_test, mnist.X_val, mnist.y_val)
 
 
 def git_commit() -> str | None:
@@ -196,13 +204,15 @@ def _train(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool, log) -> 
             epoch_time = time.perf_counter() - start
             train_loss, train_accuracy, _ = evaluate(net, theta, data.X_train, data.y_train)
             test_loss, test_accuracy, test_correct = evaluate(net, theta, data.X_test, data.y_test)
-            if not np.isfinite(test_loss) or not np.isfinite(train_loss):
-                return diverged(state.step, "evaluation loss", f"diverged in epoch {epoch}: the evaluation loss is not finite")
             row = dict(
                 epoch=epoch, steps=state.step, train_loss=train_loss, train_accuracy=train_accuracy,
                 batch_loss=float(np.mean(batch_losses)), test_loss=test_loss, test_accuracy=test_accuracy,
                 wall_time=record.wall_time + epoch_time, epoch_time=epoch_time, kl_clip_active=clips["kl"], rms_clip_active=clips["rms"],
             )
+            if data.X_val is not None and data.y_val is not None:
+                row["val_loss"], row["val_accuracy"], _ = evaluate(net, theta, data.X_val, data.y_val)
+            if not all(np.isfinite(row[key]) for key in ("train_loss", "test_loss", "val_loss") if key in row):
+                return diverged(state.step, "evaluation loss", f"diverged in epoch {epoch}: the evaluation loss is not finite")
             finished = epoch == spec.epochs
             status = dict(state="finished" if finished else "running", epochs_completed=epoch)
             record = Record(theta, state, config, record.rows + [row], test_correct, status, record.wall_time + epoch_time)
@@ -227,34 +237,43 @@ def _cached_data(data_json: str, n_inputs: int, dtype: str) -> Dataset:
 
 
 def run_task(spec: RunSpec, run_dir: str) -> tuple[str, dict]:
-    """One run in a worker process, loading its data itself (cached per process): (its label, its final status)."""
+    """One run in a worker process, loading its data itself (cached per process): (its folder, its final status)."""
     data = _cached_data(json.dumps(spec.data, sort_keys=True), input_size(spec.architecture), spec.dtype)
-    return spec.label, run_one(spec, data, Path(run_dir), progress=False)
+    return run_dir, run_one(spec, data, Path(run_dir), progress=False)
+
+
+def run_tasks(tasks: list[tuple[RunSpec, Path]], progress: bool = True, log=print, jobs: int = 1, scheduler: str | None = None) -> dict[str, dict]:
+    """Run (or resume, or skip) each (spec, run folder) of ``tasks``; returns each folder's final status.
+
+    ``jobs > 1`` or a Dask ``scheduler`` address runs them in parallel, as :func:`run_task`
+    (:mod:`kldwrm_ref.experiments.parallel`); runs keep all their state in their folders, so they
+    skip, resume and extend as in a serial run.
+    """
+    check_positive_int(jobs, "jobs")
+    statuses = {}
+    if jobs > 1 or scheduler is not None:
+        from kldwrm_ref.experiments.parallel import parallel_map
+
+        labels = {str(run_dir): spec.label for spec, run_dir in tasks}
+        for run_dir, status in parallel_map(run_task, [(spec, str(run_dir)) for spec, run_dir in tasks], jobs, scheduler):
+            statuses[run_dir] = status
+            log(status_line(labels[run_dir], status))
+        return statuses
+    for spec, run_dir in tasks:
+        data = _cached_data(json.dumps(spec.data, sort_keys=True), input_size(spec.architecture), spec.dtype)
+        statuses[str(run_dir)] = status = run_one(spec, data, Path(run_dir), progress, log)
+        log(status_line(spec.label, status))
+    return statuses
 
 
 def run_experiment(cfg: dict, out: str | Path, progress: bool = True, log=print, jobs: int = 1, scheduler: str | None = None) -> Path:
-    """Run (or resume) every run of ``cfg`` under ``out/<name>``; writes the summary; returns that folder.
-
-    ``jobs > 1`` or a Dask ``scheduler`` address runs the runs in parallel, as :func:`run_task`
-    (:mod:`kldwrm_ref.experiments.parallel`); runs keep all their state in their folders, so they
-    skip, resume and extend as in a serial sweep.
-    """
+    """Run (or resume) every run of ``cfg`` under ``out/<name>`` (:func:`run_tasks`); writes the
+    summary; returns that folder."""
     cfg = validate_config(cfg)
     check_positive_int(jobs, "jobs")
     root = Path(out) / cfg["name"]
     write_json(root / "experiment.json", cfg)
     remove_stale_temporaries(root)
-    if jobs > 1 or scheduler is not None:
-        from kldwrm_ref.experiments.parallel import parallel_map
-
-        for label, status in parallel_map(run_task, [(spec, str(root / spec.label)) for spec in expand(cfg)], jobs, scheduler):
-            log(status_line(label, status))
-    else:
-        datasets: dict[int, Dataset] = {}
-        for spec in expand(cfg):
-            n_inputs = input_size(spec.architecture)
-            if n_inputs not in datasets:
-                datasets[n_inputs] = load_data(cfg["data"], n_inputs, cfg["dtype"])
-            log(status_line(spec.label, run_one(spec, datasets[n_inputs], root / spec.label, progress, log)))
+    run_tasks([(spec, root / spec.label) for spec in expand(cfg)], progress, log, jobs, scheduler)
     log("\n" + write_summary(root, cfg))
     return root

@@ -1,0 +1,343 @@
+"""The tuned comparison protocol (``kldwrm tune``; docs/protocol.md).
+
+1. **Tune.** Every optimiser of the configuration gets the same grid budget: each point of its
+   hyperparameter grid (e.g. step size x damping) runs for ``tune.epochs`` epochs with each of the
+   ``tune.seeds``, trained on the training set minus a fixed validation split (the last
+   ``validation`` training images) and evaluated on that split.  The test set plays no part in
+   the selection.
+2. **Select.** Per architecture and optimiser, the grid point with the highest mean final-epoch
+   validation accuracy over the tuning seeds (ties: the lower mean validation loss); a point whose
+   run diverged on any seed scores 0.  The choice is written to ``selected.json`` with flags for
+   values on the edge of the grid, the whole grid to ``tuning.csv``, and the step-size
+   sensitivity to ``sensitivity-<architecture>.png``.
+3. **Final.** Per architecture, an ordinary experiment configuration
+   ``final-<architecture>.json`` (run by this command, or by ``kldwrm mnist --config``) trains
+   each optimiser at its selected setting on the full training set for ``final.epochs`` epochs
+   with each of the ``final.seeds``; its summary reports the final-epoch test accuracy with the
+   paired statistics against the first optimiser.  ``summary.md`` collects the protocol's
+   verdict.
+
+Runs are ordinary run folders (resumable, locked, skipped when finished), under
+``OUT/<name>/tune/<architecture>/<optimiser>/<grid point>/seed-<s>/`` and
+``OUT/<name>-final-<architecture>/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kldwrm_ref.experiments import report
+from kldwrm_ref.experiments.config import RunSpec, check_fields, validate_config
+from kldwrm_ref.experiments.run_folder import RunFolderError, read_exports
+from kldwrm_ref.experiments.runner import run_experiment, run_tasks
+from kldwrm_ref.experiments.statistics import holm, paired_comparison
+from kldwrm_ref.model.zoo import arch_label
+from kldwrm_ref.optim.hyper import FIELDS as HYPER_FIELDS
+from kldwrm_ref.storage import read_json, write_csv, write_json, write_text
+from kldwrm_ref.validation import check_positive_int
+
+PROTOCOL_FIELDS = dict(name=str, description=str, experiment=dict, validation=int, grid=dict, tune=dict, final=dict, published=str)
+STAGES = ("tune", "final", "all", "summary")  # summary: rebuild tables and plots from the run folders only
+
+
+# ----------------------------------------------------------------------------- configuration
+def _seeds(value, field: str) -> list[int]:
+    if not isinstance(value, list) or not value or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in value):
+        raise ValueError(f"{field} must be a non-empty list of integers >= 0, got {value!r}")
+    return value
+
+
+def _stage(cfg: dict, field: str) -> dict:
+    stage = cfg[field]
+    unknown = set(stage) - {"epochs", "seeds"}
+    if unknown or "epochs" not in stage or "seeds" not in stage:
+        raise ValueError(f"{field} must be an object with exactly 'epochs' and 'seeds', got {sorted(stage)}")
+    check_positive_int(stage["epochs"], f"{field}.epochs")
+    return dict(epochs=stage["epochs"], seeds=_seeds(stage["seeds"], f"{field}.seeds"))
+
+
+def validate_protocol(cfg: dict) -> dict:
+    """Check a protocol configuration (fields of PROTOCOL_FIELDS); errors name the field."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a protocol configuration must be a JSON object, got {type(cfg).__name__}")
+    missing = {"name", "experiment", "validation", "grid", "tune", "final"} - set(cfg)
+    unknown = set(cfg) - set(PROTOCOL_FIELDS)
+    if missing or unknown:
+        raise ValueError(f"protocol configuration: missing {sorted(missing)}, unknown {sorted(unknown)}; fields: {sorted(PROTOCOL_FIELDS)}")
+    for field, value in cfg.items():
+        if not isinstance(value, PROTOCOL_FIELDS[field]) or isinstance(value, bool):
+            raise ValueError(f"{field} must be a JSON {PROTOCOL_FIELDS[field].__name__}, got {value!r:.60}")
+    if not 0 < cfg["validation"] < 60000:
+        raise ValueError(f"validation must be the number of training images held out for selection, in (0, 60000), got {cfg['validation']}")
+    experiment = check_fields(copy.deepcopy(cfg["experiment"]))
+    for field in ("name", "epochs", "seeds"):
+        if field in experiment:
+            raise ValueError(f"experiment.{field}: set by the protocol (name, tune and final), not by the experiment")
+    experiment = validate_config({**experiment, "name": cfg["name"], "epochs": 1, "seeds": [0]})
+    for field in ("name", "epochs", "seeds"):  # the stages set them
+        del experiment[field]
+    grid = cfg["grid"]
+    for key, axes in grid.items():
+        if key != "*" and key not in experiment["optimizers"]:
+            raise ValueError(f"grid: keys must be '*' or an optimiser of the experiment ({', '.join(experiment['optimizers'])}), got {key!r}")
+        if not isinstance(axes, dict) or not axes:
+            raise ValueError(f"grid[{key!r}] must map hyperparameter names to non-empty lists of values")
+        for name, values in axes.items():
+            if name not in HYPER_FIELDS:
+                raise ValueError(f"grid[{key!r}]: unknown hyperparameter {name!r}; accepted: {sorted(HYPER_FIELDS)}")
+            if not isinstance(values, list) or not values or len(set(map(json.dumps, values))) != len(values):
+                raise ValueError(f"grid[{key!r}][{name!r}] must be a non-empty list of distinct values, got {values!r}")
+    out = dict(cfg, experiment=experiment, tune=_stage(cfg, "tune"), final=_stage(cfg, "final"))
+    for name in experiment["optimizers"]:
+        if not grid_points(out, name):
+            raise ValueError(f"grid: no axes for optimiser {name!r} (give them under '*' or {name!r})")
+        for point in grid_points(out, name):  # every point must make a valid optimiser
+            validate_config({**experiment, "name": cfg["name"], "optimizers": [name], "hyper": {name: _point_hyper(out, name, point)}})
+    return out
+
+
+def grid_points(cfg: dict, name: str) -> list[dict]:
+    """The grid of optimiser ``name``: the product of the '*' axes and its own (its own win), in order."""
+    axes = {**cfg["grid"].get("*", {}), **cfg["grid"].get(name, {})}
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def _point_hyper(cfg: dict, name: str, point: dict) -> dict:
+    """The hyperparameter overrides of a run at ``point``: the experiment's, then the point's."""
+    hyper = cfg["experiment"]["hyper"]
+    return {**hyper.get("*", {}), **hyper.get(name, {}), **point}
+
+
+def point_label(point: dict) -> str:
+    """A grid point as a folder name, e.g. ``step_size=0.01,damping=0.001``."""
+    return ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in point.items())
+
+
+def tuning_runs(cfg: dict, root: Path) -> list[tuple[RunSpec, Path, str, dict]]:
+    """(spec, folder, architecture label, grid point) of every tuning run, seed-major (a partial
+    sweep covers every method and point with its first seeds)."""
+    e = cfg["experiment"]
+    data = dict(e["data"], validation=cfg["validation"])
+    runs = []
+    for seed in cfg["tune"]["seeds"]:
+        for sizes in e["architectures"]:
+            architecture = sizes if isinstance(sizes, str) else tuple(sizes)
+            for name in e["optimizers"]:
+                for point in grid_points(cfg, name):
+                    spec = RunSpec(name, architecture, e["activation"], seed, cfg["tune"]["epochs"], e["batch"], e["platform"], e["preset"], e["backend"], e["dtype"], data, _point_hyper(cfg, name, point))
+                    arch = arch_label(architecture)
+                    runs.append((spec, root / "tune" / arch / name / point_label(point) / f"seed-{seed}", arch, point))
+    return runs
+
+
+# ------------------------------------------------------------------------------ selection
+def _final_validation(run_dir: Path) -> tuple[str, int, float, float]:
+    """(state, epochs, final validation accuracy, final validation loss) of a tuning run folder."""
+    try:
+        status, metrics = read_exports(run_dir)
+    except (RunFolderError, FileNotFoundError):
+        return "missing", 0, math.nan, math.nan
+    if status is None:
+        return "missing", 0, math.nan, math.nan
+    if not metrics or "val_accuracy" not in metrics:
+        return status["state"], 0, math.nan, math.nan
+    return status["state"], int(metrics["epoch"][-1]), float(metrics["val_accuracy"][-1]), float(metrics["val_loss"][-1])
+
+
+def tuning_table(cfg: dict, root: Path) -> list[dict]:
+    """One row per tuning run: architecture, optimiser, the point's values, seed, state, final validation accuracy and loss."""
+    rows = []
+    for spec, run_dir, arch, point in tuning_runs(cfg, root):
+        state, epochs, accuracy, loss = _final_validation(run_dir)
+        rows.append(dict(architecture=arch, optimizer=spec.optimizer, point=point_label(point), **point, seed=spec.seed, state=state, epochs=epochs, val_accuracy=accuracy, val_loss=loss))
+    return rows
+
+
+def select(cfg: dict, rows: list[dict]) -> dict:
+    """{architecture: {optimiser: selection}} from the tuning rows, for groups whose every point has
+    finished (or diverged) on every tuning seed; a group with runs left is reported as incomplete."""
+    selected: dict[str, dict[str, Any]] = {}
+    n_seeds = len(cfg["tune"]["seeds"])
+    for arch in dict.fromkeys(r["architecture"] for r in rows):
+        for name in cfg["experiment"]["optimizers"]:
+            points = grid_points(cfg, name)
+            scores = []
+            for point in points:
+                runs = [r for r in rows if r["architecture"] == arch and r["optimizer"] == name and r["point"] == point_label(point)]
+                done = [r for r in runs if r["state"] == "diverged" or (r["state"] == "finished" and r["epochs"] == cfg["tune"]["epochs"])]
+                if len(done) < n_seeds:
+                    break
+                accuracy = [0.0 if r["state"] == "diverged" else r["val_accuracy"] for r in done]
+                loss = [math.inf if r["state"] == "diverged" else r["val_loss"] for r in done]
+                scores.append((float(np.mean(accuracy)), -float(np.mean(loss)), point, sum(r["state"] == "diverged" for r in done)))
+            if len(scores) < len(points):
+                selected.setdefault(arch, {})[name] = dict(complete=False, points_done=len(scores), points=len(points))
+                continue
+            best_accuracy, neg_loss, point, _ = max(scores, key=lambda s: (s[0], s[1]))
+            axes = {**cfg["grid"].get("*", {}), **cfg["grid"].get(name, {})}
+            edge = [key for key, value in point.items() if len(axes[key]) > 2 and value in (axes[key][0], axes[key][-1])]
+            selected.setdefault(arch, {})[name] = dict(
+                complete=True, hyper=point, val_accuracy=best_accuracy, val_loss=-neg_loss, seeds=n_seeds,
+                on_grid_edge=edge, diverged_points=sum(1 for s in scores if s[3]),
+            )
+    return selected
+
+
+def final_config(cfg: dict, arch: str, choices: dict) -> dict:
+    """The experiment of the final stage for one architecture: each optimiser at its selected point,
+    on the full training set (no validation split), with the final seeds and epochs."""
+    e = cfg["experiment"]
+    sizes = next(s for s in e["architectures"] if arch_label(s if isinstance(s, str) else tuple(s)) == arch)
+    hyper = {name: _point_hyper(cfg, name, choices[name]["hyper"]) for name in e["optimizers"]}
+    return dict(
+        e, name=f"{cfg['name']}-final-{arch}", architectures=[sizes], epochs=cfg["final"]["epochs"], seeds=cfg["final"]["seeds"], hyper=hyper,
+        description=f"{cfg['name']} final stage, {arch}: each optimiser at the hyperparameters selected on the validation split (selected.json), full training set",
+    )
+
+
+# -------------------------------------------------------------------------------- plots
+def sensitivity_plot(cfg: dict, rows: list[dict], arch: str, path: Path, step_key: str = "step_size") -> Path | None:
+    """Final validation accuracy against the step size, one panel per optimiser, one line per value
+    of the other grid axes (mean over tuning seeds, band: +- one sample std; diverged runs at 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in cfg["experiment"]["optimizers"] if any(r["optimizer"] == n and r["architecture"] == arch and step_key in r and r["state"] in ("finished", "diverged") for r in rows)]
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), sharey=True, constrained_layout=True, squeeze=False)
+    best = 0.0
+    for ax, name in zip(axes[0], names):
+        mine = [r for r in rows if r["optimizer"] == name and r["architecture"] == arch and r["state"] in ("finished", "diverged")]
+        other_keys = [key for key in grid_points(cfg, name)[0] if key != step_key]
+        others = sorted({tuple((key, r[key]) for key in other_keys) for r in mine}, key=str)
+        for index, other in enumerate(others):
+            subset = [r for r in mine if all(r[k] == v for k, v in other)]
+            steps = sorted({r[step_key] for r in subset})
+            values = [[0.0 if r["state"] == "diverged" else 100 * r["val_accuracy"] for r in subset if r[step_key] == s] for s in steps]
+            mean = np.array([np.mean(v) for v in values])
+            spread = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values])
+            label = ", ".join(f"{k}={v:g}" for k, v in other) or name
+            ax.plot(steps, mean, marker="o", color=f"C{index}", label=label)
+            ax.fill_between(steps, mean - spread, mean + spread, color=f"C{index}", alpha=0.2, linewidth=0)
+            best = max(best, float(np.max(mean)))
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel(step_key.replace("_", " "))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    axes[0, 0].set_ylabel(f"validation accuracy after {cfg['tune']['epochs']} epochs (%)")
+    axes[0, 0].set_ylim(max(0.0, best - 10.0), min(100.0, best + 1.0))  # the top 10 points; worse settings fall off the bottom
+    fig.suptitle(f"{cfg['name']}: {arch}, step-size sensitivity\nline: mean over {len(cfg['tune']['seeds'])} tuning seeds, band: ± 1 sample std; a diverged run counts as 0")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------- summary
+def verdict(cfg: dict, final_root: Path, final_cfg: dict) -> list[str]:
+    """Per method, one sentence against the baseline (the first optimiser) on final-epoch test
+    accuracy: wins or loses when the Holm-adjusted paired t p (over the methods of this
+    architecture) is below 0.05, else no significant difference."""
+    groups = report.collect(final_root, final_cfg)
+    baseline = final_cfg["optimizers"][0]
+    found = report.comparisons(groups, baseline)
+    tests = [paired_comparison([100 * m["metrics"]["test_accuracy"][-1] for m, _ in pairs], [100 * b["metrics"]["test_accuracy"][-1] for _, b in pairs]) for _, _, pairs in found]
+    adjusted = holm([t.t_p for t in tests])
+    lines = []
+    for (_, name, _), test, p in zip(found, tests, adjusted):
+        interval = f"{test.mean:+.2f} points [95% CI {test.ci_low:+.2f}, {test.ci_high:+.2f}]" if test.n > 1 else f"{test.mean:+.2f} points"
+        if not np.isnan(p) and p < report.ALPHA:
+            outcome = "beats" if test.mean > 0 else "is beaten by"
+        else:
+            outcome = "does not differ significantly from"
+        lines.append(f"- {name} {outcome} {baseline}: {interval}, Holm-adjusted paired t p = {report._p(p)} over {test.n} seeds.")
+    return lines
+
+
+def published_rows(cfg: dict, arch: str) -> list[str]:
+    """The untuned "as published" setting's final-epoch test accuracy per optimiser, from the
+    results folder ``cfg["published"]`` (an experiment run at the authors' hyperparameters)."""
+    if "published" not in cfg or not (Path(cfg["published"]) / "experiment.json").exists():
+        return []
+    root = Path(cfg["published"])
+    groups = report.collect(root, read_json(root / "experiment.json"))
+    lines = []
+    for (group_arch, name), runs in groups.items():
+        finished = report._usable(runs)
+        if group_arch == arch and finished:
+            lines.append(f"| {name} (as published) | {len(finished)} | {report._mean_std([r['metrics']['test_accuracy'][-1] for r in finished])} |")
+    if not lines:
+        return []
+    header = ["", f"As published (the authors' hyperparameters, untuned; {root}), final-epoch test accuracy %:", "", "| optimizer | seeds | final test acc % |", "|---|---|---|"]
+    return header + lines
+
+
+def write_protocol_summary(cfg: dict, root: Path, out: Path, rows: list[dict], selected: dict) -> str:
+    parts = [f"# {cfg['name']}: {cfg.get('description', '')}".rstrip(": "), ""]
+    parts.append(
+        f"Protocol (docs/protocol.md): tuned on the training set minus its last {cfg['validation']} images, "
+        f"selected by the final validation accuracy after {cfg['tune']['epochs']} epochs (mean over tuning seeds {cfg['tune']['seeds']}); "
+        f"final runs on the full training set, {cfg['final']['epochs']} epochs, seeds {cfg['final']['seeds']}, reported at the final epoch."
+    )
+    for arch, choices in selected.items():
+        parts += ["", f"## {arch}", "", "| optimizer | selected | mean validation acc % | on grid edge | points with a diverged seed |", "|---|---|---|---|---|"]
+        for name, choice in choices.items():
+            if not choice["complete"]:
+                parts.append(f"| {name} | tuning incomplete ({choice['points_done']}/{choice['points']} points) | - | - | - |")
+                continue
+            parts.append(f"| {name} | {point_label(choice['hyper'])} | {100 * choice['val_accuracy']:.2f} | {', '.join(choice['on_grid_edge']) or 'no'} | {choice['diverged_points']} |")
+        png = root / f"sensitivity-{arch}.png"
+        if png.exists():
+            parts += ["", f"![sensitivity {arch}]({png.name})"]
+        final_root = out / f"{cfg['name']}-final-{arch}"
+        if (final_root / "summary.md").exists():
+            final_cfg = read_json(final_root / "experiment.json")
+            parts += ["", f"Final stage ([summary](../{final_root.name}/summary.md)), final-epoch test accuracy against {final_cfg['optimizers'][0]}:", ""]
+            parts += verdict(cfg, final_root, final_cfg)
+        parts += published_rows(cfg, arch)
+    text = "\n".join(parts) + "\n"
+    write_text(root / "summary.md", text)
+    return text
+
+
+# -------------------------------------------------------------------------------- driver
+def run_protocol(cfg: dict, out: str | Path, stage: str = "all", progress: bool = True, log=print, jobs: int = 1, scheduler: str | None = None) -> Path:
+    """Run the tuning grid and/or the final stage of protocol ``cfg`` under ``out``; returns ``out/<name>``."""
+    cfg = validate_protocol(cfg)
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    out = Path(out)
+    root = out / cfg["name"]
+    write_json(root / "protocol.json", cfg)
+    if stage in ("tune", "all"):
+        run_tasks([(spec, run_dir) for spec, run_dir, _, _ in tuning_runs(cfg, root)], progress, log, jobs, scheduler)
+    rows = tuning_table(cfg, root)
+    selected = select(cfg, rows)
+    outcome = ("seed", "state", "epochs", "val_accuracy", "val_loss")
+    axes = dict.fromkeys(k for r in rows for k in r if k not in ("architecture", "optimizer", "point", *outcome))
+    write_csv(root / "tuning.csv", rows, ["architecture", "optimizer", "point", *axes, *outcome])
+    write_json(root / "selected.json", selected)
+    for arch, choices in selected.items():
+        sensitivity_plot(cfg, rows, arch, root / f"sensitivity-{arch}.png")
+        if all(choice["complete"] for choice in choices.values()):
+            final = final_config(cfg, arch, choices)
+            write_json(root / f"final-{arch}.json", final)
+            if stage in ("final", "all"):
+                run_experiment(final, out, progress, log, jobs, scheduler)
+        elif stage == "final":
+            log(f"{arch}: tuning incomplete, no final stage yet (run --stage tune first)")
+    text = write_protocol_summary(cfg, root, out, rows, selected)
+    log("\n" + text)
+    return root
+
