@@ -116,8 +116,8 @@ def _point_hyper(cfg: dict, name: str, point: dict) -> dict:
 
 
 def point_label(point: dict) -> str:
-    """A grid point as a folder name, e.g. ``step_size=0.01,damping=0.001``."""
-    return ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in point.items())
+    """A grid point as a folder name, keys sorted, e.g. ``damping=0.001,step_size=0.01``."""
+    return ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in sorted(point.items()))
 
 
 def tuning_runs(cfg: dict, root: Path) -> list[tuple[RunSpec, Path, str, dict]]:

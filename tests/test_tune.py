@@ -1,0 +1,124 @@
+"""The tuned comparison protocol (``kldwrm tune``): validation split, grid, selection, final stage."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from kldwrm_ref.data import synthetic_classification
+from kldwrm_ref.experiments import tune
+from kldwrm_ref.experiments.cli import tune_main
+from kldwrm_ref.experiments.run_folder import VALIDATION_FIELDS, read_metrics
+from kldwrm_ref.experiments.runner import load_data
+from kldwrm_ref.storage import read_json
+
+PROTOCOL = dict(
+    name="tiny",
+    experiment=dict(
+        optimizers=["kfac", "so-kld-wrm"], architectures=[[20, 16, 10]], batch=50, backend="numpy", dtype="float64",
+        data=dict(source="synthetic", pool=1, n_train=400, n_test=200),
+    ),
+    validation=100,
+    grid={"*": {"step_size": [0.003, 0.03, 0.3], "damping": [0.01, 0.1]}},
+    tune=dict(epochs=2, seeds=[7, 8]),
+    final=dict(epochs=2, seeds=[0, 1, 2]),
+)
+
+
+def test_validation_split_is_the_held_out_tail_of_the_training_set():
+    data = load_data(dict(source="synthetic", pool=1, subset=None, n_train=400, n_test=200, validation=100), 20, "float64")
+    X, y = synthetic_classification(600, 20, 10, seed=1234)
+    np.testing.assert_array_equal(data.X_train, X[:300])
+    np.testing.assert_array_equal(data.X_val, X[300:400])
+    np.testing.assert_array_equal(data.y_val, y[300:400])
+    np.testing.assert_array_equal(data.X_test, X[400:])
+    assert load_data(dict(source="synthetic", pool=1, subset=None, n_train=400, n_test=200), 20, "float64").X_val is None
+
+
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune")
+    config = out / "protocol.json"
+    config.write_text(json.dumps(PROTOCOL))
+    assert tune_main(["--config", str(config), "--out", str(out / "runs"), "--no-progress"]) == 0
+    return out / "runs"
+
+
+def test_grid_runs_train_on_the_split_and_report_validation(protocol_run):
+    root = protocol_run / "tiny"
+    folders = sorted((root / "tune" / "20-16-10").glob("*/*/seed-*"))
+    assert len(folders) == 2 * 6 * 2  # optimisers x grid points x tuning seeds: the same budget for each
+    for folder in folders:
+        metrics = read_metrics(folder / "metrics.csv")
+        assert set(VALIDATION_FIELDS) <= set(metrics) and len(metrics["epoch"]) == 2
+        run = read_json(folder / "config.json")["run"]
+        assert run["data"]["validation"] == 100 and run["epochs"] == 2 and run["seed"] in (7, 8)
+        point = dict(item.split("=") for item in folder.parent.name.split(","))
+        assert float(point["step_size"]) == run["hyper"]["step_size"] and float(point["damping"]) == run["hyper"]["damping"]
+
+
+def test_selection_is_the_best_mean_validation_accuracy(protocol_run):
+    """Recompute the choice from the run folders' metrics, independently of tuning.csv."""
+    root = protocol_run / "tiny"
+    selected = read_json(root / "selected.json")["20-16-10"]
+    for name in ("kfac", "so-kld-wrm"):
+        scores = {}
+        for point_dir in (root / "tune" / "20-16-10" / name).iterdir():
+            finals = [read_metrics(seed / "metrics.csv") for seed in point_dir.glob("seed-*")]
+            scores[point_dir.name] = (np.mean([m["val_accuracy"][-1] for m in finals]), -np.mean([m["val_loss"][-1] for m in finals]))
+        best = max(scores, key=scores.get)
+        assert tune.point_label(selected[name]["hyper"]) == best
+        assert selected[name]["val_accuracy"] == pytest.approx(scores[best][0])
+    with open(root / "tuning.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 24
+
+
+def test_final_stage_runs_the_selected_settings_on_the_full_training_set(protocol_run):
+    root = protocol_run / "tiny"
+    selected = read_json(root / "selected.json")["20-16-10"]
+    final = read_json(root / "final-20-16-10.json")
+    assert final["seeds"] == [0, 1, 2] and final["epochs"] == 2 and "validation" not in final["data"]
+    for name in ("kfac", "so-kld-wrm"):
+        assert final["hyper"][name] == selected[name]["hyper"]
+        for seed in (0, 1, 2):
+            run_dir = protocol_run / "tiny-final-20-16-10" / "20-16-10" / name / f"seed-{seed}"
+            run = read_json(run_dir / "config.json")["run"]
+            assert run["hyper"] == selected[name]["hyper"] and "validation" not in run["data"]
+            assert "val_accuracy" not in read_metrics(run_dir / "metrics.csv")
+    summary = (root / "summary.md").read_text()
+    assert "so-kld-wrm" in summary and ("does not differ significantly from kfac" in summary or "beats kfac" in summary or "is beaten by kfac" in summary)
+    assert (root / "sensitivity-20-16-10.png").stat().st_size > 0
+
+
+def test_rerun_skips_finished_runs(protocol_run, tmp_path):
+    """Runs are idempotent: a second invocation trains nothing and rewrites the same selection."""
+    before = (protocol_run / "tiny" / "selected.json").read_bytes()
+    stamps = {p: p.stat().st_mtime_ns for p in (protocol_run / "tiny" / "tune").rglob("checkpoint.npz")}
+    config = tmp_path / "protocol.json"
+    config.write_text(json.dumps(PROTOCOL))
+    assert tune_main(["--config", str(config), "--out", str(protocol_run), "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (protocol_run / "tiny" / "selected.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(validation=0), "validation must be"),
+        (dict(grid={"sgd": {"step_size": [0.1]}}), "grid: keys must be"),
+        (dict(grid={"*": {"learning_rate": [0.1]}}), "unknown hyperparameter 'learning_rate'"),
+        (dict(grid={"*": {"step_size": [0.1, 0.1]}}), "distinct values"),
+        (dict(grid={"*": {"damping": [-1.0]}}), "damping"),
+        (dict(tune=dict(epochs=0, seeds=[1])), "tune.epochs"),
+        (dict(final=dict(epochs=2, seeds=[])), "final.seeds"),
+        (dict(experiment=dict(PROTOCOL["experiment"], seeds=[1])), "experiment.seeds: set by the protocol"),
+        (dict(surprise=1), "unknown"),
+    ],
+)
+def test_bad_protocols_are_refused_naming_the_field(change, message, tmp_path, capsys):
+    config = tmp_path / "protocol.json"
+    config.write_text(json.dumps({**PROTOCOL, **change}))
+    assert tune_main(["--config", str(config), "--out", str(tmp_path), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "tiny").exists()
