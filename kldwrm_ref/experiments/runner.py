@@ -217,9 +217,10 @@ def _train(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool, log) -> 
             status = dict(state="finished" if finished else "running", epochs_completed=epoch)
             record = Record(theta, state, config, record.rows + [row], test_correct, status, record.wall_time + epoch_time)
             save_record(run_dir, record)
-            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", acc=f"{100 * test_accuracy:.2f}%", time=f"{record.wall_time:.0f}s")
+            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", acc=f"{100 * row.get('val_accuracy', test_accuracy):.2f}%", time=f"{record.wall_time:.0f}s")
             if not progress:
-                log(f"{spec.label}: epoch {epoch}/{spec.epochs}, train loss {train_loss:.4f}, test accuracy {100 * test_accuracy:.2f}%, {epoch_time:.1f} s")
+                held_out = f"validation accuracy {100 * row['val_accuracy']:.2f}%" if "val_accuracy" in row else f"test accuracy {100 * test_accuracy:.2f}%"
+                log(f"{spec.label}: epoch {epoch}/{spec.epochs}, train loss {train_loss:.4f}, {held_out}, {epoch_time:.1f} s")
     finally:
         bar.close()
     return record.status
