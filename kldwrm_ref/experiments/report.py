@@ -47,7 +47,7 @@ def collect(root: Path, cfg: dict) -> dict:
     return groups
 
 
-def _usable(runs: list) -> list:
+def usable_runs(runs: list) -> list:
     """Finished runs (diverged and unfinished runs are counted, not averaged)."""
     return [r for r in runs if r["metrics"] and r["status"] and r["status"]["state"] == "finished"]
 
@@ -96,7 +96,7 @@ def results_table(groups: dict) -> str:
     header += ["s / epoch", "final train loss"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (arch, name), runs in groups.items():
-        ok = _usable(runs)
+        ok = usable_runs(runs)
         cells = [arch, name, _status_cell(runs)]
         if ok:
             cells += [
@@ -122,8 +122,8 @@ def comparisons(groups: dict, baseline: str) -> list[tuple[str, str, list]]:
     for (arch, name), runs in groups.items():
         if name == baseline or (arch, baseline) not in groups:
             continue
-        base = {r["seed"]: r for r in _usable(groups[(arch, baseline)])}
-        pairs = [(r, base[r["seed"]]) for r in _usable(runs) if r["seed"] in base]
+        base = {r["seed"]: r for r in usable_runs(groups[(arch, baseline)])}
+        pairs = [(r, base[r["seed"]]) for r in usable_runs(runs) if r["seed"] in base]
         pairs = [(m, b) for m, b in pairs if len(m["metrics"]["epoch"]) == len(b["metrics"]["epoch"])]
         if pairs:
             out.append((arch, name, pairs))
@@ -141,7 +141,7 @@ def paired_table(groups: dict, baseline: str) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def _p(value: float) -> str:
+def format_p(value: float) -> str:
     return "-" if np.isnan(value) else f"{value:.3f}" if value >= 0.001 else f"{value:.0e}"
 
 
@@ -158,7 +158,7 @@ def significance_tables(groups: dict, baseline: str) -> dict[str, str]:
     notes: dict[str, dict[str, list[str]]] = {}  # {arch: {note: [optimisers]}}
     for (arch, name, test, mc_cell), holm_p in zip(rows, adjusted):
         interval = f" [{test.ci_low:.2f}, {test.ci_high:.2f}]" if test.n > 1 else ""
-        cells = [name, str(test.n), f"{test.mean:.2f}{interval}", _p(test.t_p), _p(test.wilcoxon_p), _p(holm_p), mc_cell]
+        cells = [name, str(test.n), f"{test.mean:.2f}{interval}", format_p(test.t_p), format_p(test.wilcoxon_p), format_p(holm_p), mc_cell]
         lines.setdefault(arch, ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]).append("| " + " | ".join(cells) + " |")
         if test.note:
             notes.setdefault(arch, {}).setdefault(test.note, []).append(name)
@@ -177,7 +177,7 @@ def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    series = {name: _usable(runs) for (a, name), runs in groups.items() if a == arch}
+    series = {name: usable_runs(runs) for (a, name), runs in groups.items() if a == arch}
     series = {name: runs for name, runs in series.items() if runs}
     if not series:
         return None

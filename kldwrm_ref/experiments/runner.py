@@ -271,7 +271,7 @@ def run_experiment(cfg: dict, out: str | Path, progress: bool = True, log=print,
     """Run (or resume) every run of ``cfg`` under ``out/<name>`` (:func:`run_tasks`); writes the
     summary; returns that folder."""
     cfg = validate_config(cfg)
-    check_positive_int(jobs, "jobs")
+    check_positive_int(jobs, "jobs")  # before any file is written
     root = Path(out) / cfg["name"]
     write_json(root / "experiment.json", cfg)
     remove_stale_temporaries(root)

@@ -103,9 +103,14 @@ def validate_protocol(cfg: dict) -> dict:
     return out
 
 
+def grid_axes(cfg: dict, name: str) -> dict[str, list]:
+    """Optimiser ``name``'s grid axes: the '*' axes and its own (its own win)."""
+    return {**cfg["grid"].get("*", {}), **cfg["grid"].get(name, {})}
+
+
 def grid_points(cfg: dict, name: str) -> list[dict]:
-    """The grid of optimiser ``name``: the product of the '*' axes and its own (its own win), in order."""
-    axes = {**cfg["grid"].get("*", {}), **cfg["grid"].get(name, {})}
+    """The grid of optimiser ``name``: the product of its axes, in order."""
+    axes = grid_axes(cfg, name)
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
@@ -181,7 +186,7 @@ def select(cfg: dict, rows: list[dict]) -> dict:
                 selected.setdefault(arch, {})[name] = dict(complete=False, points_done=len(scores), points=len(points))
                 continue
             best_accuracy, neg_loss, point, _ = max(scores, key=lambda s: (s[0], s[1]))
-            axes = {**cfg["grid"].get("*", {}), **cfg["grid"].get(name, {})}
+            axes = grid_axes(cfg, name)
             edge = [key for key, value in point.items() if len(axes[key]) > 2 and value in (axes[key][0], axes[key][-1])]
             selected.setdefault(arch, {})[name] = dict(
                 complete=True, hyper=point, val_accuracy=best_accuracy, val_loss=-neg_loss, seeds=n_seeds,
@@ -245,7 +250,7 @@ def sensitivity_plot(cfg: dict, rows: list[dict], arch: str, path: Path, step_ke
 
 
 # ------------------------------------------------------------------------------- summary
-def verdict(cfg: dict, final_root: Path, final_cfg: dict) -> list[str]:
+def verdict(final_root: Path, final_cfg: dict) -> list[str]:
     """Per method, one sentence against the baseline (the first optimiser) on final-epoch test
     accuracy: wins or loses when the Holm-adjusted paired t p (over the methods of this
     architecture) is below 0.05, else no significant difference."""
@@ -261,7 +266,7 @@ def verdict(cfg: dict, final_root: Path, final_cfg: dict) -> list[str]:
             outcome = "beats" if test.mean > 0 else "is beaten by"
         else:
             outcome = "does not differ significantly from"
-        lines.append(f"- {name} {outcome} {baseline}: {interval}, Holm-adjusted paired t p = {report._p(p)} over {test.n} seeds.")
+        lines.append(f"- {name} {outcome} {baseline}: {interval}, Holm-adjusted paired t p = {report.format_p(p)} over {test.n} seeds.")
     return lines
 
 
@@ -274,7 +279,7 @@ def published_rows(cfg: dict, arch: str) -> list[str]:
     groups = report.collect(root, read_json(root / "experiment.json"))
     lines = []
     for (group_arch, name), runs in groups.items():
-        finished = report._usable(runs)
+        finished = report.usable_runs(runs)
         if group_arch == arch and finished:
             lines.append(f"| {name} (as published) | {len(finished)} | {report._mean_std([r['metrics']['test_accuracy'][-1] for r in finished])} |")
     if not lines:
@@ -304,7 +309,7 @@ def write_protocol_summary(cfg: dict, root: Path, out: Path, rows: list[dict], s
         if (final_root / "summary.md").exists():
             final_cfg = read_json(final_root / "experiment.json")
             parts += ["", f"Final stage ([summary](../{final_root.name}/summary.md)), final-epoch test accuracy against {final_cfg['optimizers'][0]}:", ""]
-            parts += verdict(cfg, final_root, final_cfg)
+            parts += verdict(final_root, final_cfg)
         parts += published_rows(cfg, arch)
     text = "\n".join(parts) + "\n"
     write_text(root / "summary.md", text)
