@@ -20,8 +20,8 @@ from numba import config, cuda, float32, float64
 from kldwrm_ref.backends import reference, rows
 
 TILE = 4 if config.ENABLE_CUDASIM else 16  # keep simulated blocks small
-ROW_THREADS = 32 if config.ENABLE_CUDASIM else 128  # the simulator runs every thread in Python
-MAX_BLOCKS = 4 if config.ENABLE_CUDASIM else 1024
+ROW_THREADS = 4 if config.ENABLE_CUDASIM else 128  # the simulator runs every thread in Python
+MAX_BLOCKS = 1 if config.ENABLE_CUDASIM else 1024
 KL_KINDS = {"forward": 0, "symmetric": 1}
 
 _xent_row = cuda.jit(device=True)(rows.xent_row)
@@ -162,6 +162,130 @@ def _make_matmul_kernel(element_type):
 
 
 _MATMUL = {np.dtype(np.float64): _make_matmul_kernel(float64), np.dtype(np.float32): _make_matmul_kernel(float32)}
+TILED_MIN_DEPTH = 32  # shorter products (inner dimension) run one thread per output element
+
+
+@cuda.jit
+def _matmul_rows_kernel(a, b, c, trans_a, trans_b):
+    """c = op(a) @ op(b) one output element per thread (grid-stride), without shared memory."""
+    cols = c.shape[1]
+    depth = a.shape[0] if trans_a else a.shape[1]
+    for flat in range(cuda.grid(1), c.size, cuda.gridsize(1)):
+        i, j = flat // cols, flat % cols
+        total = 0.0
+        for k in range(depth):
+            total += (a[k, i] if trans_a else a[i, k]) * (b[j, k] if trans_b else b[k, j])
+        c[i, j] = total
+
+
+# ------------------------------------------------------------------------- device launchers
+# Each takes device arrays (and Python scalars) only and returns device arrays: the device-resident
+# training step (:mod:`kldwrm_ref.gpu`) chains them without host round trips.  The host wrappers
+# further down upload, call one of these and copy the result back (the Backend contract).
+
+
+def _blocks(n: int) -> int:
+    return max(1, min(MAX_BLOCKS, math.ceil(n / ROW_THREADS)))
+
+
+def launch(kernel, n: int, *args) -> None:
+    """Run ``kernel`` over ``n`` work items (grid-stride) on ``args``; host arrays are refused, so
+    no launch copies data behind the caller's back."""
+    for arg in args:
+        if isinstance(arg, np.ndarray):
+            raise TypeError(f"{kernel}: a host array was passed to a device kernel; upload it first")
+    kernel[_blocks(n), ROW_THREADS](*args)
+
+
+def xent_device(logits, labels):
+    """(losses (N,), dlogits (N, C)) of softmax cross-entropy on device arrays."""
+    losses = cuda.device_array(logits.shape[0], dtype=logits.dtype)
+    dlogits = cuda.device_array(logits.shape, dtype=logits.dtype)
+    launch(_xent_kernel, logits.shape[0], logits, labels, losses, dlogits)
+    return losses, dlogits
+
+
+def sample_labels_device(probs, uniforms):
+    """int64 labels (S, N) by inverse CDF from device probabilities and uniforms."""
+    labels = cuda.device_array(uniforms.shape, dtype=np.int64)
+    launch(_sample_kernel, probs.shape[0], probs, uniforms, labels)
+    return labels
+
+
+def kl_device(ref_logits, logits, kind: str):
+    """(values (N,), grad (N, C)) of the per-sample (symmetric) KL on device arrays."""
+    values = cuda.device_array(logits.shape[0], dtype=logits.dtype)
+    grad = cuda.device_array(logits.shape, dtype=logits.dtype)
+    launch(_kl_kernel, logits.shape[0], ref_logits, logits, values, grad, KL_KINDS[kind])
+    return values, grad
+
+
+def ea_device(average, new, rho: float, out) -> None:
+    """out = rho * average + (1 - rho) * new, flat over equal-sized device arrays (out may be average)."""
+    launch(_ea_kernel, out.size, average.reshape(average.size), new.reshape(new.size), float(rho), out.reshape(out.size))
+
+
+def eigen_divide_device(rotated, eig_g, eig_a, damping: float):
+    out = cuda.device_array(rotated.shape, dtype=rotated.dtype)
+    launch(_eigen_divide_kernel, rotated.size, rotated, eig_g, eig_a, float(damping), out)
+    return out
+
+
+def kron_sum_divide_device(rotated, nu, mu, alpha: float):
+    out = cuda.device_array(rotated.shape, dtype=rotated.dtype)
+    launch(_kron_sum_divide_kernel, rotated.size, rotated, nu, mu, float(alpha), out)
+    return out
+
+
+def matmul_device(a, b, trans_a: bool = False, trans_b: bool = False, out=None, tiled: bool | None = None):
+    """op(a) @ op(b) of device arrays, op(x) = x.T when trans_x (read in place, no copy): the
+    shared-memory tiled kernel when the inner dimension is at least TILED_MIN_DEPTH (or ``tiled``),
+    else one thread per output element (tiling pays only over a long inner dimension)."""
+    m = a.shape[1] if trans_a else a.shape[0]
+    depth = a.shape[0] if trans_a else a.shape[1]
+    n = b.shape[0] if trans_b else b.shape[1]
+    if (b.shape[1] if trans_b else b.shape[0]) != depth:
+        raise ValueError(f"matmul: op(a) is ({m}, {depth}) but op(b) has {b.shape[1] if trans_b else b.shape[0]} rows")
+    if out is None:
+        out = cuda.device_array((m, n), dtype=a.dtype)
+    if not (depth >= TILED_MIN_DEPTH if tiled is None else tiled):
+        launch(_matmul_rows_kernel, m * n, a, b, out, trans_a, trans_b)
+        return out
+    for arg in (a, b, out):
+        if isinstance(arg, np.ndarray):
+            raise TypeError("a host array was passed to the device product; upload it first")
+    grid = (max(1, math.ceil(n / TILE)), max(1, math.ceil(m / TILE)))
+    _MATMUL[np.dtype(a.dtype)][grid, (TILE, TILE)](a, b, out, trans_a, trans_b)
+    return out
+
+
+def im2col_device(x, kernel: int, stride: int, padding: int):
+    out_h, out_w = reference.conv_out_hw(x.shape[2:], kernel, stride, padding)
+    cols = cuda.device_array((x.shape[0], out_h * out_w, x.shape[1] * kernel * kernel), dtype=x.dtype)
+    launch(_im2col_kernel, cols.size, x, cols, int(kernel), int(stride), int(padding), out_w)
+    return cols
+
+
+def col2im_device(cols, in_shape, kernel: int, stride: int, padding: int):
+    c, h, w = in_shape
+    out_h, out_w = reference.conv_out_hw((h, w), kernel, stride, padding)
+    dx = cuda.device_array((cols.shape[0], c, h, w), dtype=cols.dtype)
+    launch(_col2im_kernel, dx.size, cols, dx, int(kernel), int(stride), int(padding), out_h, out_w)
+    return dx
+
+
+def max_pool_device(x, kernel: int):
+    shape = (x.shape[0], x.shape[1], x.shape[2] // kernel, x.shape[3] // kernel)
+    y = cuda.device_array(shape, dtype=x.dtype)
+    argmax = cuda.device_array(shape, dtype=reference.pool_index_dtype(kernel))
+    launch(_max_pool_kernel, y.size, x, y, argmax, int(kernel))
+    return y, argmax
+
+
+def max_unpool_device(dy, argmax, in_shape, kernel: int):
+    dx = cuda.device_array((dy.shape[0], *in_shape), dtype=dy.dtype)
+    launch(_max_unpool_kernel, dx.size, dy, argmax, dx, int(kernel))
+    return dx
 
 
 # ------------------------------------------------------------------------------- wrappers
@@ -172,27 +296,17 @@ def _device(array, dtype=None):
     return array
 
 
-def _blocks(n: int) -> int:
-    return max(1, min(MAX_BLOCKS, math.ceil(n / ROW_THREADS)))
-
-
 def softmax_cross_entropy(logits, labels):
     """Fused log-softmax, cross-entropy and gradient; see :func:`kldwrm_ref.backends.reference.softmax_cross_entropy`."""
     require_gpu()
-    d_logits = _device(logits)
-    losses = cuda.device_array(d_logits.shape[0], dtype=d_logits.dtype)
-    dlogits = cuda.device_array(d_logits.shape, dtype=d_logits.dtype)
-    _xent_kernel[_blocks(d_logits.shape[0]), ROW_THREADS](d_logits, _device(labels, np.int64), losses, dlogits)
+    losses, dlogits = xent_device(_device(logits), _device(labels, np.int64))
     return losses.copy_to_host(), dlogits.copy_to_host()
 
 
 def sample_labels(probs, uniforms):
     """Inverse-CDF labels from passed-in uniforms; see :func:`kldwrm_ref.backends.reference.sample_labels`."""
     require_gpu()
-    d_probs = _device(probs)
-    labels = cuda.device_array(np.shape(uniforms), dtype=np.int64)
-    _sample_kernel[_blocks(d_probs.shape[0]), ROW_THREADS](d_probs, _device(uniforms), labels)
-    return labels.copy_to_host()
+    return sample_labels_device(_device(probs), _device(uniforms)).copy_to_host()
 
 
 def fisher_cotangents(probs):
@@ -201,7 +315,7 @@ def fisher_cotangents(probs):
     d_probs = _device(probs)
     n, c = d_probs.shape
     cot = cuda.device_array((n, c, c), dtype=d_probs.dtype)
-    _cotangent_kernel[_blocks(n), ROW_THREADS](d_probs, cot)
+    launch(_cotangent_kernel, n, d_probs, cot)
     return cot.copy_to_host()
 
 
@@ -212,10 +326,7 @@ def kl_and_grad(ref_logits, logits, kind="forward"):
     if np.shape(ref_logits) != np.shape(logits):
         raise ValueError(f"ref_logits has shape {np.shape(ref_logits)}, logits {np.shape(logits)}")
     require_gpu()
-    d_logits = _device(logits)
-    values = cuda.device_array(d_logits.shape[0], dtype=d_logits.dtype)
-    grad = cuda.device_array(d_logits.shape, dtype=d_logits.dtype)
-    _kl_kernel[_blocks(d_logits.shape[0]), ROW_THREADS](_device(ref_logits), d_logits, values, grad, KL_KINDS[kind])
+    values, grad = kl_device(_device(ref_logits), _device(logits), kind)
     return values.copy_to_host(), grad.copy_to_host()
 
 
@@ -225,7 +336,7 @@ def per_sample_rows(deltas, inputs, out, start):
     d_deltas = _device(deltas)
     d_out = _device(out)
     width = d_deltas.shape[1] * (np.shape(inputs)[1] + 1)
-    _per_sample_rows_kernel[_blocks(d_deltas.shape[0] * width), ROW_THREADS](d_deltas, _device(inputs), d_out, int(start))
+    launch(_per_sample_rows_kernel, d_deltas.shape[0] * width, d_deltas, _device(inputs), d_out, int(start))
     if isinstance(out, np.ndarray):
         d_out.copy_to_host(out)
     return out
@@ -237,32 +348,25 @@ def ea_update(average, new, rho, out=None):
         raise ValueError(f"new has shape {np.shape(new)}, the average {np.shape(average)}")
     require_gpu()
     d_avg, d_new = _device(average), _device(new)
-    result = cuda.device_array(d_avg.size, dtype=d_avg.dtype)
-    _ea_kernel[_blocks(d_avg.size), ROW_THREADS](d_avg.reshape(d_avg.size), d_new.reshape(d_new.size), float(rho), result)
-    host = result.copy_to_host().reshape(np.shape(average))
+    result = cuda.device_array(d_avg.shape, dtype=d_avg.dtype)
+    ea_device(d_avg, d_new, rho, result)
+    host = result.copy_to_host()
     if out is None:
         return host
     out[...] = host
     return out
 
 
-def _outer_divide(kernel, rotated, row, col, scalar):
-    """Launch an eigenbasis-divide kernel out[i, j] = rotated[i, j] / f(row[i], col[j], scalar)."""
-    require_gpu()
-    d_rot = _device(rotated)
-    out = cuda.device_array(d_rot.shape, dtype=d_rot.dtype)
-    kernel[_blocks(d_rot.size), ROW_THREADS](d_rot, _device(row), _device(col), float(scalar), out)
-    return out.copy_to_host()
-
-
 def eigen_divide(rotated, eig_g, eig_a, damping):
     """V' / (d_G d_A^T + eta); see :func:`kldwrm_ref.backends.reference.eigen_divide`."""
-    return _outer_divide(_eigen_divide_kernel, rotated, eig_g, eig_a, damping)
+    require_gpu()
+    return eigen_divide_device(_device(rotated), _device(eig_g), _device(eig_a), damping).copy_to_host()
 
 
 def kron_sum_divide(rotated, nu, mu, alpha):
     """V' / (1 + alpha nu mu^T); see :func:`kldwrm_ref.backends.reference.kron_sum_divide`."""
-    return _outer_divide(_kron_sum_divide_kernel, rotated, nu, mu, alpha)
+    require_gpu()
+    return kron_sum_divide_device(_device(rotated), _device(nu), _device(mu), alpha).copy_to_host()
 
 
 def _operand(x, dtype):
@@ -273,8 +377,8 @@ def _operand(x, dtype):
     return np.ascontiguousarray(x, dtype=dtype), False
 
 
-def matmul(a, b):
-    """a @ b for 2-D a (M, K), b (K, N) by the tiled shared-memory kernel; float32 or float64."""
+def matmul(a, b, tiled: bool | None = None):
+    """a @ b for 2-D a (M, K), b (K, N) on the device (:func:`matmul_device`); float32 or float64."""
     if np.ndim(a) != 2 or np.ndim(b) != 2 or np.shape(a)[1] != np.shape(b)[0]:
         raise ValueError(f"matmul needs (M, K) @ (K, N), got {np.shape(a)} @ {np.shape(b)}")
     require_gpu()
@@ -282,50 +386,30 @@ def matmul(a, b):
     if dtype not in _MATMUL:
         raise ValueError(f"matmul supports float32 and float64, got {dtype}")
     (a_host, trans_a), (b_host, trans_b) = _operand(a, dtype), _operand(b, dtype)
-    m, n = np.shape(a)[0], np.shape(b)[1]
-    c = cuda.device_array((m, n), dtype=dtype)
-    grid = (max(1, math.ceil(n / TILE)), max(1, math.ceil(m / TILE)))
-    _MATMUL[dtype][grid, (TILE, TILE)](_device(a_host), _device(b_host), c, trans_a, trans_b)
-    return c.copy_to_host()
+    return matmul_device(_device(a_host), _device(b_host), trans_a, trans_b, tiled=tiled).copy_to_host()
 
 
 def im2col(x, kernel, stride, padding):
     """Patches (N, T, C k k) of x (N, C, H, W); see :func:`kldwrm_ref.backends.reference.im2col`."""
     require_gpu()
-    d_x = _device(x)
-    out_h, out_w = reference.conv_out_hw(d_x.shape[2:], kernel, stride, padding)
-    cols = cuda.device_array((d_x.shape[0], out_h * out_w, d_x.shape[1] * kernel * kernel), dtype=d_x.dtype)
-    _im2col_kernel[_blocks(cols.size), ROW_THREADS](d_x, cols, int(kernel), int(stride), int(padding), out_w)
-    return cols.copy_to_host()
+    return im2col_device(_device(x), kernel, stride, padding).copy_to_host()
 
 
 def col2im(cols, in_shape, kernel, stride, padding):
     """im2col's adjoint onto (R, C, H, W), one thread per input element (a gather, no atomics);
     see :func:`kldwrm_ref.backends.reference.col2im`."""
     require_gpu()
-    d_cols = _device(cols)
-    c, h, w = in_shape
-    out_h, out_w = reference.conv_out_hw((h, w), kernel, stride, padding)
-    dx = cuda.device_array((d_cols.shape[0], c, h, w), dtype=d_cols.dtype)
-    _col2im_kernel[_blocks(dx.size), ROW_THREADS](d_cols, dx, int(kernel), int(stride), int(padding), out_h, out_w)
-    return dx.copy_to_host()
+    return col2im_device(_device(cols), in_shape, kernel, stride, padding).copy_to_host()
 
 
 def max_pool(x, kernel):
     """(max over k x k windows, argmax); see :func:`kldwrm_ref.backends.reference.max_pool`."""
     require_gpu()
-    d_x = _device(x)
-    shape = (d_x.shape[0], d_x.shape[1], d_x.shape[2] // kernel, d_x.shape[3] // kernel)
-    y = cuda.device_array(shape, dtype=d_x.dtype)
-    argmax = cuda.device_array(shape, dtype=reference.pool_index_dtype(kernel))
-    _max_pool_kernel[_blocks(y.size), ROW_THREADS](d_x, y, argmax, int(kernel))
+    y, argmax = max_pool_device(_device(x), kernel)
     return y.copy_to_host(), argmax.copy_to_host()
 
 
 def max_unpool(dy, argmax, in_shape, kernel):
     """max_pool's vjp; see :func:`kldwrm_ref.backends.reference.max_unpool`."""
     require_gpu()
-    d_dy = _device(dy)
-    dx = cuda.device_array((d_dy.shape[0], *in_shape), dtype=d_dy.dtype)
-    _max_unpool_kernel[_blocks(dx.size), ROW_THREADS](d_dy, _device(argmax), dx, int(kernel))
-    return dx.copy_to_host()
+    return max_unpool_device(_device(dy), _device(argmax), in_shape, kernel).copy_to_host()

@@ -42,7 +42,7 @@ from kldwrm_ref.experiments.config import RunSpec, build_network, expand, input_
 from kldwrm_ref.experiments.lock import LockHeld, acquire_run_lock
 from kldwrm_ref.experiments.report import write_summary
 from kldwrm_ref.experiments.run_folder import CHECKPOINT, EXPORTS, METRIC_FIELDS, Record, RunFolderError, read_exports, restore, save_record
-from kldwrm_ref.model import Network
+from kldwrm_ref.experiments.trainers import make_trainer
 from kldwrm_ref.storage import read_json, remove_stale_temporaries, write_json
 from kldwrm_ref.validation import check_positive_int
 
@@ -95,20 +95,24 @@ def resolved_config(spec: RunSpec, opt: optim.Optimizer) -> dict:
 
 
 # ------------------------------------------------------------------------------------ runs
-def evaluate(net: Network, theta: np.ndarray, X: np.ndarray, y: np.ndarray, chunk: int = 10000) -> tuple[float, float, np.ndarray]:
-    """Mean cross-entropy, accuracy and per-example correctness over all of (X, y), in chunks."""
-    loss, correct = 0.0, np.empty(len(y), dtype=bool)
-    for start in range(0, len(y), chunk):
-        rows = slice(start, start + chunk)
-        loss += net.loss(theta, X[rows], y[rows]) * len(y[rows])
-        correct[rows] = net.predict(theta, X[rows]) == y[rows]
-    return loss / len(y), np.count_nonzero(correct) / len(y), correct
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of epoch ``epoch``: a fresh permutation per (seed, epoch); batch i is rows
+    [i * batch, (i + 1) * batch) of it, and a trailing partial batch is dropped."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def batches(n: int, batch: int, seed: int, epoch: int):
-    """Row indices of each full batch of epoch ``epoch`` (a fresh permutation per (seed, epoch))."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i : i + batch] for i in range(0, n - batch + 1, batch)]
+class _EpochLog:
+    """Called with every step's info: batch losses, clip activations, the progress bar."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.kl_clipped, self.rms_clipped = bar, 0, 0
+        self.losses: list[float] = []
+
+    def __call__(self, info: dict) -> None:
+        self.losses.append(info["loss"])
+        self.kl_clipped += info.get("kl_clip_factor", 1.0) < 1.0
+        self.rms_clipped += info.get("rms_clip_factor", 1.0) < 1.0
+        self.bar.update(1)
 
 
 def _check_same_run(run_dir: Path, old: dict, config: dict) -> None:
@@ -180,7 +184,9 @@ def _train(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool, log) -> 
     steps_per_epoch = n // spec.batch
     if steps_per_epoch < 1:
         raise ValueError(f"batch ({spec.batch}) must not exceed the number of training examples ({n})")
-    theta, state, epoch = record.theta, record.state, record.epoch
+    epoch = record.epoch
+    trainer = make_trainer(opt, net if opt.network is None else opt.network, spec.batch, log)
+    trainer.start(record.theta, record.state, data.X_train, data.y_train)
 
     def diverged(step: int, quantity: str, message: str) -> dict:
         status = dict(state="diverged", epochs_completed=record.epoch, step=step, quantity=quantity, message=message)
@@ -191,26 +197,22 @@ def _train(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool, log) -> 
     try:
         while epoch < spec.epochs:
             epoch += 1
-            batch_losses, clips, start = [], dict(kl=0, rms=0), time.perf_counter()
+            steps, start = _EpochLog(bar), time.perf_counter()
             try:
-                for rows_index in batches(n, spec.batch, spec.seed, epoch):
-                    theta, state, info = opt.step(theta, state, data.X_train[rows_index], data.y_train[rows_index])
-                    batch_losses.append(info["loss"])
-                    clips["kl"] += info.get("kl_clip_factor", 1.0) < 1.0
-                    clips["rms"] += info.get("rms_clip_factor", 1.0) < 1.0
-                    bar.update(1)
+                trainer.run_epoch(epoch_order(n, spec.seed, epoch), steps)
             except optim.DivergenceError as error:
                 return diverged(error.step, error.quantity, str(error))
             epoch_time = time.perf_counter() - start
-            train_loss, train_accuracy, _ = evaluate(net, theta, data.X_train, data.y_train)
-            test_loss, test_accuracy, test_correct = evaluate(net, theta, data.X_test, data.y_test)
+            theta, state = trainer.snapshot()
+            train_loss, train_accuracy, _ = trainer.evaluate(data.X_train, data.y_train)
+            test_loss, test_accuracy, test_correct = trainer.evaluate(data.X_test, data.y_test)
             row = dict(
                 epoch=epoch, steps=state.step, train_loss=train_loss, train_accuracy=train_accuracy,
-                batch_loss=float(np.mean(batch_losses)), test_loss=test_loss, test_accuracy=test_accuracy,
-                wall_time=record.wall_time + epoch_time, epoch_time=epoch_time, kl_clip_active=clips["kl"], rms_clip_active=clips["rms"],
+                batch_loss=float(np.mean(steps.losses)), test_loss=test_loss, test_accuracy=test_accuracy,
+                wall_time=record.wall_time + epoch_time, epoch_time=epoch_time, kl_clip_active=steps.kl_clipped, rms_clip_active=steps.rms_clipped,
             )
             if data.X_val is not None and data.y_val is not None:
-                row["val_loss"], row["val_accuracy"], _ = evaluate(net, theta, data.X_val, data.y_val)
+                row["val_loss"], row["val_accuracy"], _ = trainer.evaluate(data.X_val, data.y_val)
             if not all(np.isfinite(row[key]) for key in ("train_loss", "test_loss", "val_loss") if key in row):
                 return diverged(state.step, "evaluation loss", f"diverged in epoch {epoch}: the evaluation loss is not finite")
             finished = epoch == spec.epochs
