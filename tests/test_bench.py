@@ -46,3 +46,16 @@ def test_step_bench_separates_refresh_steps_from_the_others():
     assert result["period"] == 3 and result["refresh_s"] > 0 and result["median_non_refresh_s"] > 0
     assert result["refresh_phases_s"]["inverse"] > 0  # the eigendecompositions happen on refresh steps
     assert result["refresh_s"] > result["median_non_refresh_s"]  # a refresh adds factor statistics and eigendecompositions
+
+
+def test_step_bench_times_the_device_resident_step(capsys):
+    """``kldwrm bench step --backends cuda`` times the device-resident step (simulator here: the
+    numbers mean nothing, the bookkeeping is what is checked) against the device's GEMM rate."""
+    from kldwrm_ref.bench.timing import device_gemm_throughput
+
+    result = step_bench.time_steps("q-kld-wrm", "kfac", "paper", np.float64, "cuda", (4, 3, 3), 4, period=2)
+    assert result["backend"] == "cuda" and result["refresh_s"] > 0 and result["median_non_refresh_s"] > 0
+    assert abs(sum(result["phases_s"].values()) - result["mean_s"]) < 1e-9 and result["phases_s"]["inverse"] > 0
+    peak = device_gemm_throughput(np.float64, repeats=1)
+    print(step_bench.format_breakdown([result], {"cuda-float64": peak}))
+    assert "cuda" in capsys.readouterr().out

@@ -90,14 +90,13 @@ def time_steps(name: str, platform: str, preset: str, dtype, backend: str, archi
     n_steps = 2 * max(period, 5)
     X, y = synthetic_classification(batch * 4, input_size(architecture), net.n_classes, seed=0, dtype=dtype)
     theta = net.init(0)
-    state = opt.init(theta)
+    step, theta, state, batch_rows = _stepper(opt, net, theta, X, y)
     rows = []
     for k in range(n_steps + 3):
-        rows_index = slice((k % 4) * batch, (k % 4 + 1) * batch)
         if trace_memory and k == 3:
             tracemalloc.start()
         start = time.perf_counter()
-        theta, state, info = opt.step(theta, state, X[rows_index], y[rows_index])
+        theta, state, info = step(theta, state, *batch_rows((k % 4) * batch, batch))
         wall = time.perf_counter() - start
         if k >= 3:
             rows.append((wall, info["time"], bool(info.get("refreshed", False))))
@@ -119,6 +118,27 @@ def time_steps(name: str, platform: str, preset: str, dtype, backend: str, archi
         phases_s=phases, peak_bytes=int(peak), flops=step_flops(name, net, batch, hyper) if isinstance(net, MLP) else float("nan"),
         inner_steps=hyper.get("inner_steps", 0) if name == "qe-kld-wrm" else 0,
     )
+
+
+def _stepper(opt: optim.Optimizer, net, theta, X, y):
+    """(step, theta, state, batch(start, size)): the device-resident step (synchronised before it
+    returns) for backend "cuda" when the optimiser supports it, else the optimiser's own step."""
+    if opt.backend == "cuda":
+        from kldwrm_ref import gpu
+
+        if gpu.unsupported_reason(opt) is None:
+            from numba import cuda
+
+            device, data = gpu.make_device(opt), gpu.DeviceData(X, y, net.input_shape, net.dtype)
+            order = gpu.to_device(np.arange(len(y)))
+
+            def device_step(theta, state, X_batch, y_batch):
+                out = device.step(theta, state, X_batch, y_batch)
+                cuda.synchronize()
+                return out
+
+            return device_step, *device.upload(theta, opt.init(theta)), lambda start, size: data.batch(order, start, size)
+    return opt.step, theta, opt.init(theta), lambda start, size: (X[start : start + size], y[start : start + size])
 
 
 def breakdown(presets, dtypes, backends, architectures=((784, 256, 10),), trace_memory=True, **overrides) -> list[dict]:
@@ -161,7 +181,7 @@ def format_breakdown(results: list[dict], peaks: dict) -> str:
     header += f" {'non-refr':>8} {'refresh':>8} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'peak MB':>8} {'GFLOP':>6} {'% GEMM':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
-        fraction = r["flops"] / r["mean_s"] / peaks[r["dtype"]]
+        fraction = r["flops"] / r["mean_s"] / peaks[peak_key(r)]
         line = f"{r['architecture']:<12} {r['optimizer']:<12} {r['preset']:<6} {r['dtype']:<7} {r['backend']:<7} {1e3 * r['median_non_refresh_s']:>8.2f} {1e3 * r['refresh_s']:>8.2f} {1e3 * r['mean_s']:>8.2f}"
         line += "".join(f" {1e3 * r['phases_s'][p]:>8.2f}" for p in PHASES) + f" {1e3 * r['phases_s']['rest']:>6.2f}"
         flops = f"{r['flops'] / 1e9:>6.2f} {100 * fraction:>6.1f}%" if np.isfinite(r["flops"]) else f"{'-':>6} {'-':>7}"
@@ -183,6 +203,11 @@ def format_scaling(s: dict) -> str:
     return "\n".join(lines)
 
 
+def peak_key(result: dict) -> str:
+    """Which GEMM throughput a result is measured against: the GPU's for backend cuda."""
+    return f"cuda-{result['dtype']}" if result["backend"] == "cuda" else result["dtype"]
+
+
 def targets(results: list[dict], peaks: dict) -> str:
     """The issue's targets per (preset, dtype, backend): K-FAC and SO at >= 75% of GEMM throughput
     for their own FLOPs, and a QE step within (1 + inner steps) SO steps."""
@@ -195,7 +220,7 @@ def targets(results: list[dict], peaks: dict) -> str:
         for name in ("kfac", "so-kld-wrm"):
             if name in by_name and np.isfinite(by_name[name]["flops"]):
                 r = by_name[name]
-                parts.append(f"{name} {100 * r['flops'] / r['mean_s'] / peaks[dtype]:.0f}% of GEMM")
+                parts.append(f"{name} {100 * r['flops'] / r['mean_s'] / peaks[peak_key(r)]:.0f}% of GEMM")
         if "qe-kld-wrm" in by_name and "so-kld-wrm" in by_name:
             qe, so = by_name["qe-kld-wrm"], by_name["so-kld-wrm"]
             inner = qe.get("inner_steps", 0)
@@ -208,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kldwrm bench step", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", choices=optim.PRESETS, default=list(optim.PRESETS))
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"])
-    parser.add_argument("--backends", nargs="+", choices=["numpy", "numba", "auto"], default=["numpy", "numba"])
+    parser.add_argument("--backends", nargs="+", choices=["numpy", "numba", "auto", "cuda"], default=["numpy", "numba"], help="cuda: the device-resident step (docs/gpu.md)")
     parser.add_argument("--damping-style", choices=["eigen", "factored", "factored-explicit"], help="override the K-FAC damping style")
     parser.add_argument("--architectures", nargs="+", default=["784-256-10"], metavar="ARCH", help="MLP sizes like 784-256-10, or paper-cnn (default: 784-256-10)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling tables")
@@ -221,7 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(error))
     overrides = {"damping_style": args.damping_style} if args.damping_style else {}
     peaks = {name: gemm_throughput(np.dtype(name).type) for name in ("float32", "float64")}
-    print("GEMM throughput (2048^3): " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
+    if "cuda" in args.backends:
+        from kldwrm_ref.bench.timing import device_gemm_throughput
+
+        peaks.update({f"cuda-{name}": device_gemm_throughput(np.dtype(name).type) for name in ("float32", "float64")})
+    print("GEMM throughput (n^3 product; cuda: the tiled kernel): " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
     try:
         architectures = [a if a in NAMED_NETWORKS else tuple(int(s) for s in a.split("-")) for a in args.architectures]
     except ValueError:
