@@ -299,3 +299,22 @@ def test_mnist_command_runs_device_resident_and_matches_numpy(tmp_path):
                 if field in ("train_loss", "test_loss", "train_accuracy", "test_accuracy", "batch_loss"):
                     assert float(a) == pytest.approx(float(b), rel=1e-9, abs=1e-12), (opt, field)
 
+
+
+def test_float32_device_steps_stay_float32_and_track_numpy():
+    """Training runs in float32: the device arrays keep the dtype, and 4 steps agree with the
+    NumPy step to float32 round-off."""
+    net = tiny_mlp(np.float32)
+    X, y = problem(net)
+    X = X.astype(np.float32)
+    opt = optim.make("q-kld-wrm", net, platform="kfac", preset="paper", backend="numpy", period=2, step_size=0.05)
+    device = gpu.make_device(opt)
+    theta, state = net.init(0), opt.init(net.init(0))
+    d_theta, d_state = device.upload(theta, state)
+    d_X, d_y = gpu.to_device(X), gpu.to_device(y)
+    for _ in range(4):
+        theta, state, _ = opt.step(theta, state, X, y)
+        d_theta, d_state, _ = device.step(d_theta, d_state, d_X, d_y)
+    got = host(d_theta)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, theta, rtol=1e-4, atol=1e-5)

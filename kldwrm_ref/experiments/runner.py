@@ -185,7 +185,7 @@ def _train(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool, log) -> 
     if steps_per_epoch < 1:
         raise ValueError(f"batch ({spec.batch}) must not exceed the number of training examples ({n})")
     epoch = record.epoch
-    trainer = make_trainer(opt, net if opt.network is None else opt.network, spec.batch, log)
+    trainer = make_trainer(opt, net, spec.batch, log)
     trainer.start(record.theta, record.state, data.X_train, data.y_train)
 
     def diverged(step: int, quantity: str, message: str) -> dict:

@@ -19,12 +19,13 @@ from kldwrm_ref.model import Network, losses
 
 
 def score(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """(summed cross-entropy, per-example correctness) of logits against labels."""
-    return float(losses.cross_entropy(logits, y, NUMPY)[0].sum()), np.argmax(logits, axis=1) == y
+    """(summed cross-entropy, as mean times count, and per-example correctness) of logits against labels."""
+    return float(losses.cross_entropy(logits, y, NUMPY)[0].mean()) * len(y), np.argmax(logits, axis=1) == y
 
 
 class HostTrainer:
-    """The optimiser's own step on host arrays; a batch is X[rows] of the epoch's order."""
+    """The optimiser's own step on host arrays; a batch is X[rows] of the epoch's order; ``net``
+    (the NumPy-backend network) evaluates."""
 
     def __init__(self, opt: optim.Optimizer, net: Network, batch: int, chunk: int = 10000):
         self.opt, self.net, self.batch, self.chunk = opt, net, batch, chunk

@@ -80,14 +80,15 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
     value, grad = objective.value_and_gradient(theta_k + s)
     if hyper.inner == "sgd":
         velocity = np.zeros_like(s)
-        for _ in range(hyper.inner_steps):
+        for i in range(hyper.inner_steps):
             direction = grad
             if hyper.rms_clip is not None:
                 direction, _ = rms_clip(net, direction, hyper.rms_clip, hyper.rms_clip_per)
             velocity = hyper.inner_momentum * velocity + direction * hyper.inner_step_factor * alpha
             s = s - velocity
             steps.append(s)
-            value, grad = objective.value_and_gradient(theta_k + s)
+            if i + 1 < hyper.inner_steps:  # E_k at the final iterate would go unused
+                value, grad = objective.value_and_gradient(theta_k + s)
         return s, steps
     c = hyper.kappa / alpha
     # P depends on the inner iterate only with the dense exact Fisher; otherwise factor it once
