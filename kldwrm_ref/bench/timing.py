@@ -28,12 +28,12 @@ def gemm_throughput(dtype, n: int = 2048, repeats: int = 5) -> float:
 
 def device_gemm_throughput(dtype, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the device's tiled product (:func:`kldwrm_ref.backends.cuda.matmul_device`) on
-    n x n operands resident on the GPU (n = 32 under the simulator, where it means nothing)."""
+    n x n operands resident on the GPU (n = 8 under the simulator, where it means nothing)."""
     from numba import config, cuda
 
     from kldwrm_ref.backends.cuda import matmul_device
 
-    n = 32 if config.ENABLE_CUDASIM else n
+    n = 8 if config.ENABLE_CUDASIM else n
     rng = np.random.default_rng(0)
     a, b = (cuda.to_device(rng.standard_normal((n, n)).astype(dtype)) for _ in range(2))
     out = cuda.device_array((n, n), dtype=dtype)
