@@ -23,7 +23,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from kldwrm_ref.backends import Backend
 from kldwrm_ref.curvature.kfac import KronBlock
-from kldwrm_ref.curvature.linalg import Eigen, safe_eigh
+from kldwrm_ref.curvature.linalg import Eigen, one_blas_thread, safe_eigh
 from kldwrm_ref.validation import check_choice, check_nonnegative, check_positive
 
 DAMPING_STYLES = ("eigen", "factored", "factored-explicit")
@@ -93,7 +93,8 @@ def floored(values: np.ndarray, floor: float) -> np.ndarray:
 
 def decompose_factors(blocks: Sequence[KronBlock]) -> list[tuple[Eigen, Eigen]]:
     """(eigh of G, eigh of A) per block, each distinct factor decomposed once: blocks that share a
-    factor array (a layer's weight and separate bias blocks share G) share its decomposition."""
+    factor array (a layer's weight and separate bias blocks share G) share its decomposition.
+    LAPACK runs with one thread here (:func:`~kldwrm_ref.curvature.linalg.one_blas_thread`)."""
     done: dict[int, Eigen] = {}
 
     def eigh(matrix: np.ndarray, name: str) -> Eigen:
@@ -101,7 +102,8 @@ def decompose_factors(blocks: Sequence[KronBlock]) -> list[tuple[Eigen, Eigen]]:
             done[id(matrix)] = safe_eigh(matrix, name)
         return done[id(matrix)]
 
-    return [(eigh(b.G, f"{b.name} factor G"), eigh(b.A, f"{b.name} factor A")) for b in blocks]
+    with one_blas_thread():
+        return [(eigh(b.G, f"{b.name} factor G"), eigh(b.A, f"{b.name} factor A")) for b in blocks]
 
 
 class _EigenbasisInverse(BlockDiagonalOperator):
@@ -227,8 +229,9 @@ class ExactKronSumInverse(BlockDiagonalOperator):
         for bar, cur in zip(self.blocks, current_blocks):
             self.pis.append(pi_factor(bar.A, bar.G))
             gamma_a, gamma_g = pi_damping(bar.A, bar.G, damping)
-            ea = safe_eigh(cur.A, f"{bar.name} Kronecker-sum factor A", bar.A + gamma_a * np.eye(bar.A.shape[0]))
-            eg = safe_eigh(cur.G, f"{bar.name} Kronecker-sum factor G", bar.G + gamma_g * np.eye(bar.G.shape[0]))
+            with one_blas_thread():
+                ea = safe_eigh(cur.A, f"{bar.name} Kronecker-sum factor A", bar.A + gamma_a * np.eye(bar.A.shape[0]))
+                eg = safe_eigh(cur.G, f"{bar.name} Kronecker-sum factor G", bar.G + gamma_g * np.eye(bar.G.shape[0]))
             self.general.append((eg, ea))
 
     @property

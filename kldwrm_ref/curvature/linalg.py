@@ -10,6 +10,19 @@ from typing import NamedTuple
 import numpy as np
 import scipy.linalg
 from scipy.sparse.linalg import LinearOperator
+from threadpoolctl import ThreadpoolController
+
+_THREADPOOLS = ThreadpoolController()
+
+
+def one_blas_thread():
+    """A context in which every BLAS/LAPACK pool runs one thread (threadpoolctl).
+
+    The eigendecompositions of a refresh run in it: NumPy and SciPy each load their own OpenBLAS,
+    and right after the step's products NumPy's threads still spin-wait, so on a 2-core machine
+    a 2-thread LAPACK call inside the step ran 1.7x slower than alone, and the refresh's
+    decompositions took 2.4x as long as with one thread (README, "refresh steps")."""
+    return _THREADPOOLS.limit(limits=1, user_api="blas")
 
 
 class CurvatureError(RuntimeError):
