@@ -175,3 +175,27 @@ def test_each_distinct_factor_is_decomposed_once(monkeypatch, kron_sum):
         damped_inverse(blocks, mlp.n_params, 0.01, "eigen", 0.0, NUMPY)
     assert len(blocks) == 4 and len(calls) == 6
     assert sum("factor G" in name for name in calls) == 2
+
+
+def test_refresh_decompositions_run_with_one_blas_thread(monkeypatch):
+    """Every BLAS pool is at one thread while the factors are decomposed, and back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from kldwrm_ref.curvature import inverses
+
+    seen = []
+    real = inverses.safe_eigh
+
+    def spy(matrix, name, other=None):
+        seen.append({lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+        return real(matrix, name, other)
+
+    monkeypatch.setattr(inverses, "safe_eigh", spy)
+    before = {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+    rng = np.random.default_rng(0)
+    A, G = (np.cov(rng.standard_normal((n, 3 * n))) for n in (4, 3))
+    block = KronBlock(A, G, np.arange(12), "block")
+    damped_inverse([block], 12, 0.1, "eigen", 0.0, NUMPY)
+    ExactKronSumInverse([block], [block], 12, 0.5, 0.1, NUMPY)
+    assert seen and all(set(threads.values()) == {1} for threads in seen)
+    assert {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"} == before
