@@ -35,7 +35,7 @@ from kldwrm_ref.gpu import kernels
 from kldwrm_ref.gpu.network import DeviceCache, DeviceNetwork
 from kldwrm_ref.gpu.transfers import is_device_array, to_device, to_host
 from kldwrm_ref.optim.clipping import clip_groups
-from kldwrm_ref.optim.curvature_method import SPECS, _PhaseTimer, estimator_for
+from kldwrm_ref.optim.curvature_method import SPECS, PhaseTimer, estimator_for
 from kldwrm_ref.optim.state import DivergenceError, Optimizer, OptState, Previous, step_size_or_raise
 
 
@@ -151,7 +151,7 @@ class DeviceOptimizer:
         return loss, g, cache, dlogits, keeps
 
     def _sgd_step(self, theta, state: OptState, X, y):
-        timer, k, hyper = _PhaseTimer(), state.step, self.hyper
+        timer, k, hyper = PhaseTimer(), state.step, self.hyper
         alpha = step_size_or_raise(hyper.step_size, k)
         loss, g, _, _, _ = self._gradient(k, theta, X, y, timer)
         with timer("apply"):
@@ -163,7 +163,7 @@ class DeviceOptimizer:
         return kernels.axpby(1.0, theta, 1.0, s), state._replace(step=k + 1, velocity=velocity), dict(loss=loss, step_norm=norm, time=timer.times)
 
     def _curvature_step(self, theta, state: OptState, X, y):
-        timer, k, hyper, spec = _PhaseTimer(), state.step, self.hyper, self.spec
+        timer, k, hyper, spec = PhaseTimer(), state.step, self.hyper, self.spec
         assert state.ea is not None, "state was not made by this optimiser's init"
         alpha = step_size_or_raise(hyper.step_size, k)
         loss, g, cache, dlogits, keeps = self._gradient(k, theta, X, y, timer)

@@ -56,7 +56,9 @@ SPECS = {
 }
 
 
-class _PhaseTimer:
+class PhaseTimer:
+    """Seconds spent per named phase of a step: ``with timer("inverse"): ...`` adds to times["inverse"]."""
+
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
 
@@ -84,7 +86,7 @@ def make_curvature_method(name: str, net: Network, hyper: Hyper, platform: str) 
         return OptState(0, ea=average.init())
 
     def step(theta: np.ndarray, state: OptState, X: np.ndarray, y: np.ndarray):
-        timer, k = _PhaseTimer(), state.step
+        timer, k = PhaseTimer(), state.step
         assert state.ea is not None, "state was not made by this optimiser's init"
         alpha = step_size_or_raise(hyper.step_size, k)
         check_batch(k, X)
