@@ -94,9 +94,11 @@ def test_layout_and_row_kernels_match_numpy():
 
 def test_activation_and_dropout_kernels_match_the_host_layers():
     x = np.random.default_rng(3).standard_normal((4, 5))
+    x[2, 3] = np.nan  # passes through, as np.maximum(NaN, 0) does on the host
     y, derivative = kernels.relu(gpu.to_device(x))
     np.testing.assert_array_equal(host(y), np.maximum(x, 0))
     np.testing.assert_array_equal(host(derivative), (x > 0).astype(float))
+    x[2, 3] = 0.5
     y, derivative = kernels.tanh(gpu.to_device(x))
     np.testing.assert_allclose(host(y), np.tanh(x), rtol=1e-14)
     np.testing.assert_allclose(host(derivative), 1 - np.tanh(x) ** 2, rtol=1e-13)
@@ -318,3 +320,32 @@ def test_float32_device_steps_stay_float32_and_track_numpy():
     got = host(d_theta)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, theta, rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_size_schedule_is_called_only_for_its_own_step():
+    """Q under a schedule: the device builds no inverse ahead (which would call the schedule for
+    the next step) and follows the host."""
+    net = tiny_mlp()
+    X, y = problem(net)
+    schedule = [0.05, 0.04, 0.03]
+    opt = optim.make("q-kld-wrm", net, platform="kfac", preset="paper", backend="numpy", period=2, step_size=lambda k: schedule[k])
+    device = gpu.make_device(opt)
+    theta, state = net.init(0), opt.init(net.init(0))
+    d_theta, d_state = device.upload(theta, state)
+    d_X, d_y = gpu.to_device(X), gpu.to_device(y)
+    for _ in schedule:  # step 2 refreshes; schedule[3] does not exist
+        theta, state, _ = opt.step(theta, state, X, y)
+        d_theta, d_state, _ = device.step(d_theta, d_state, d_X, d_y)
+    np.testing.assert_allclose(host(d_theta), theta, rtol=1e-10, atol=1e-10)
+
+
+def test_an_inner_solve_that_blows_up_diverges_on_host_and_device():
+    net = tiny_mlp()
+    X, y = problem(net)
+    opt = optim.make("qe-kld-wrm", net, platform="kfac", preset="paper", backend="numpy", inner_after_full_wake=False, inner_steps=3, inner_step_factor=1e308)
+    with pytest.raises(optim.DivergenceError, match="inner-solve step"):
+        opt.step(net.init(0), opt.init(net.init(0)), X, y)
+    device = gpu.make_device(opt)
+    theta, state = device.upload(net.init(0), opt.init(net.init(0)))
+    with pytest.raises(optim.DivergenceError, match="inner-solve step"):
+        device.step(theta, state, gpu.to_device(X), gpu.to_device(y))

@@ -42,9 +42,8 @@ def _scale_kernel(x, a):
 @cuda.jit
 def _relu_kernel(x, y, derivative):
     for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        positive = x[i] > 0
-        y[i] = x[i] if positive else 0.0
-        derivative[i] = 1.0 if positive else 0.0
+        y[i] = 0.0 if x[i] <= 0 else x[i]  # a NaN passes through, as np.maximum(NaN, 0)
+        derivative[i] = 1.0 if x[i] > 0 else 0.0
 
 
 @cuda.jit

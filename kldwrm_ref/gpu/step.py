@@ -109,6 +109,8 @@ class DeviceOptimizer:
     # ---------------------------------------------------------------- state on and off the device
     def upload(self, theta: np.ndarray, state: OptState):
         """(device theta, device state) from host ones (the inverse is rebuilt by the next step)."""
+        if not self.sgd and self.spec.uses_current and state.ea is not None and state.ea.average is not None and state.current is None:
+            raise ValueError(f"state holds an averaged curvature but no current estimate B_k, which {self.name} needs")
         device_state = _tree(to_device, state._replace(inverse=None))
         if not self.sgd and state.ea is not None and state.ea.average is not None:
             device_state = device_state._replace(inverse=DeviceCurvature(state.ea.average, state.current, {}))
@@ -186,7 +188,7 @@ class DeviceOptimizer:
             if spec.uses_current:
                 B = current if (refresh or hyper.stale_current == "last") else averaged
             solver = self._solver(curvature, ea.updates, refresh, alpha, k)
-            if refresh and spec.uses_current and hyper.stale_current == "average" and hyper.period > 1:
+            if refresh and spec.uses_current and hyper.stale_current == "average" and hyper.period > 1 and not callable(hyper.step_size):
                 self._prefetch(curvature, ea.updates, k)
 
         with timer("precondition"):  # 4. wake-correct, 5. precondition and clip
@@ -241,7 +243,7 @@ class DeviceOptimizer:
         else:
             uniforms = np.random.default_rng((hyper.seed, k)).random((hyper.samples, n))
             probs = kernels.softmax(cache.logits)
-            rows = kernels.sampled_rows(probs, device_ops.sample_labels_device(probs, to_device(uniforms, self.net.dtype)))
+            rows = kernels.sampled_rows(probs, device_ops.sample_labels_device(probs, to_device(uniforms)))  # float64, as on the host
         cotangents = self.device_net.backward(theta, cache, rows)
         factors = self.device_net.kfac_factors(cache, cotangents, n)
         leaves = _leaves(factors)
@@ -290,14 +292,15 @@ class DeviceOptimizer:
         return curvature.solvers[key]
 
     def _prefetch(self, curvature: DeviceCurvature, updates: int, k: int) -> None:
-        """Build step k+1's Q / QE inverse (B := Mbar) now, so that step uploads nothing."""
+        """Build step k+1's Q / QE inverse (B := Mbar, the same constant alpha) now, so that step
+        uploads nothing.  (Not under a schedule: it would call the schedule ahead of its step.)"""
+        alpha = step_size_or_raise(self.hyper.step_size, k + 1)  # a constant: no schedule is called
+        key = self._key(updates, alpha, False)
         try:
-            alpha_next = step_size_or_raise(self.hyper.step_size, k + 1)
-            key = self._key(updates, alpha_next, False)
             if key not in curvature.solvers:
-                curvature.solvers[key] = self._upload_solver(self._host_inverse(curvature, alpha_next, False))
-        except (DivergenceError, CurvatureError, SingularCurvatureError):
-            pass  # step k+1 builds it itself, and reports a failure there
+                curvature.solvers[key] = self._upload_solver(self._host_inverse(curvature, alpha, False))
+        except (CurvatureError, SingularCurvatureError):
+            pass  # step k+1 builds it itself, and reports the failure there
 
     def _upload_solver(self, host) -> DeviceSolver:
         """The eigenbases and divide scales of a host inverse, on the device."""

@@ -19,6 +19,7 @@ from kldwrm_ref.model import losses
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.optim.clipping import rms_clip
 from kldwrm_ref.optim.hyper import Hyper
+from kldwrm_ref.optim.state import finite_or_raise
 
 
 class WakeObjective(NamedTuple):
@@ -86,6 +87,7 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
                 direction, _ = rms_clip(net, direction, hyper.rms_clip, hyper.rms_clip_per)
             velocity = hyper.inner_momentum * velocity + direction * hyper.inner_step_factor * alpha
             s = s - velocity
+            finite_or_raise(k, "inner-solve step", s)
             steps.append(s)
             if i + 1 < hyper.inner_steps:  # E_k at the final iterate would go unused
                 value, grad = objective.value_and_gradient(theta_k + s)
