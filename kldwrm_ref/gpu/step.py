@@ -12,9 +12,9 @@ arithmetic; what crosses the bus:
 - refresh steps: the new averaged factors (and B_k for Q / QE) down, the eigenbases of the damped
   inverse up - the eigendecompositions run on the host (LAPACK), nothing else does; for
   ``fisher_type="mc"`` the Monte-Carlo uniforms up;
-- Q / QE with ``stale_current="average"``: the inverse the next step needs is built on the refresh
-  step too (it changes only with alpha; a step-size schedule makes Q / QE rebuild it, and upload
-  its eigenbases, whenever alpha changes).
+- Q / QE with ``stale_current="average"``: with a constant step size the inverse the next step
+  needs is built on the refresh step too; under a step-size schedule Q / QE rebuild it, and upload
+  its eigenbases, on every step whose alpha differs.
 
 :meth:`DeviceOptimizer.upload` and :meth:`DeviceOptimizer.download` convert to and from the host
 state, so checkpoints are the host ones (the cached inverse is rebuilt after a resume, as on the host).
