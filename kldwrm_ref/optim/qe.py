@@ -39,21 +39,26 @@ class WakeObjective(NamedTuple):
     masks: tuple[int, ...]  # the step's dropout-mask key: every pass of E_k uses the step's masks
 
     def value_and_gradient(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """E_k(theta) and its gradient g + B s + scale (sum_j w_j [J^T dKL_j / N + eta (theta - theta_j)])."""
         s = theta - self.theta_k
         Bs = self.B_operator.matvec(s)
         cache = self.net.forward(theta, self.X, self.net.training_rng(self.masks))
         total_dlogits = np.zeros_like(cache.logits)
         wake_value = 0.0
-        proximal_grad = np.zeros_like(theta)
-        for w, ref, centre in zip(self.weights, self.ref_logits, self.centres):
+        for w, ref in zip(self.weights, self.ref_logits):
             values, dlogits = losses.kl(ref, cache.logits, self.kind, self.net.backend)
-            d = theta - centre
-            wake_value += w * (float(values.mean()) + 0.5 * self.proximal * float(d @ d))
+            wake_value += w * float(values.mean())
             total_dlogits += w * dlogits
-            proximal_grad += (w * self.proximal) * d
-        value = float(self.g @ s + 0.5 * s @ Bs) + self.scale * wake_value
-        grad = self.g + Bs + self.scale * (self.net.vjp(theta, cache, total_dlogits) / self.X.shape[0] + proximal_grad)
-        return value, grad
+        grad = self.net.vjp(theta, cache, total_dlogits)
+        grad *= self.scale / self.X.shape[0]
+        if self.proximal:  # the proximal term only when present: no theta-sized temporaries otherwise
+            for w, centre in zip(self.weights, self.centres):
+                d = theta - centre
+                wake_value += w * 0.5 * self.proximal * float(d @ d)
+                grad += (self.scale * w * self.proximal) * d
+        grad += self.g
+        grad += Bs
+        return float(self.g @ s + 0.5 * s @ Bs) + self.scale * wake_value, grad
 
 
 def wake_objective(net: Network, estimator: Estimator, hyper: Hyper, theta_k, g, B, alpha: float, wake: Sequence[np.ndarray], X, k: int, masks: tuple[int, ...]) -> WakeObjective:
