@@ -281,3 +281,24 @@ def test_the_paper_cnn_runs_end_to_end_from_the_command_line(tmp_path, capsys):
         assert f"| paper-cnn | {name} | 1/1 |" in out
     config = read_json(tmp_path / "quick/paper-cnn/kfac/seed-0/config.json")
     assert config["run"]["architecture"] == "paper-cnn" and config["resolved_hyper"]["bias"] == "separate"
+
+
+def test_budget_table_reads_the_last_epoch_within_each_budget():
+    """Accuracy at fixed epoch and wall-time budgets, recomputed by hand from the metrics."""
+    from kldwrm_ref.experiments.report import budget_table, budgets
+
+    def run(seed, accuracies, walls):
+        metrics = dict(epoch=np.arange(1, 11), test_accuracy=np.array(accuracies), wall_time=np.array(walls, dtype=float))
+        return dict(seed=seed, status=dict(state="finished"), metrics=metrics, correct=None)
+
+    fast = [run(s, np.linspace(0.90, 0.98 + 0.001 * s, 10), np.arange(1, 11) * 2.0) for s in (0, 1)]
+    slow = [run(s, np.linspace(0.91, 0.99, 10), np.arange(1, 11) * 6.0) for s in (0, 1)]
+    groups = {("a", "kfac"): fast, ("a", "qe"): slow}
+    epochs, seconds = budgets(groups, "a")
+    assert epochs == [2, 5, 10] and seconds == [5.0, 10.0, 20.0]  # the fastest method trains 20 s
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in budget_table(groups, "a").splitlines()[2:]}
+    at_epoch_5 = [100 * r["metrics"]["test_accuracy"][4] for r in fast]
+    assert rows["kfac"][1] == f"{np.mean(at_epoch_5):.2f} ± {np.std(at_epoch_5, ddof=1):.2f}"
+    assert rows["kfac"][3].startswith(f"{100 * fast[0]['metrics']['test_accuracy'][1]:.2f}")  # 5 s: epoch 2 (4 s)
+    assert rows["qe"][3] == "- (0/2)"  # no epoch of the slow method fits in 5 s
+    assert rows["qe"][5] == f"{100 * slow[0]['metrics']['test_accuracy'][2]:.2f} ± 0.00"  # 20 s: epoch 3 (18 s)

@@ -2,7 +2,8 @@
 
 Per architecture and optimiser: best and final test accuracy (mean +- sample std over the seeds
 that did not diverge), epochs and training wall time to reach 97% and 98% test accuracy (mean over
-the seeds that reached it, with how many did), seconds per epoch.  Because every optimiser of a
+the seeds that reached it, with how many did), seconds per epoch, and the test accuracy at fixed
+epoch and training-time budgets.  Because every optimiser of a
 seed starts from the same weights and sees the same batches, the comparison is also
 given paired by seed against the first optimiser of the configuration (K-FAC, or EA-CM for the
 exact family): the mean +- std of the per-seed accuracy differences and the number of seeds on
@@ -112,6 +113,48 @@ def results_table(groups: dict) -> str:
             ]
         else:
             cells += ["-"] * (len(header) - 3)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def budgets(groups: dict, arch: str) -> tuple[list[int], list[float]]:
+    """The fixed budgets of an architecture's budget table: epochs E/5, E/2 and E (E the most
+    epochs a finished run has), and training wall times 1/4, 1/2 and 1 of the fastest method's mean
+    total training time."""
+    runs = {name: usable_runs(r) for (a, name), r in groups.items() if a == arch}
+    runs = {name: r for name, r in runs.items() if r}
+    if not runs:
+        return [], []
+    most = max(int(r["metrics"]["epoch"][-1]) for rs in runs.values() for r in rs)
+    fastest = min(float(np.mean([r["metrics"]["wall_time"][-1] for r in rs])) for rs in runs.values())
+    return sorted({max(1, round(most / 5)), max(1, round(most / 2)), most}), [fastest / 4, fastest / 2, fastest]
+
+
+def accuracy_within(metrics: dict, epochs: int | None = None, seconds: float | None = None) -> float:
+    """Test accuracy after the last epoch that fits the budget (at most ``epochs`` epochs, or at
+    most ``seconds`` of training wall time); NaN when no epoch fits."""
+    fits = metrics["epoch"] <= epochs if epochs is not None else metrics["wall_time"] <= seconds
+    hits = np.nonzero(fits)[0]
+    return float(metrics["test_accuracy"][hits[-1]]) if hits.size else float("nan")
+
+
+def budget_table(groups: dict, arch: str) -> str:
+    """Test accuracy (mean ± std over seeds, %) at fixed epoch and wall-time budgets (:func:`budgets`);
+    "(k/n)" when only k of n runs had finished an epoch within the budget."""
+    epochs, seconds = budgets(groups, arch)
+    if not epochs:
+        return ""
+    header = ["optimizer"] + [f"epoch {e}" for e in epochs] + [f"{t:.0f} s" for t in seconds]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (a, name), runs in groups.items():
+        ok = usable_runs(runs)
+        if a != arch or not ok:
+            continue
+        cells = [name]
+        for budget in [dict(epochs=e) for e in epochs] + [dict(seconds=t) for t in seconds]:
+            values = np.array([accuracy_within(r["metrics"], **budget) for r in ok])
+            done = values[~np.isnan(values)]
+            cells.append(_mean_std(done) + ("" if done.size == values.size else f" ({done.size}/{values.size})"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -245,6 +288,10 @@ def write_summary(root: str | Path, cfg: dict) -> str:
         ]
     for arch, table in tables.items():
         parts += ["", f"{arch}:", "", table]
+    for arch in dict.fromkeys(a for a, _ in groups):
+        table = budget_table(groups, arch)
+        if table:
+            parts += ["", f"{arch}: test accuracy at fixed budgets (after the last epoch within the budget; wall time is training time as measured):", "", table]
     for arch in dict.fromkeys(a for a, _ in groups):
         png = plot(groups, arch, root / f"{arch}.png", cfg["name"])
         if png is not None:
