@@ -355,3 +355,20 @@ def test_paper_cnn_kfac_blocks():
 def test_bad_arguments_and_shapes_are_rejected(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_a_prepared_batch_skips_the_first_convolutions_im2col_and_changes_nothing(monkeypatch):
+    """Network.prepare does the first Conv2d's im2col once; passes on the prepared batch equal
+    passes on the raw batch and do not unfold it again (QE runs a dozen passes per step on it)."""
+    net = paper_cnn(dtype=np.float64)
+    rng = np.random.default_rng(0)
+    X, theta = rng.standard_normal((3, 1, 28, 28)), net.init(0)
+    prepared = net.prepare(X)
+    first, calls = net.layers[0], []
+    real = first.prepare
+    monkeypatch.setattr(first, "prepare", lambda x, backend: calls.append(x.shape) or real(x, backend))
+    key = (0, 1, 2)
+    for _ in range(3):
+        np.testing.assert_array_equal(net.forward(theta, prepared, net.training_rng(key)).logits, net.forward(theta, X, net.training_rng(key)).logits)
+    assert calls == [X.shape] * 3  # only the raw-batch passes unfolded it
+    assert net.prepare(rng.standard_normal((2, 784))).X.shape == (2, 1, 28, 28)  # flat rows are accepted as by forward

@@ -120,9 +120,15 @@ class Conv2d:
         """Cotangents (R, out, H_out, W_out) as rows (R * T, out), position-minor."""
         return dy.reshape(dy.shape[0], self.out_channels, -1).transpose(0, 2, 1).reshape(-1, self.out_channels)
 
+    def prepare(self, x, backend) -> ConvCache:
+        """The input-only part of :meth:`forward`: the patches of x (reused by passes on one batch)."""
+        return ConvCache(self.im2col(x, backend), x.shape[2:])
+
+    def forward_prepared(self, params, prepared: ConvCache, backend):
+        return self._apply(prepared.patches, params[0], params[1], self._out_hw(prepared.in_hw), backend), prepared
+
     def forward(self, params, x, backend, rng):
-        patches = self.im2col(x, backend)
-        return self._apply(patches, params[0], params[1], self._out_hw(x.shape[2:]), backend), ConvCache(patches, x.shape[2:])
+        return self.forward_prepared(params, self.prepare(x, backend), backend)
 
     def backward(self, params, cache, dy, backend):
         dcols = backend.matmul(self._positions(dy), params[0].reshape(self.out_channels, self.patch_size))

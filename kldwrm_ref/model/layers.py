@@ -68,6 +68,16 @@ class Layer(Protocol):
     def kfac_blocks(self, start: int, bias: str, name: str) -> list[BlockSpec]: ...
 
 
+@runtime_checkable
+class PreparingLayer(Protocol):
+    """A first layer with input-only work worth doing once per batch (Conv2d: im2col):
+    ``forward(params, x, ...) == forward_prepared(params, prepare(x, backend), backend)``."""
+
+    def prepare(self, x: np.ndarray, backend: Backend) -> Any: ...
+
+    def forward_prepared(self, params: list[np.ndarray], prepared: Any, backend: Backend) -> tuple[np.ndarray, Any]: ...
+
+
 def homogeneous_moment(rows: np.ndarray, backend: Backend) -> np.ndarray:
     """sum over rows of abar abar^T with abar = [a; 1] (the homogeneous coordinate last), unscaled."""
     n_in = rows.shape[1]

@@ -15,7 +15,7 @@ import numpy as np
 
 from kldwrm_ref.backends import Backend, get_backend
 from kldwrm_ref.model import losses
-from kldwrm_ref.model.layers import BlockSpec, Layer
+from kldwrm_ref.model.layers import BlockSpec, Layer, PreparingLayer
 from kldwrm_ref.validation import check_finite, check_positive_int
 
 
@@ -30,6 +30,14 @@ class ParamTensor(NamedTuple):
     @property
     def size(self) -> int:
         return int(np.prod(self.shape))
+
+
+class PreparedInput(NamedTuple):
+    """A batch checked and cast once, with its first layer's input-only work done (a Conv2d's
+    patches), for passes that run many times on the same batch (:meth:`Network.prepare`)."""
+
+    X: np.ndarray
+    first: Any  # the first layer's ``prepare`` result, or None
 
 
 class NetworkCache(NamedTuple):
@@ -155,16 +163,26 @@ class Network:
         return y
 
     # ------------------------------------------------------------------ passes
-    def forward(self, theta: np.ndarray, X: np.ndarray, rng: np.random.Generator | None = None) -> NetworkCache:
+    def prepare(self, X: np.ndarray) -> PreparedInput:
+        """X checked and cast, with the first layer's input-only work done once (a Conv2d's
+        im2col): QE's inner solve runs a dozen passes on the same batch."""
+        x = self.check_X(X).astype(self.dtype, copy=False)
+        first = self.layers[0]
+        return PreparedInput(x, first.prepare(x, self.backend) if isinstance(first, PreparingLayer) else None)
+
+    def forward(self, theta: np.ndarray, X: np.ndarray | PreparedInput, rng: np.random.Generator | None = None) -> NetworkCache:
         """Forward pass keeping each layer's input and backward cache (``rng``: training-mode
-        randomness such as dropout masks; None evaluates)."""
-        X = self.check_X(X)
+        randomness such as dropout masks; None evaluates); ``X`` may be :meth:`prepare`'s result."""
+        prepared = X if isinstance(X, PreparedInput) else self.prepare(X)
         check_finite("theta", theta)
-        x = X.astype(self.dtype, copy=False)
+        x = prepared.X
         inputs, caches = [], []
-        for layer, params in zip(self.layers, self.params(theta)):
+        for i, (layer, params) in enumerate(zip(self.layers, self.params(theta))):
             inputs.append(x)
-            x, cache = layer.forward(params, x, self.backend, rng)
+            if i == 0 and prepared.first is not None and isinstance(layer, PreparingLayer):
+                x, cache = layer.forward_prepared(params, prepared.first, self.backend)
+            else:
+                x, cache = layer.forward(params, x, self.backend, rng)
             caches.append(cache)
         return NetworkCache(inputs, caches, x)
 

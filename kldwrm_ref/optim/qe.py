@@ -16,7 +16,7 @@ import numpy as np
 from kldwrm_ref.curvature.averaging import truncated_wake_weights
 from kldwrm_ref.curvature.estimators import Estimator
 from kldwrm_ref.model import losses
-from kldwrm_ref.model.network import Network
+from kldwrm_ref.model.network import Network, PreparedInput
 from kldwrm_ref.optim.clipping import rms_clip
 from kldwrm_ref.optim.hyper import Hyper
 from kldwrm_ref.optim.state import finite_or_raise
@@ -35,7 +35,7 @@ class WakeObjective(NamedTuple):
     centres: Sequence[np.ndarray]
     weights: np.ndarray
     ref_logits: Sequence[np.ndarray]
-    X: np.ndarray
+    X: PreparedInput  # the batch, prepared once for the step's passes
     masks: tuple[int, ...]  # the step's dropout-mask key: every pass of E_k uses the step's masks
 
     def value_and_gradient(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -50,7 +50,7 @@ class WakeObjective(NamedTuple):
             wake_value += w * float(values.mean())
             total_dlogits += w * dlogits
         grad = self.net.vjp(theta, cache, total_dlogits)
-        grad *= self.scale / self.X.shape[0]
+        grad *= self.scale / self.X.X.shape[0]
         if self.proximal:  # the proximal term only when present: no theta-sized temporaries otherwise
             for w, centre in zip(self.weights, self.centres):
                 d = theta - centre
@@ -66,8 +66,9 @@ def wake_objective(net: Network, estimator: Estimator, hyper: Hyper, theta_k, g,
     indices, weights = truncated_wake_weights(hyper.rho, k, hyper.m)
     kept = list(wake[-len(indices):])
     proximal = hyper.total_damping if hyper.proximal else 0.0
-    ref_logits = [net.forward(t, X, net.training_rng(masks)).logits for t in kept]
-    return WakeObjective(net, theta_k, g, estimator.operator(B), hyper.kappa / alpha, proximal, hyper.kl, kept, weights, ref_logits, X, masks)
+    batch = net.prepare(X)
+    ref_logits = [net.forward(t, batch, net.training_rng(masks)).logits for t in kept]
+    return WakeObjective(net, theta_k, g, estimator.operator(B), hyper.kappa / alpha, proximal, hyper.kl, kept, weights, ref_logits, batch, masks)
 
 
 def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, g, B, alpha: float, wake, X, k: int, masks: tuple[int, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
