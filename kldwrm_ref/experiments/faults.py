@@ -164,13 +164,14 @@ def unreadable_files(root: Path) -> list[str]:
 
 
 def _timeless_summary(text: str) -> list[list[str]]:
-    """The summary's lines, with the cells of time columns (header "s ..." or "s / epoch") blanked."""
+    """The summary's lines, with the cells of time columns blanked: headers "s ..." ("s to 97%",
+    "s / epoch") and "... s" (the wall-time budgets, "26 s"), whose values depend on the machine's load."""
     lines, timed = [], set()
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else [line]
         if line.startswith("|") and not set(line) <= set("|-"):
-            if any(c.startswith("s ") for c in cells):
-                timed = {i for i, c in enumerate(cells) if c.startswith("s ")}
+            if any(c.startswith("s ") or c.endswith(" s") for c in cells):
+                timed = {i for i, c in enumerate(cells) if c.startswith("s ") or c.endswith(" s")}
             cells = ["" if i in timed else c for i, c in enumerate(cells)]
         elif not line.startswith("|"):
             timed = set()
