@@ -219,39 +219,21 @@ def _block_total(partial, t):
     return result
 
 
+DOT, SUM, NONFINITE = 0, 1, 2  # what _reduce_kernel adds up
+
+
 @cuda.jit
-def _dot_kernel(x, y, out, index):
+def _reduce_kernel(x, y, kind, out, index):
+    """out[index] = sum_i x_i y_i (DOT), sum_i x_i (SUM) or #{i : x_i not finite} (NONFINITE)."""
     partial = cuda.shared.array(REDUCE, float64)
     t = cuda.threadIdx.x
     total = 0.0
     for i in range(t, x.size, REDUCE):
-        total += x[i] * y[i]
-    partial[t] = total
-    result = _block_total(partial, t)
-    if t == 0:
-        out[index] = result
-
-
-@cuda.jit
-def _sum_kernel(x, out, index):
-    partial = cuda.shared.array(REDUCE, float64)
-    t = cuda.threadIdx.x
-    total = 0.0
-    for i in range(t, x.size, REDUCE):
-        total += x[i]
-    partial[t] = total
-    result = _block_total(partial, t)
-    if t == 0:
-        out[index] = result
-
-
-@cuda.jit
-def _nonfinite_kernel(x, out, index):
-    partial = cuda.shared.array(REDUCE, float64)
-    t = cuda.threadIdx.x
-    total = 0.0
-    for i in range(t, x.size, REDUCE):
-        if not math.isfinite(x[i]):
+        if kind == DOT:
+            total += x[i] * y[i]
+        elif kind == SUM:
+            total += x[i]
+        elif not math.isfinite(x[i]):
             total += 1.0
     partial[t] = total
     result = _block_total(partial, t)
@@ -411,23 +393,23 @@ def sampled_rows(probs, labels):
     return out
 
 
-def _reduce(kernel, scalars, index: int, *arrays) -> None:
-    for array in arrays:
+def _reduce(kind: int, scalars, index: int, x, y) -> None:
+    for array in (x, y):
         if isinstance(array, np.ndarray):
             raise TypeError("a host array was passed to a device reduction; upload it first")
-    kernel[1, REDUCE](*arrays, scalars, int(index))
+    _reduce_kernel[1, REDUCE](flat(x), flat(y), kind, scalars, int(index))
 
 
 def dot(x, y, scalars, index: int) -> None:
     """scalars[index] = <x, y> (accumulated in float64)."""
-    _reduce(_dot_kernel, scalars, index, flat(x), flat(y))
+    _reduce(DOT, scalars, index, x, y)
 
 
 def total(x, scalars, index: int) -> None:
     """scalars[index] = sum of x."""
-    _reduce(_sum_kernel, scalars, index, flat(x))
+    _reduce(SUM, scalars, index, x, x)
 
 
 def nonfinite(x, scalars, index: int) -> None:
     """scalars[index] = how many entries of x are NaN or infinite."""
-    _reduce(_nonfinite_kernel, scalars, index, flat(x))
+    _reduce(NONFINITE, scalars, index, x, x)

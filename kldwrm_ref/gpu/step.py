@@ -120,9 +120,6 @@ class DeviceOptimizer:
         """(host theta, host state without the cached inverse): what checkpoints store."""
         return to_host(theta), _tree(to_host, state._replace(inverse=None))
 
-    def init(self, theta) -> OptState:
-        return self.upload(np.asarray(theta), self.opt.init(np.asarray(theta)))[1]
-
     # ---------------------------------------------------------------- the step
     def step(self, theta, state: OptState, X, y):
         if self.sgd:
@@ -357,20 +354,22 @@ class DeviceOptimizer:
         return kernels.axpby(1.0, g, -hyper.rho * previous.alpha / alpha, previous.model_gradient)
 
     def _rms_factors(self, v, extra=None) -> tuple[np.ndarray, float | None]:
-        """Per RMS-clip group min(1, limit / RMS) (and <v, extra> when given), from one scalars read."""
-        scalars = kernels.zeros(len(self.groups) + 1, np.float64)
-        for i, group in enumerate(self.groups):
+        """Per RMS-clip group min(1, limit / RMS) (and <v, extra> when given), from one scalars read;
+        without an RMS clip only <v, extra> is computed (the factors are all 1)."""
+        limit = self.hyper.rms_clip
+        groups = self.groups if limit is not None else []
+        scalars = kernels.zeros(len(groups) + 1, np.float64)
+        for i, group in enumerate(groups):
             part = v[group]
             kernels.dot(part, part, scalars, i)
         if extra is not None:
-            kernels.dot(v, extra, scalars, len(self.groups))
+            kernels.dot(v, extra, scalars, len(groups))
         read = to_host(scalars)
-        limit = self.hyper.rms_clip
-        factors = []
-        for squared, group in zip(read[:-1], self.groups):
+        factors = np.ones(len(self.groups))
+        for i, (squared, group) in enumerate(zip(read[:-1], groups)):
             rms = math.sqrt(squared) / math.sqrt(group.stop - group.start)
-            factors.append(min(1.0, limit / rms) if limit is not None and rms > 0 else 1.0)
-        return np.array(factors), (float(read[-1]) if extra is not None else None)
+            factors[i] = min(1.0, limit / rms) if limit is not None and rms > 0 else 1.0
+        return factors, (float(read[-1]) if extra is not None else None)
 
     def _kl_factor(self, vg: float | None, alpha: float) -> float:
         assert vg is not None and self.hyper.kl_clip is not None
