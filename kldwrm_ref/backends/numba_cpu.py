@@ -97,21 +97,17 @@ def _im2col_kernel(x, cols, kernel, stride, padding, out_w):
 
 
 @njit(cache=True)
-def _col2im_kernel(cols, dx, kernel, stride, padding, out_w):
-    # serial scatter-add in im2col's order: no two writes race on the CPU
-    height, width = dx.shape[2], dx.shape[3]
+def _col2im_kernel(cols, dx_padded, kernel, stride, out_w):
+    # serial scatter-add in im2col's order onto the zero-padded input: every window lies inside
+    # it (no bounds checks) and no two writes race on the CPU
     for r in range(cols.shape[0]):
         for t in range(cols.shape[1]):
-            top, left = (t // out_w) * stride - padding, (t % out_w) * stride - padding
-            q = 0
-            for c in range(dx.shape[1]):
+            top, left = (t // out_w) * stride, (t % out_w) * stride
+            for c in range(dx_padded.shape[1]):
                 for i in range(kernel):
-                    h = top + i
+                    q = (c * kernel + i) * kernel
                     for j in range(kernel):
-                        w = left + j
-                        if 0 <= h < height and 0 <= w < width:
-                            dx[r, c, h, w] += cols[r, t, q]
-                        q += 1
+                        dx_padded[r, c, top + i, left + j] += cols[r, t, q + j]
 
 
 @njit(cache=True)
@@ -121,10 +117,11 @@ def _max_pool_kernel(x, y, argmax, kernel):
             for i in range(y.shape[2]):
                 for j in range(y.shape[3]):
                     best, best_index = x[n, c, i * kernel, j * kernel], 0
-                    for index in range(1, kernel * kernel):
-                        value = x[n, c, i * kernel + index // kernel, j * kernel + index % kernel]
-                        if value > best:
-                            best, best_index = value, index
+                    for di in range(kernel):  # row-major window order; strict > keeps the first maximum
+                        for dj in range(kernel):
+                            value = x[n, c, i * kernel + di, j * kernel + dj]
+                            if value > best:
+                                best, best_index = value, di * kernel + dj
                     y[n, c, i, j] = best
                     argmax[n, c, i, j] = best_index
 
@@ -236,9 +233,9 @@ def col2im(cols, in_shape, kernel, stride, padding):
     (cols,) = _contiguous(cols)
     c, h, w = in_shape
     out_w = reference.conv_out_hw((h, w), kernel, stride, padding)[1]
-    dx = np.zeros((cols.shape[0], c, h, w), dtype=cols.dtype)
-    _col2im_kernel(cols, dx, int(kernel), int(stride), int(padding), out_w)
-    return dx
+    dx_padded = np.zeros((cols.shape[0], c, h + 2 * padding, w + 2 * padding), dtype=cols.dtype)
+    _col2im_kernel(cols, dx_padded, int(kernel), int(stride), out_w)
+    return dx_padded[:, :, padding : padding + h, padding : padding + w] if padding else dx_padded
 
 
 def max_pool(x, kernel):

@@ -136,7 +136,8 @@ class Conv2d:
 
     def param_gradients(self, params, cache, dy, backend, out):
         n, t, _ = cache.patches.shape
-        summed = dy.reshape(-1, n, self.out_channels, t).sum(axis=0)  # the reps of each sample share its patches
+        deltas = dy.reshape(-1, n, self.out_channels, t)
+        summed = deltas[0] if deltas.shape[0] == 1 else deltas.sum(axis=0)  # the reps of each sample share its patches
         out[0][...] = backend.matmul(summed.transpose(1, 0, 2).reshape(self.out_channels, n * t), cache.patches.reshape(n * t, self.patch_size)).reshape(out[0].shape)
         out[1][...] = dy.sum(axis=(0, 2, 3))
 
