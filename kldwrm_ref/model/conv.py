@@ -8,6 +8,11 @@ A convolution is a dense layer applied at every output position t = 1..T to the 
 with the patches unfolded ("im2col") into P (N, T, k), k = in * kh * kw in (in, kh, kw) order (the
 row-major flattening of the weight), y[n, :, t] = W_mat p_{n,t} + b.  Its K-FAC factors are those of
 Grosse & Martens (2016, "KFC"), see :class:`Conv2d`.
+
+The forward pass is one BLAS product through the backend; the products that run per sample (the
+weight gradient, the input cotangent, the G factor, per-sample gradient rows) are stacks of NumPy
+``matmul`` on every backend, which need no transposing copy of the cotangents (the cuda backend's
+product is 2-D; the device-resident step has its own convolution, docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -116,10 +121,6 @@ class Conv2d:
             y += b
         return y.reshape(n, t, self.out_channels).transpose(0, 2, 1).reshape(n, self.out_channels, *out_hw)
 
-    def _positions(self, dy: np.ndarray) -> np.ndarray:
-        """Cotangents (R, out, H_out, W_out) as rows (R * T, out), position-minor."""
-        return dy.reshape(dy.shape[0], self.out_channels, -1).transpose(0, 2, 1).reshape(-1, self.out_channels)
-
     def prepare(self, x, backend) -> ConvCache:
         """The input-only part of :meth:`forward`: the patches of x (reused by passes on one batch)."""
         return ConvCache(self.im2col(x, backend), x.shape[2:])
@@ -131,14 +132,20 @@ class Conv2d:
         return self.forward_prepared(params, self.prepare(x, backend), backend)
 
     def backward(self, params, cache, dy, backend):
-        dcols = backend.matmul(self._positions(dy), params[0].reshape(self.out_channels, self.patch_size))
-        return backend.col2im(dcols.reshape(dy.shape[0], -1, self.patch_size), (self.in_channels, *cache.in_hw), self.kernel_size, self.stride, self.padding)
+        """dx = col2im of the patch cotangents delta_r^T W_mat (T, k) per row r."""
+        deltas = dy.reshape(dy.shape[0], self.out_channels, -1)
+        dcols = np.matmul(deltas.transpose(0, 2, 1), params[0].reshape(self.out_channels, self.patch_size))
+        return backend.col2im(dcols, (self.in_channels, *cache.in_hw), self.kernel_size, self.stride, self.padding)
 
     def param_gradients(self, params, cache, dy, backend, out):
+        """dW_mat = sum_n delta_n P_n over samples, delta_n (out, T) the cotangent summed over the
+        sample's reps (they share its patches), as a stack of per-sample products: no transposing
+        copy of the cotangents (twice as fast as one (out, N T) x (N T, k) product at the paper
+        CNN's sizes); db = the cotangent summed over rows and positions."""
         n, t, _ = cache.patches.shape
         deltas = dy.reshape(-1, n, self.out_channels, t)
-        summed = deltas[0] if deltas.shape[0] == 1 else deltas.sum(axis=0)  # the reps of each sample share its patches
-        out[0][...] = backend.matmul(summed.transpose(1, 0, 2).reshape(self.out_channels, n * t), cache.patches.reshape(n * t, self.patch_size)).reshape(out[0].shape)
+        summed = deltas[0] if deltas.shape[0] == 1 else deltas.sum(axis=0)
+        out[0][...] = np.matmul(summed, cache.patches).sum(axis=0).reshape(out[0].shape)
         out[1][...] = dy.sum(axis=(0, 2, 3))
 
     def jvp(self, params, cache, dparams, dx, backend):
@@ -159,11 +166,12 @@ class Conv2d:
     def kfac_factors(self, cache, dy, n_samples, backend):
         n, t, k = cache.patches.shape
         A = homogeneous_moment(cache.patches.reshape(n * t, k), backend)
-        deltas = self._positions(dy)
+        deltas = dy.reshape(dy.shape[0], self.out_channels, t)
+        second_moment = np.matmul(deltas, deltas.transpose(0, 2, 1)).sum(axis=0)  # sum_r sum_t delta delta^T, per row
         sums = dy.sum(axis=(2, 3))
         a_scale, g_scale = (n_samples * t, n_samples) if self.kfac_scaling == "textbook" else (n_samples * t * t, n_samples / t)
         G_bias = backend.matmul(sums.T, sums) / n_samples
-        return ConvFactors(A / a_scale, backend.matmul(deltas.T, deltas) / g_scale, G_bias, np.ones((1, 1), dtype=A.dtype))
+        return ConvFactors(A / a_scale, second_moment / g_scale, G_bias, np.ones((1, 1), dtype=A.dtype))
 
     def kfac_blocks(self, start, bias, name):
         bias_block = BlockSpec("bias", np.empty(0, dtype=int), slice(None), a_factor=3, g_factor=2)  # G_bias (x) A_bias
