@@ -75,6 +75,11 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
+def write_figure(path: str | os.PathLike, figure: Any, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically (a kill mid-save leaves the old plot or none)."""
+    return atomic_write(path, lambda fh: figure.savefig(fh, format="png", dpi=dpi))
+
+
 def json_text(obj: Any) -> str:
     """The text :func:`write_json` writes: indented, keys sorted, a final newline."""
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"

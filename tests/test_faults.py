@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +121,34 @@ def test_the_write_delay_hook_leaves_the_temporary_visible_until_the_rename(tmp_
     writer.join()
     assert len(seen) == 1 and seen[0].startswith(f".x.json.{os.getpid()}.") and seen[0].endswith(".tmp")
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+@pytest.mark.parametrize("plot", ["summary", "any figure"])
+def test_a_plot_that_fails_mid_save_leaves_the_old_png(tmp_path, finished_sweep, monkeypatch, plot):
+    """The summary's and the tuning's plots go through the atomic writer: a save that dies after
+    writing part of the file (a kill, a full disk) leaves the previous plot whole."""
+    import matplotlib.figure
+    from matplotlib import pyplot as plt
+
+    from kldwrm_ref.experiments import report
+    from kldwrm_ref.storage import write_figure
+
+    old = b"\x89PNG\r\n\x1a\n the previous plot IEND\xaeB`\x82"
+    target = tmp_path / "plot.png"
+    target.write_bytes(old)
+
+    def dies_mid_save(self, fname, *args, **kwargs):
+        (fname.write if hasattr(fname, "write") else Path(fname).write_bytes)(b"\x89PNG\r\n\x1a\n half")
+        raise OSError("killed mid-save")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dies_mid_save)
+    with pytest.raises(OSError, match="killed mid-save"):
+        if plot == "summary":
+            report.plot(collect(finished_sweep / "tiny", validate_config(TINY)), "12-8-10", target, "tiny")
+        else:  # the tuning's sensitivity plot is saved by this function too
+            write_figure(target, plt.figure())
+    assert target.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]  # the temporary is gone
 
 
 def test_a_lock_held_by_a_live_process_is_refused_naming_it(tmp_path):

@@ -23,7 +23,7 @@ from scipy import stats
 from kldwrm_ref.experiments.config import expand
 from kldwrm_ref.experiments.run_folder import read_exports, read_test_correct
 from kldwrm_ref.experiments.statistics import holm, mcnemar, paired_comparison
-from kldwrm_ref.storage import write_text
+from kldwrm_ref.storage import write_figure, write_text
 
 THRESHOLDS = (0.97, 0.98)
 ALPHA = 0.05
@@ -257,8 +257,7 @@ def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
         axes[row, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(loc="lower right")
     fig.suptitle(f"{title}: {arch} (line: mean over seeds, band: its {1 - ALPHA:.0%} t confidence interval; dotted: 97% and 98%)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_figure(path, fig)
     plt.close(fig)
     return path
 

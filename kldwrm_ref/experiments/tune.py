@@ -40,7 +40,7 @@ from kldwrm_ref.experiments.runner import run_experiment, run_tasks
 from kldwrm_ref.experiments.statistics import holm, paired_comparison
 from kldwrm_ref.model.zoo import arch_label
 from kldwrm_ref.optim.hyper import FIELDS as HYPER_FIELDS
-from kldwrm_ref.storage import read_json, write_csv, write_json, write_text
+from kldwrm_ref.storage import read_json, write_csv, write_figure, write_json, write_text
 from kldwrm_ref.validation import check_positive_int
 
 PROTOCOL_FIELDS = dict(name=str, description=str, experiment=dict, validation=int, grid=dict, tune=dict, final=dict, published=str)
@@ -243,8 +243,7 @@ def sensitivity_plot(cfg: dict, rows: list[dict], arch: str, path: Path, step_ke
     axes[0, 0].set_ylabel(f"validation accuracy after {cfg['tune']['epochs']} epochs (%)")
     axes[0, 0].set_ylim(max(0.0, best - 10.0), min(100.0, best + 1.0))  # the top 10 points; worse settings fall off the bottom
     fig.suptitle(f"{cfg['name']}: {arch}, step-size sensitivity\nline: mean over {len(cfg['tune']['seeds'])} tuning seeds, band: ± 1 sample std; a diverged run counts as 0")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_figure(path, fig)
     plt.close(fig)
     return path
 
