@@ -1,13 +1,18 @@
 """Parallel sweeps (``--jobs``, ``--scheduler``) write the same runs as the serial sweep."""
 
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
 from kldwrm_ref.experiments import runner
 from kldwrm_ref.experiments.cli import main
 from kldwrm_ref.experiments.config import expand, validate_config
-from kldwrm_ref.storage import read_csv, read_json
+from kldwrm_ref.experiments.faults import _alive
+from kldwrm_ref.storage import process_alive, read_csv, read_json
 
 ARGV = ["--synthetic", "--architectures", "12-8-10", "--optimizers", "kfac", "qe-kld-wrm", "--seeds", "0", "1", "--epochs", "2", "--batch", "40", "--dtype", "float64", "--hyper", "period=3", "--no-progress"]
 TIMELESS = [k for k in runner.METRIC_FIELDS if k not in ("wall_time", "epoch_time")]
@@ -80,3 +85,33 @@ def test_bad_parallel_options(extra, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*ARGV, "--out", str(tmp_path), *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killing_the_sweep_ends_its_workers(tmp_path, sig):
+    """`kill` of a --jobs sweep leaves no worker training on (and holding its run's lock)."""
+    endless = ["--synthetic", "--architectures", "12-8-10", "--optimizers", "kfac", "--seeds", "0", "1", "--epochs", "100000", "--batch", "40", "--no-progress"]
+    command = [sys.executable, "-m", "kldwrm_ref.cli", "mnist", *endless, "--out", str(tmp_path), "--jobs", "2"]
+    sweep_process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        locks = wait_for(lambda: sorted((tmp_path / "quick").rglob(".lock")) if len(list((tmp_path / "quick").rglob(".lock"))) == 2 else None, 120)
+        workers = [read_json(lock)["pid"] for lock in locks]
+        assert sweep_process.pid not in workers and all(process_alive(pid) for pid in workers)
+        sweep_process.send_signal(sig)
+        sweep_process.wait(timeout=10)
+        assert wait_for(lambda: not any(_alive(pid) for pid in workers), 15), f"workers {workers} outlived the killed sweep"
+    finally:
+        try:
+            os.killpg(sweep_process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(condition, seconds: float):
+    """``condition()``'s first truthy value within ``seconds``, polled, else None."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    return None

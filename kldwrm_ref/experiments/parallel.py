@@ -5,12 +5,27 @@ N workers keep to N cores: ``jobs`` joblib (loky) worker processes, which also s
 ``NUMBA_NUM_THREADS``, ``OMP_NUM_THREADS`` and the BLAS variables at 1, or the workers of the Dask
 distributed cluster at ``scheduler``.  The sweep's task is
 :func:`kldwrm_ref.experiments.runner.run_task`.
+
+A local worker does not outlive the sweep that started it: a watchdog thread ends the worker
+process as soon as its parent is gone, whether that was ``kill`` (SIGTERM, which gives the parent
+no chance to stop its pool) or SIGKILL.  Otherwise an orphaned worker would train on to the end of
+its run, holding the run's lock against the restarted sweep.  Ending a worker mid-epoch is safe:
+every file is written atomically and the restarted sweep resumes from the last checkpoint, takes
+over the dead worker's lock and removes its temporaries.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+
+from kldwrm_ref.storage import process_alive
+
+ORPHAN_POLL_SECONDS = 0.5
+_watchdog_started = False
 
 
 def require(scheduler: str | None) -> None:
@@ -21,6 +36,23 @@ def require(scheduler: str | None) -> None:
         except ImportError:
             option = "--scheduler" if scheduler else "--jobs"
             raise ImportError(f"{option} needs the optional package {module}: pip install 'kldwrm_ref[parallel]'") from None
+
+
+def _exit_when_orphaned(sweep_pid: int) -> None:
+    """Poll until the process ``sweep_pid`` is gone, then end this worker process at once."""
+    direct_child = os.getppid() == sweep_pid
+    while (os.getppid() == sweep_pid) if direct_child else process_alive(sweep_pid):
+        time.sleep(ORPHAN_POLL_SECONDS)
+    os._exit(3)  # no clean-up on purpose: the files are consistent at every instant
+
+
+def _local_task(sweep_pid: int, function: Callable, *args):
+    """A task in a local worker: start the worker's orphan watchdog once, then run single-threaded."""
+    global _watchdog_started
+    if not _watchdog_started:
+        threading.Thread(target=_exit_when_orphaned, args=(sweep_pid,), name="kldwrm-orphan-watchdog", daemon=True).start()
+        _watchdog_started = True
+    return _single_threaded(function, *args)
 
 
 def _single_threaded(function: Callable, *args):
@@ -37,7 +69,8 @@ def parallel_map(function: Callable, arguments: Sequence[tuple], jobs: int, sche
         from joblib import Parallel, delayed, parallel_config
 
         with parallel_config(backend="loky", inner_max_num_threads=1):
-            yield from Parallel(n_jobs=jobs, batch_size=1, return_as="generator_unordered")(delayed(_single_threaded)(function, *args) for args in arguments)
+            tasks = (delayed(_local_task)(os.getpid(), function, *args) for args in arguments)
+            yield from Parallel(n_jobs=jobs, batch_size=1, return_as="generator_unordered")(tasks)
         return
     from distributed import Client, as_completed
 
