@@ -89,6 +89,9 @@ def test_final_stage_runs_the_selected_settings_on_the_full_training_set(protoco
     summary = (root / "summary.md").read_text()
     assert "so-kld-wrm" in summary and ("does not differ significantly from kfac" in summary or "beats kfac" in summary or "is beaten by kfac" in summary)
     assert (root / "sensitivity-20-16-10.png").stat().st_size > 0
+    final_summary = (protocol_run / "tiny-final-20-16-10" / "summary.md").read_text()
+    assert "final test acc %" in final_summary and "final acc - kfac" in final_summary
+    assert "best test acc" not in final_summary and "best acc -" not in final_summary  # no best-epoch-on-test column
 
 
 def test_rerun_skips_finished_runs(protocol_run, tmp_path):

@@ -36,6 +36,7 @@ QUICK: dict[str, Any] = dict(
     dtype="float32",
     data=dict(source="mnist", pool=1, subset=None, n_train=None, n_test=None),
     hyper={},
+    report_best_on_test=True,  # False in the tuned protocol's final stage: only final-epoch test accuracy is reported
 )
 
 
@@ -76,7 +77,7 @@ def read_config(path: str | os.PathLike) -> dict:
 # The JSON type each field must have (architectures and seeds are checked element by element below).
 _FIELD_TYPES = dict(
     name=str, description=str, optimizers=list, architectures=list, activation=str, epochs=int, seeds=list, batch=int,
-    platform=str, preset=str, backend=str, dtype=str, data=dict, hyper=dict,
+    platform=str, preset=str, backend=str, dtype=str, data=dict, hyper=dict, report_best_on_test=bool,
 )
 
 

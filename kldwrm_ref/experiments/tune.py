@@ -202,7 +202,7 @@ def final_config(cfg: dict, arch: str, choices: dict) -> dict:
     sizes = next(s for s in e["architectures"] if arch_label(s if isinstance(s, str) else tuple(s)) == arch)
     hyper = {name: _point_hyper(cfg, name, choices[name]["hyper"]) for name in e["optimizers"]}
     return dict(
-        e, name=f"{cfg['name']}-final-{arch}", architectures=[sizes], epochs=cfg["final"]["epochs"], seeds=cfg["final"]["seeds"], hyper=hyper,
+        e, name=f"{cfg['name']}-final-{arch}", architectures=[sizes], epochs=cfg["final"]["epochs"], seeds=cfg["final"]["seeds"], hyper=hyper, report_best_on_test=False,
         description=f"{cfg['name']} final stage, {arch}: each optimiser at the hyperparameters selected on the validation split (selected.json), full training set",
     )
 
