@@ -12,7 +12,7 @@ from kldwrm_ref.experiments import runner
 from kldwrm_ref.experiments.cli import main
 from kldwrm_ref.experiments.config import expand, validate_config
 from kldwrm_ref.experiments.faults import _alive
-from kldwrm_ref.storage import process_alive, read_csv, read_json
+from kldwrm_ref.storage import read_csv, read_json
 
 ARGV = ["--synthetic", "--architectures", "12-8-10", "--optimizers", "kfac", "qe-kld-wrm", "--seeds", "0", "1", "--epochs", "2", "--batch", "40", "--dtype", "float64", "--hyper", "period=3", "--no-progress"]
 TIMELESS = [k for k in runner.METRIC_FIELDS if k not in ("wall_time", "epoch_time")]
@@ -94,9 +94,12 @@ def test_killing_the_sweep_ends_its_workers(tmp_path, sig):
     command = [sys.executable, "-m", "kldwrm_ref.cli", "mnist", *endless, "--out", str(tmp_path), "--jobs", "2"]
     sweep_process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        locks = wait_for(lambda: sorted((tmp_path / "quick").rglob(".lock")) if len(list((tmp_path / "quick").rglob(".lock"))) == 2 else None, 120)
-        workers = [read_json(lock)["pid"] for lock in locks]
-        assert sweep_process.pid not in workers and all(process_alive(pid) for pid in workers)
+        def both_locks():
+            locks = sorted((tmp_path / "quick").rglob(".lock"))
+            return locks if len(locks) == 2 else None
+
+        workers = [read_json(lock)["pid"] for lock in wait_for(both_locks, 120)]
+        assert sweep_process.pid not in workers and all(_alive(pid) for pid in workers)
         sweep_process.send_signal(sig)
         sweep_process.wait(timeout=10)
         assert wait_for(lambda: not any(_alive(pid) for pid in workers), 15), f"workers {workers} outlived the killed sweep"

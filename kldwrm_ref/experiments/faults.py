@@ -362,7 +362,7 @@ def _lost_fraction(run_dir: Path, killed_at: float, interval: float | None) -> f
 
 
 def _wait_for_orphans(root: Path, timeout: float = 120.0) -> None:
-    """Wait until no live process holds a run lock under ``root`` (workers orphaned by a killed parent finish their run)."""
+    """Wait until no live process holds a run lock under ``root`` (a worker orphaned by a killed parent ends itself within a second)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         holders = []
