@@ -105,6 +105,49 @@ def test_rerun_skips_finished_runs(protocol_run, tmp_path):
     assert (protocol_run / "tiny" / "selected.json").read_bytes() == before
 
 
+@pytest.fixture(scope="module")
+def confirm_run(tmp_path_factory):
+    """The tiny protocol with a confirm stage: first the grid alone, then every stage."""
+    out = tmp_path_factory.mktemp("confirm")
+    config = out / "protocol.json"
+    config.write_text(json.dumps({**PROTOCOL, "name": "tinyc", "confirm": dict(top=2, epochs=3, seeds=[9])}))
+    assert tune_main(["--config", str(config), "--out", str(out / "runs"), "--stage", "tune", "--no-progress"]) == 0
+    after_grid = read_json(out / "runs" / "tinyc" / "selected.json")
+    assert tune_main(["--config", str(config), "--out", str(out / "runs"), "--no-progress"]) == 0
+    return out / "runs", after_grid
+
+
+def _mean_final_validation(point_dir):
+    finals = [read_metrics(seed / "metrics.csv") for seed in sorted(point_dir.glob("seed-*"))]
+    return np.mean([m["val_accuracy"][-1] for m in finals]), -np.mean([m["val_loss"][-1] for m in finals])
+
+
+def test_confirm_stage_reruns_the_top_grid_points_at_its_budget_and_selects_among_them(confirm_run):
+    """Recompute the candidates from the grid folders and the choice from the confirmation folders."""
+    runs, after_grid = confirm_run
+    root = runs / "tinyc"
+    selected = read_json(root / "selected.json")["20-16-10"]
+    final = read_json(root / "final-20-16-10.json")
+    for name in ("kfac", "so-kld-wrm"):
+        assert after_grid["20-16-10"][name]["complete"] is False and after_grid["20-16-10"][name]["points_done"] == 0  # grid alone: no selection yet
+        grid = {d.name: _mean_final_validation(d) for d in (root / "tune" / "20-16-10" / name).iterdir()}
+        top = sorted(grid, key=grid.get, reverse=True)[:2]
+        confirmed = {d.name: _mean_final_validation(d) for d in (root / "confirm" / "20-16-10" / name).iterdir()}
+        assert sorted(confirmed) == sorted(top)  # exactly the two best grid points ran again
+        for point in top:
+            run = read_json(root / "confirm" / "20-16-10" / name / point / "seed-9" / "config.json")["run"]
+            assert run["epochs"] == 3 and run["data"]["validation"] == 100 and run["seed"] == 9
+            assert len(read_metrics(root / "confirm" / "20-16-10" / name / point / "seed-9" / "metrics.csv")["epoch"]) == 3
+        best = max(confirmed, key=confirmed.get)
+        assert tune.point_label(selected[name]["hyper"]) == best and final["hyper"][name] == selected[name]["hyper"]
+        assert selected[name]["val_accuracy"] == pytest.approx(confirmed[best][0]) and selected[name]["epochs"] == 3
+        assert tune.point_label(selected[name]["grid_choice"]["hyper"]) == top[0]
+    summary = (root / "summary.md").read_text()
+    assert "Confirmation" in summary and "after 3 epochs" in summary
+    with open(root / "confirm.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 2 * 2
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -117,6 +160,8 @@ def test_rerun_skips_finished_runs(protocol_run, tmp_path):
         (dict(final=dict(epochs=2, seeds=[])), "final.seeds"),
         (dict(experiment=dict(PROTOCOL["experiment"], seeds=[1])), "experiment.seeds: set by the protocol"),
         (dict(surprise=1), "unknown"),
+        (dict(confirm=dict(top=0, epochs=2, seeds=[1])), "confirm.top"),
+        (dict(confirm=dict(epochs=2, seeds=[1])), "confirm must be an object with exactly"),
     ],
 )
 def test_bad_protocols_are_refused_naming_the_field(change, message, tmp_path, capsys):

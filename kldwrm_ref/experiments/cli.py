@@ -123,12 +123,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+STAGE_HELP = (
+    "tune: the grid only; confirm: rerun each optimiser's top grid points at the confirm budget (protocols with a confirm stage); "
+    "final: the final seeds from the selection; all: every stage (default); summary: rebuild tables and plots only"
+)
+
+
 def tune_main(argv: Sequence[str] | None = None) -> int:
     """``kldwrm tune --config experiments/tune-paper.json``: the tuned comparison protocol (docs/protocol.md)."""
     parser = argparse.ArgumentParser(prog="kldwrm tune", description="Tune every optimiser on a validation split with the same grid budget, select, then run the selected settings with many seeds (docs/protocol.md).")
     parser.add_argument("--config", required=True, help="protocol JSON (e.g. experiments/tune-paper.json)")
     parser.add_argument("--out", default="runs", help="output folder (default: runs)")
-    parser.add_argument("--stage", choices=tune.STAGES, default="all", help="tune: the grid only; final: the final seeds from selected.json; all: both (default); summary: rebuild tables and plots only")
+    parser.add_argument("--stage", choices=tune.STAGES, default="all", help=STAGE_HELP)
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine (joblib; needs the 'parallel' extra)")
     parser.add_argument("--scheduler", metavar="ADDRESS", help="run the runs on the Dask distributed cluster at ADDRESS; needs the 'parallel' extra")
     parser.add_argument("--no-progress", action="store_true")

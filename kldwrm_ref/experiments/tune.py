@@ -10,6 +10,12 @@
    run diverged on any seed scores 0.  The choice is written to ``selected.json`` with flags for
    values on the edge of the grid, the whole grid to ``tuning.csv``, and the step-size
    sensitivity to ``sensitivity-<architecture>.png``.
+2b. **Confirm** (optional ``confirm``: top, epochs, seeds).  A setting picked after a short budget
+   need not be the best at the final one (a larger step wins early and ends lower).  The
+   ``confirm.top`` best grid points of every optimiser (the same number for each) run again on the
+   validation split for ``confirm.epochs`` epochs (the final budget) with each of the
+   ``confirm.seeds``; the selection is then the candidate with the highest mean validation
+   accuracy at that budget (same tie and divergence rules).  ``confirm.csv`` holds these runs.
 3. **Final.** Per architecture, an ordinary experiment configuration
    ``final-<architecture>.json`` (run by this command, or by ``kldwrm mnist --config``) trains
    each optimiser at its selected setting on the full training set for ``final.epochs`` epochs
@@ -18,7 +24,7 @@
    verdict.
 
 Runs are ordinary run folders (resumable, locked, skipped when finished), under
-``OUT/<name>/tune/<architecture>/<optimiser>/<grid point>/seed-<s>/`` and
+``OUT/<name>/tune/<architecture>/<optimiser>/<grid point>/seed-<s>/`` (``confirm/`` likewise) and
 ``OUT/<name>-final-<architecture>/``.
 """
 
@@ -43,8 +49,8 @@ from kldwrm_ref.optim.hyper import FIELDS as HYPER_FIELDS
 from kldwrm_ref.storage import read_json, write_csv, write_figure, write_json, write_text
 from kldwrm_ref.validation import check_positive_int
 
-PROTOCOL_FIELDS = dict(name=str, description=str, experiment=dict, validation=int, grid=dict, tune=dict, final=dict, published=str)
-STAGES = ("tune", "final", "all", "summary")  # summary: rebuild tables and plots from the run folders only
+PROTOCOL_FIELDS = dict(name=str, description=str, experiment=dict, validation=int, grid=dict, tune=dict, confirm=dict, final=dict, published=str)
+STAGES = ("tune", "confirm", "final", "all", "summary")  # summary: rebuild tables and plots from the run folders only
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -54,13 +60,14 @@ def _seeds(value, field: str) -> list[int]:
     return value
 
 
-def _stage(cfg: dict, field: str) -> dict:
+def _stage(cfg: dict, field: str, extra: tuple[str, ...] = ()) -> dict:
     stage = cfg[field]
-    unknown = set(stage) - {"epochs", "seeds"}
-    if unknown or "epochs" not in stage or "seeds" not in stage:
-        raise ValueError(f"{field} must be an object with exactly 'epochs' and 'seeds', got {sorted(stage)}")
-    check_positive_int(stage["epochs"], f"{field}.epochs")
-    return dict(epochs=stage["epochs"], seeds=_seeds(stage["seeds"], f"{field}.seeds"))
+    fields = {"epochs", "seeds", *extra}
+    if set(stage) != fields:
+        raise ValueError(f"{field} must be an object with exactly {', '.join(repr(f) for f in sorted(fields))}, got {sorted(stage)}")
+    for key in ("epochs", *extra):
+        check_positive_int(stage[key], f"{field}.{key}")
+    return dict(stage, seeds=_seeds(stage["seeds"], f"{field}.seeds"))
 
 
 def validate_protocol(cfg: dict) -> dict:
@@ -95,6 +102,8 @@ def validate_protocol(cfg: dict) -> dict:
             if not isinstance(values, list) or not values or len(set(map(json.dumps, values))) != len(values):
                 raise ValueError(f"grid[{key!r}][{name!r}] must be a non-empty list of distinct values, got {values!r}")
     out = dict(cfg, experiment=experiment, tune=_stage(cfg, "tune"), final=_stage(cfg, "final"))
+    if "confirm" in cfg:
+        out["confirm"] = _stage(cfg, "confirm", extra=("top",))
     for name in experiment["optimizers"]:
         if not grid_points(out, name):
             raise ValueError(f"grid: no axes for optimiser {name!r} (give them under '*' or {name!r})")
@@ -125,21 +134,36 @@ def point_label(point: dict) -> str:
     return ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in sorted(point.items()))
 
 
-def tuning_runs(cfg: dict, root: Path) -> list[tuple[RunSpec, Path, str, dict]]:
-    """(spec, folder, architecture label, grid point) of every tuning run, seed-major (a partial
+def _validation_runs(cfg: dict, root: Path, stage: str, points_of) -> list[tuple[RunSpec, Path, str, dict]]:
+    """(spec, folder, architecture label, point) of every run of ``stage`` ("tune" or "confirm"):
+    ``points_of(arch, name)`` points per architecture and optimiser, each with the stage's seeds
+    and epochs, trained on the training set minus the validation split; seed-major (a partial
     sweep covers every method and point with its first seeds)."""
     e = cfg["experiment"]
     data = dict(e["data"], validation=cfg["validation"])
     runs = []
-    for seed in cfg["tune"]["seeds"]:
+    for seed in cfg[stage]["seeds"]:
         for sizes in e["architectures"]:
             architecture = sizes if isinstance(sizes, str) else tuple(sizes)
+            arch = arch_label(architecture)
             for name in e["optimizers"]:
-                for point in grid_points(cfg, name):
-                    spec = RunSpec(name, architecture, e["activation"], seed, cfg["tune"]["epochs"], e["batch"], e["platform"], e["preset"], e["backend"], e["dtype"], data, _point_hyper(cfg, name, point))
-                    arch = arch_label(architecture)
-                    runs.append((spec, root / "tune" / arch / name / point_label(point) / f"seed-{seed}", arch, point))
+                for point in points_of(arch, name):
+                    spec = RunSpec(name, architecture, e["activation"], seed, cfg[stage]["epochs"], e["batch"], e["platform"], e["preset"], e["backend"], e["dtype"], data, _point_hyper(cfg, name, point))
+                    runs.append((spec, root / stage / arch / name / point_label(point) / f"seed-{seed}", arch, point))
     return runs
+
+
+def tuning_runs(cfg: dict, root: Path) -> list[tuple[RunSpec, Path, str, dict]]:
+    """(spec, folder, architecture label, grid point) of every tuning run, seed-major."""
+    return _validation_runs(cfg, root, "tune", lambda arch, name: grid_points(cfg, name))
+
+
+def confirm_runs(cfg: dict, root: Path, selected: dict) -> list[tuple[RunSpec, Path, str, dict]]:
+    """(spec, folder, architecture label, candidate) of every confirmation run: the ``confirm.top``
+    candidates of each optimiser whose grid is complete (``selected[arch][name]["candidates"]``)."""
+    if "confirm" not in cfg:
+        return []
+    return _validation_runs(cfg, root, "confirm", lambda arch, name: selected.get(arch, {}).get(name, {}).get("candidates", []))
 
 
 # ------------------------------------------------------------------------------ selection
@@ -156,42 +180,78 @@ def _final_validation(run_dir: Path) -> tuple[str, int, float, float]:
     return status["state"], int(metrics["epoch"][-1]), float(metrics["val_accuracy"][-1]), float(metrics["val_loss"][-1])
 
 
-def tuning_table(cfg: dict, root: Path) -> list[dict]:
-    """One row per tuning run: architecture, optimiser, the point's values, seed, state, final validation accuracy and loss."""
+def tuning_table(cfg: dict, root: Path, runs: list[tuple[RunSpec, Path, str, dict]] | None = None) -> list[dict]:
+    """One row per run of ``runs`` (default: the tuning runs): architecture, optimiser, the point's
+    values, seed, state, final validation accuracy and loss."""
     rows = []
-    for spec, run_dir, arch, point in tuning_runs(cfg, root):
+    for spec, run_dir, arch, point in tuning_runs(cfg, root) if runs is None else runs:
         state, epochs, accuracy, loss = _final_validation(run_dir)
         rows.append(dict(architecture=arch, optimizer=spec.optimizer, point=point_label(point), **point, seed=spec.seed, state=state, epochs=epochs, val_accuracy=accuracy, val_loss=loss))
     return rows
 
 
-def select(cfg: dict, rows: list[dict]) -> dict:
-    """{architecture: {optimiser: selection}} from the tuning rows, for groups whose every point has
-    finished (or diverged) on every tuning seed; a group with runs left is reported as incomplete."""
+def _scores(rows: list[dict], arch: str, name: str, points: list[dict], epochs: int, n_seeds: int) -> list[tuple[float, float, dict, int]] | None:
+    """(mean final validation accuracy, minus mean final validation loss, point, diverged seeds)
+    per point, in order, once every point has finished (or diverged) on every seed; else None.
+    A diverged run scores accuracy 0 and loss inf."""
+    scores = []
+    for point in points:
+        runs = [r for r in rows if r["architecture"] == arch and r["optimizer"] == name and r["point"] == point_label(point)]
+        done = [r for r in runs if r["state"] == "diverged" or (r["state"] == "finished" and r["epochs"] == epochs)]
+        if len(done) < n_seeds:
+            return None
+        accuracy = [0.0 if r["state"] == "diverged" else r["val_accuracy"] for r in done]
+        loss = [math.inf if r["state"] == "diverged" else r["val_loss"] for r in done]
+        scores.append((float(np.mean(accuracy)), -float(np.mean(loss)), point, sum(r["state"] == "diverged" for r in done)))
+    return scores
+
+
+def _points_done(rows: list[dict], arch: str, name: str, points: list[dict], epochs: int, n_seeds: int) -> int:
+    return sum(_scores(rows, arch, name, [point], epochs, n_seeds) is not None for point in points)
+
+
+def _ranking(scores: list[tuple[float, float, dict, int]]) -> list[tuple[float, float, dict, int]]:
+    """Best first: higher mean validation accuracy, then lower mean validation loss (stable)."""
+    return sorted(scores, key=lambda s: (s[0], s[1]), reverse=True)
+
+
+def select(cfg: dict, rows: list[dict], confirm_rows: list[dict] | None = None) -> dict:
+    """{architecture: {optimiser: selection}} from the tuning rows and, when the protocol has a
+    ``confirm`` stage, the confirmation rows (docs/protocol.md §3).
+
+    A group whose grid (or confirmation) has runs left is reported with ``complete`` false and
+    how many points are done.  With ``confirm``, a group whose grid is complete names its
+    ``candidates`` (the ``confirm.top`` best grid points) even before they are confirmed.
+    """
     selected: dict[str, dict[str, Any]] = {}
-    n_seeds = len(cfg["tune"]["seeds"])
+    tune_stage, confirm = cfg["tune"], cfg.get("confirm")
     for arch in dict.fromkeys(r["architecture"] for r in rows):
         for name in cfg["experiment"]["optimizers"]:
-            points = grid_points(cfg, name)
-            scores = []
-            for point in points:
-                runs = [r for r in rows if r["architecture"] == arch and r["optimizer"] == name and r["point"] == point_label(point)]
-                done = [r for r in runs if r["state"] == "diverged" or (r["state"] == "finished" and r["epochs"] == cfg["tune"]["epochs"])]
-                if len(done) < n_seeds:
-                    break
-                accuracy = [0.0 if r["state"] == "diverged" else r["val_accuracy"] for r in done]
-                loss = [math.inf if r["state"] == "diverged" else r["val_loss"] for r in done]
-                scores.append((float(np.mean(accuracy)), -float(np.mean(loss)), point, sum(r["state"] == "diverged" for r in done)))
-            if len(scores) < len(points):
-                selected.setdefault(arch, {})[name] = dict(complete=False, points_done=len(scores), points=len(points))
+            points, axes = grid_points(cfg, name), grid_axes(cfg, name)
+            scores = _scores(rows, arch, name, points, tune_stage["epochs"], len(tune_stage["seeds"]))
+            if scores is None:
+                done = _points_done(rows, arch, name, points, tune_stage["epochs"], len(tune_stage["seeds"]))
+                selected.setdefault(arch, {})[name] = dict(complete=False, stage="tune", points_done=done, points=len(points))
                 continue
-            best_accuracy, neg_loss, point, _ = max(scores, key=lambda s: (s[0], s[1]))
-            axes = grid_axes(cfg, name)
-            edge = [key for key, value in point.items() if len(axes[key]) > 2 and value in (axes[key][0], axes[key][-1])]
-            selected.setdefault(arch, {})[name] = dict(
-                complete=True, hyper=point, val_accuracy=best_accuracy, val_loss=-neg_loss, seeds=n_seeds,
-                on_grid_edge=edge, diverged_points=sum(1 for s in scores if s[3]),
-            )
+            ranked = _ranking(scores)
+            accuracy, neg_loss, point, _ = ranked[0]
+            choice = dict(complete=True, hyper=point, val_accuracy=accuracy, val_loss=-neg_loss, seeds=len(tune_stage["seeds"]), epochs=tune_stage["epochs"], diverged_points=sum(1 for s in scores if s[3]))
+            if confirm is not None:
+                candidates = [s[2] for s in ranked[: confirm["top"]]]
+                confirmed = _scores(confirm_rows or [], arch, name, candidates, confirm["epochs"], len(confirm["seeds"]))
+                choice.update(grid_choice=dict(hyper=point, val_accuracy=accuracy, val_loss=-neg_loss), candidates=candidates)
+                if confirmed is None:
+                    done = _points_done(confirm_rows or [], arch, name, candidates, confirm["epochs"], len(confirm["seeds"]))
+                    choice.update(complete=False, stage="confirm", points_done=done, points=len(candidates))
+                else:
+                    accuracy, neg_loss, point, _ = _ranking(confirmed)[0]
+                    grid_accuracy = {point_label(s[2]): s[0] for s in scores}
+                    choice.update(
+                        hyper=point, val_accuracy=accuracy, val_loss=-neg_loss, seeds=len(confirm["seeds"]), epochs=confirm["epochs"],
+                        confirmation=[dict(hyper=c[2], grid_val_accuracy=grid_accuracy[point_label(c[2])], val_accuracy=c[0], val_loss=-c[1], diverged_seeds=c[3]) for c in confirmed],
+                    )
+            choice["on_grid_edge"] = [key for key, value in choice["hyper"].items() if len(axes[key]) > 2 and value in (axes[key][0], axes[key][-1])]
+            selected.setdefault(arch, {})[name] = choice
     return selected
 
 
@@ -289,18 +349,31 @@ def published_rows(cfg: dict, arch: str) -> list[str]:
 
 def write_protocol_summary(cfg: dict, root: Path, out: Path, rows: list[dict], selected: dict) -> str:
     parts = [f"# {cfg['name']}: {cfg.get('description', '')}".rstrip(": "), ""]
+    confirm = cfg.get("confirm")
+    how = f"ranked by the final validation accuracy after {cfg['tune']['epochs']} epochs (mean over tuning seeds {cfg['tune']['seeds']})"
+    if confirm is not None:
+        how += f"; the top {confirm['top']} of each optimiser rerun for {confirm['epochs']} epochs (seeds {confirm['seeds']}) and the best at that budget selected"
     parts.append(
-        f"Protocol (docs/protocol.md): tuned on the training set minus its last {cfg['validation']} images, "
-        f"selected by the final validation accuracy after {cfg['tune']['epochs']} epochs (mean over tuning seeds {cfg['tune']['seeds']}); "
+        f"Protocol (docs/protocol.md): tuned on the training set minus its last {cfg['validation']} images, {how}; "
         f"final runs on the full training set, {cfg['final']['epochs']} epochs, seeds {cfg['final']['seeds']}, reported at the final epoch."
     )
     for arch, choices in selected.items():
-        parts += ["", f"## {arch}", "", "| optimizer | selected | mean validation acc % | on grid edge | points with a diverged seed |", "|---|---|---|---|---|"]
+        epochs = confirm["epochs"] if confirm is not None else cfg["tune"]["epochs"]
+        parts += ["", f"## {arch}", "", f"| optimizer | selected | mean validation acc % after {epochs} epochs | on grid edge | grid points with a diverged seed |", "|---|---|---|---|---|"]
         for name, choice in choices.items():
             if not choice["complete"]:
-                parts.append(f"| {name} | tuning incomplete ({choice['points_done']}/{choice['points']} points) | - | - | - |")
+                what = "tuning" if choice["stage"] == "tune" else "confirmation"
+                parts.append(f"| {name} | {what} incomplete ({choice['points_done']}/{choice['points']} points) | - | - | - |")
                 continue
             parts.append(f"| {name} | {point_label(choice['hyper'])} | {100 * choice['val_accuracy']:.2f} | {', '.join(choice['on_grid_edge']) or 'no'} | {choice['diverged_points']} |")
+        confirmed = [(name, choice) for name, choice in choices.items() if "confirmation" in choice]
+        if confirmed and confirm is not None:
+            parts += ["", f"Confirmation: each optimiser's top {confirm['top']} grid points, validation accuracy % after {cfg['tune']['epochs']} epochs (grid) and after {confirm['epochs']} (confirm):", ""]
+            parts += ["| optimizer | candidate | grid | confirm | selected |", "|---|---|---|---|---|"]
+            for name, choice in confirmed:
+                for c in choice["confirmation"]:
+                    mark = "yes" if c["hyper"] == choice["hyper"] else ""
+                    parts.append(f"| {name} | {point_label(c['hyper'])} | {100 * c['grid_val_accuracy']:.2f} | {100 * c['val_accuracy']:.2f} | {mark} |")
         png = root / f"sensitivity-{arch}.png"
         if png.exists():
             parts += ["", f"![sensitivity {arch}]({png.name})"]
@@ -331,6 +404,15 @@ def run_protocol(cfg: dict, out: str | Path, stage: str = "all", progress: bool 
     outcome = ("seed", "state", "epochs", "val_accuracy", "val_loss")
     axes = dict.fromkeys(k for r in rows for k in r if k not in ("architecture", "optimizer", "point", *outcome))
     write_csv(root / "tuning.csv", rows, ["architecture", "optimizer", "point", *axes, *outcome])
+    if "confirm" in cfg:
+        runs = confirm_runs(cfg, root, selected)
+        if stage in ("confirm", "all"):
+            run_tasks([(spec, run_dir) for spec, run_dir, _, _ in runs], progress, log, jobs, scheduler)
+        confirm_rows = tuning_table(cfg, root, runs)
+        write_csv(root / "confirm.csv", confirm_rows, ["architecture", "optimizer", "point", *axes, *outcome])
+        selected = select(cfg, rows, confirm_rows)
+    elif stage == "confirm":
+        log("this protocol has no confirm stage (add 'confirm': {'top', 'epochs', 'seeds'})")
     write_json(root / "selected.json", selected)
     for arch, choices in selected.items():
         sensitivity_plot(cfg, rows, arch, root / f"sensitivity-{arch}.png")
@@ -340,7 +422,7 @@ def run_protocol(cfg: dict, out: str | Path, stage: str = "all", progress: bool 
             if stage in ("final", "all"):
                 run_experiment(final, out, progress, log, jobs, scheduler)
         elif stage == "final":
-            log(f"{arch}: tuning incomplete, no final stage yet (run --stage tune first)")
+            log(f"{arch}: selection incomplete, no final stage yet (run --stage tune, then --stage confirm if the protocol has one)")
     text = write_protocol_summary(cfg, root, out, rows, selected)
     log("\n" + text)
     return root
