@@ -5,12 +5,13 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from kldwrm_ref.data import synthetic_classification
 from kldwrm_ref.experiments import tune
 from kldwrm_ref.experiments.cli import tune_main
-from kldwrm_ref.experiments.run_folder import VALIDATION_FIELDS, read_metrics
-from kldwrm_ref.experiments.runner import load_data
+from kldwrm_ref.experiments.run_folder import VALIDATION_FIELDS, metric_fields, read_metrics
+from kldwrm_ref.experiments.runner import load_data, run_experiment
 from kldwrm_ref.storage import read_json
 
 PROTOCOL = dict(
@@ -105,6 +106,32 @@ def test_rerun_skips_finished_runs(protocol_run, tmp_path):
     assert (protocol_run / "tiny" / "selected.json").read_bytes() == before
 
 
+def test_summary_pairs_the_tuned_final_runs_with_the_as_published_runs(protocol_run, tmp_path):
+    """An untuned experiment sharing seeds 0-1 with the final stage: the summary's paired cells
+    must equal the differences recomputed here from the two sets of metrics files."""
+    experiment = dict(PROTOCOL["experiment"], name="published", epochs=2, seeds=[0, 1, 4])
+    run_experiment(experiment, tmp_path, progress=False, log=lambda *_: None)
+    config = tmp_path / "protocol.json"
+    config.write_text(json.dumps({**PROTOCOL, "published": str(tmp_path / "published")}))
+    assert tune_main(["--config", str(config), "--out", str(protocol_run), "--stage", "summary", "--no-progress"]) == 0
+    summary = (protocol_run / "tiny" / "summary.md").read_text()
+
+    def final_acc(root, name, seed):
+        return 100 * read_metrics(root / "20-16-10" / name / f"seed-{seed}" / "metrics.csv")["test_accuracy"][-1]
+
+    table = summary.split("| tuned optimizer |")[1].splitlines()[2:4]
+    rows = {line.strip("| ").split(" | ")[0]: line.strip("| ").split(" | ")[1:] for line in table}
+    for name in ("kfac", "so-kld-wrm"):
+        for cell, against in zip(rows[name], (name, "kfac")):
+            tuned = np.array([final_acc(protocol_run / "tiny-final-20-16-10", name, s) for s in (0, 1)])
+            published = np.array([final_acc(tmp_path / "published", against, s) for s in (0, 1)])
+            d = tuned - published
+            low, high = stats.t.interval(0.95, 1, loc=d.mean(), scale=d.std(ddof=1) / np.sqrt(2)) if d.std() > 0 else (np.nan, np.nan)
+            assert cell.startswith(f"{d.mean():+.2f} ["), (cell, d)
+            if np.isfinite(low):
+                assert f"[{low:+.2f}, {high:+.2f}]" in cell and cell.endswith("n 2")
+
+
 @pytest.fixture(scope="module")
 def confirm_run(tmp_path_factory):
     """The tiny protocol with a confirm stage: first the grid alone, then every stage."""
@@ -146,6 +173,19 @@ def test_confirm_stage_reruns_the_top_grid_points_at_its_budget_and_selects_amon
     assert "Confirmation" in summary and "after 3 epochs" in summary
     with open(root / "confirm.csv", newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 2 * 2
+
+
+def test_a_run_that_has_not_finished_an_epoch_is_listed_as_running(tmp_path):
+    """The summary stage may run while a sweep is training: a run folder with a header-only
+    metrics.csv counts as running with no epochs, and its point is not selected yet."""
+    cfg = tune.validate_protocol(PROTOCOL)
+    spec, run_dir, _, _ = tune.tuning_runs(cfg, tmp_path)[0]
+    run_dir.mkdir(parents=True)
+    (run_dir / "status.json").write_text(json.dumps(dict(state="running", epochs_completed=0)))
+    (run_dir / "metrics.csv").write_text(",".join(metric_fields(True)) + "\n")
+    rows = tune.tuning_table(cfg, tmp_path)
+    assert (rows[0]["state"], rows[0]["epochs"]) == ("running", 0) and np.isnan(rows[0]["val_accuracy"])
+    assert tune.select(cfg, rows)["20-16-10"][spec.optimizer]["complete"] is False
 
 
 @pytest.mark.parametrize(

@@ -175,7 +175,7 @@ def _final_validation(run_dir: Path) -> tuple[str, int, float, float]:
         return "missing", 0, math.nan, math.nan
     if status is None:
         return "missing", 0, math.nan, math.nan
-    if not metrics or "val_accuracy" not in metrics:
+    if "val_accuracy" not in metrics or len(metrics["epoch"]) == 0:  # no epoch finished yet
         return status["state"], 0, math.nan, math.nan
     return status["state"], int(metrics["epoch"][-1]), float(metrics["val_accuracy"][-1]), float(metrics["val_loss"][-1])
 
@@ -329,22 +329,49 @@ def verdict(final_root: Path, final_cfg: dict) -> list[str]:
     return lines
 
 
-def published_rows(cfg: dict, arch: str) -> list[str]:
+def _final_accuracy_by_seed(runs: list) -> dict[int, float]:
+    """{seed: final-epoch test accuracy in %} of the finished runs."""
+    return {r["seed"]: 100 * float(r["metrics"]["test_accuracy"][-1]) for r in report.usable_runs(runs)}
+
+
+def _paired_cell(tuned: dict[int, float], published: dict[int, float]) -> str:
+    """Tuned minus published on their shared seeds: mean [95% t CI], raw paired t p, pairs."""
+    seeds = sorted(set(tuned) & set(published))
+    if len(seeds) < 2:
+        return f"- ({len(seeds)} shared seeds)"
+    test = paired_comparison([tuned[s] for s in seeds], [published[s] for s in seeds], report.ALPHA)
+    return f"{test.mean:+.2f} [{test.ci_low:+.2f}, {test.ci_high:+.2f}], p {report.format_p(test.t_p)}, n {test.n}"
+
+
+def published_rows(cfg: dict, arch: str, final_root: Path | None = None) -> list[str]:
     """The untuned "as published" setting's final-epoch test accuracy per optimiser, from the
-    results folder ``cfg["published"]`` (an experiment run at the authors' hyperparameters)."""
+    results folder ``cfg["published"]`` (an experiment run at the authors' hyperparameters), and,
+    when the final stage ``final_root`` exists, each tuned method paired by seed against its own
+    as-published runs and against the as-published baseline (the first optimiser)."""
     if "published" not in cfg or not (Path(cfg["published"]) / "experiment.json").exists():
         return []
     root = Path(cfg["published"])
     groups = report.collect(root, read_json(root / "experiment.json"))
-    lines = []
-    for (group_arch, name), runs in groups.items():
-        finished = report.usable_runs(runs)
-        if group_arch == arch and finished:
-            lines.append(f"| {name} (as published) | {len(finished)} | {report._mean_std([r['metrics']['test_accuracy'][-1] for r in finished])} |")
+    published = {name: _final_accuracy_by_seed(runs) for (group_arch, name), runs in groups.items() if group_arch == arch}
+    lines = [f"| {name} (as published) | {len(acc)} | {report._mean_std(np.array(list(acc.values())) / 100)} |" for name, acc in published.items() if acc]
     if not lines:
         return []
-    header = ["", f"As published (the authors' hyperparameters, untuned; {root}), final-epoch test accuracy %:", "", "| optimizer | seeds | final test acc % |", "|---|---|---|"]
-    return header + lines
+    parts = ["", f"As published (the authors' hyperparameters, untuned; {root}), final-epoch test accuracy %:", "", "| optimizer | seeds | final test acc % |", "|---|---|---|", *lines]
+    if final_root is None or not (final_root / "experiment.json").exists():
+        return parts
+    final_cfg = read_json(final_root / "experiment.json")
+    baseline = final_cfg["optimizers"][0]
+    tuned = {name: _final_accuracy_by_seed(runs) for (group_arch, name), runs in report.collect(final_root, final_cfg).items() if group_arch == arch}
+    parts += [
+        "",
+        "Tuned (final stage) minus as published, final-epoch test accuracy in points, paired on the seeds both have: mean [95% t CI], paired t p (not Holm-adjusted), pairs.",
+        "",
+        f"| tuned optimizer | minus itself as published | minus {baseline} as published |",
+        "|---|---|---|",
+    ]
+    for name, acc in tuned.items():
+        parts.append(f"| {name} | {_paired_cell(acc, published.get(name, {}))} | {_paired_cell(acc, published.get(baseline, {}))} |")
+    return parts
 
 
 def write_protocol_summary(cfg: dict, root: Path, out: Path, rows: list[dict], selected: dict) -> str:
@@ -382,7 +409,7 @@ def write_protocol_summary(cfg: dict, root: Path, out: Path, rows: list[dict], s
             final_cfg = read_json(final_root / "experiment.json")
             parts += ["", f"Final stage ([summary](../{final_root.name}/summary.md)), final-epoch test accuracy against {final_cfg['optimizers'][0]}:", ""]
             parts += verdict(final_root, final_cfg)
-        parts += published_rows(cfg, arch)
+        parts += published_rows(cfg, arch, final_root)
     text = "\n".join(parts) + "\n"
     write_text(root / "summary.md", text)
     return text
