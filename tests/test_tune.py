@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -126,10 +127,63 @@ def test_summary_pairs_the_tuned_final_runs_with_the_as_published_runs(protocol_
             tuned = np.array([final_acc(protocol_run / "tiny-final-20-16-10", name, s) for s in (0, 1)])
             published = np.array([final_acc(tmp_path / "published", against, s) for s in (0, 1)])
             d = tuned - published
-            low, high = stats.t.interval(0.95, 1, loc=d.mean(), scale=d.std(ddof=1) / np.sqrt(2)) if d.std() > 0 else (np.nan, np.nan)
-            assert cell.startswith(f"{d.mean():+.2f} ["), (cell, d)
-            if np.isfinite(low):
-                assert f"[{low:+.2f}, {high:+.2f}]" in cell and cell.endswith("n 2")
+            half = stats.t.ppf(0.975, 1) * d.std(ddof=1) / np.sqrt(2)
+            p = stats.ttest_rel(tuned, published).pvalue if d.std() > 0 else np.nan
+            p_text = "-" if np.isnan(p) else f"{p:.3f}" if p >= 0.001 else f"{p:.0e}"
+            assert cell == f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}], p {p_text}, n 2", (cell, d)
+
+
+def _row(name, step, damping, seed, accuracy, loss, state="finished", epochs=2):
+    point = dict(step_size=step, damping=damping)
+    return dict(architecture="20-16-10", optimizer=name, point=tune.point_label(point), **point, seed=seed, state=state, epochs=epochs, val_accuracy=accuracy, val_loss=loss)
+
+
+def test_select_confirms_the_top_points_by_hand_made_scores():
+    """Hand-made rows: the grid ranks (0.03, 0.1) first and (0.3, 0.01) second for both optimisers;
+    the confirmation reverses kfac's order (onto the step-size edge), breaks so's accuracy tie by
+    loss, and a diverged confirmation seed counts as accuracy 0."""
+    cfg = tune.validate_protocol({**PROTOCOL, "confirm": dict(top=2, epochs=5, seeds=[9, 10])})
+    rows = []
+    for name in ("kfac", "so-kld-wrm"):
+        for step in (0.003, 0.03, 0.3):
+            for damping in (0.01, 0.1):
+                accuracy = {(0.03, 0.1): 0.9, (0.3, 0.01): 0.8}.get((step, damping), 0.5)
+                rows += [_row(name, step, damping, seed, accuracy, 1.0) for seed in (7, 8)]
+    confirm = [
+        *[_row("kfac", 0.03, 0.1, seed, 0.85, 0.3, epochs=5) for seed in (9, 10)],
+        *[_row("kfac", 0.3, 0.01, seed, 0.95, 0.2, epochs=5) for seed in (9, 10)],  # reverses the grid order
+        *[_row("so-kld-wrm", 0.03, 0.1, seed, 0.9, 0.3, epochs=5) for seed in (9, 10)],
+        *[_row("so-kld-wrm", 0.3, 0.01, seed, 0.9, 0.2, epochs=5) for seed in (9, 10)],  # same accuracy, lower loss
+    ]
+    chosen = tune.select(cfg, rows, confirm)["20-16-10"]
+    assert chosen["kfac"]["hyper"] == dict(step_size=0.3, damping=0.01) and chosen["kfac"]["on_grid_edge"] == ["step_size"]
+    assert chosen["kfac"]["grid_choice"]["hyper"] == dict(step_size=0.03, damping=0.1) and chosen["kfac"]["epochs"] == 5
+    assert chosen["kfac"]["candidates"] == [dict(step_size=0.03, damping=0.1), dict(step_size=0.3, damping=0.01)]
+    assert chosen["so-kld-wrm"]["hyper"] == dict(step_size=0.3, damping=0.01) and chosen["so-kld-wrm"]["val_loss"] == pytest.approx(0.2)
+    diverged = [dict(r, state="diverged", val_accuracy=np.nan, val_loss=np.nan) if (r["optimizer"], r["step_size"], r["seed"]) == ("kfac", 0.3, 10) else r for r in confirm]
+    chosen = tune.select(cfg, rows, diverged)["20-16-10"]["kfac"]  # (0.3, 0.01) now scores (0.95 + 0) / 2
+    assert chosen["hyper"] == dict(step_size=0.03, damping=0.1) and chosen["val_accuracy"] == pytest.approx(0.85)
+    assert [c["diverged_seeds"] for c in chosen["confirmation"]] == [0, 1]
+    pending = tune.select(cfg, rows, confirm[1:])["20-16-10"]["kfac"]
+    assert pending["complete"] is False and pending["stage"] == "confirm" and pending["points_done"] == 1 and "hyper" not in pending
+
+
+def test_final_runs_of_an_earlier_selection_are_neither_reported_nor_extended(protocol_run, tmp_path):
+    """Narrow kfac's grid to a point it did not select: the selection changes, and the finished
+    final runs (of the old selection) must stay untouched and out of the verdict."""
+    runs = tmp_path / "runs"
+    shutil.copytree(protocol_run, runs)
+    old = read_json(runs / "tiny" / "selected.json")["20-16-10"]["kfac"]["hyper"]
+    other = next(p for p in tune.grid_points(tune.validate_protocol(PROTOCOL), "kfac") if p != old)
+    config = tmp_path / "protocol.json"
+    config.write_text(json.dumps({**PROTOCOL, "grid": {**PROTOCOL["grid"], "kfac": {key: [value] for key, value in other.items()}}}))
+    stamps = {p: p.stat().st_mtime_ns for p in (runs / "tiny-final-20-16-10").rglob("*.csv")}
+    assert tune_main(["--config", str(config), "--out", str(runs), "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert read_json(runs / "tiny" / "final-20-16-10.json")["hyper"]["kfac"] == other
+    summary = (runs / "tiny" / "summary.md").read_text()
+    assert "holds final runs of an earlier selection (20-16-10/kfac)" in summary
+    assert "significantly" not in summary and "beats" not in summary and "tuned optimizer" not in summary
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +194,10 @@ def confirm_run(tmp_path_factory):
     config.write_text(json.dumps({**PROTOCOL, "name": "tinyc", "confirm": dict(top=2, epochs=3, seeds=[9])}))
     assert tune_main(["--config", str(config), "--out", str(out / "runs"), "--stage", "tune", "--no-progress"]) == 0
     after_grid = read_json(out / "runs" / "tinyc" / "selected.json")
+    assert not (out / "runs" / "tinyc" / "confirm").exists() and not (out / "runs" / "tinyc" / "final-20-16-10.json").exists()
+    assert tune_main(["--config", str(config), "--out", str(out / "runs"), "--stage", "confirm", "--no-progress"]) == 0
+    assert len(list((out / "runs" / "tinyc" / "confirm").rglob("metrics.csv"))) == 2 * 2  # optimisers x candidates x seeds
+    assert (out / "runs" / "tinyc" / "final-20-16-10.json").exists() and not (out / "runs" / "tinyc-final-20-16-10").exists()  # no final runs yet
     assert tune_main(["--config", str(config), "--out", str(out / "runs"), "--no-progress"]) == 0
     return out / "runs", after_grid
 
@@ -157,6 +215,7 @@ def test_confirm_stage_reruns_the_top_grid_points_at_its_budget_and_selects_amon
     final = read_json(root / "final-20-16-10.json")
     for name in ("kfac", "so-kld-wrm"):
         assert after_grid["20-16-10"][name]["complete"] is False and after_grid["20-16-10"][name]["points_done"] == 0  # grid alone: no selection yet
+        assert "hyper" not in after_grid["20-16-10"][name]
         grid = {d.name: _mean_final_validation(d) for d in (root / "tune" / "20-16-10" / name).iterdir()}
         top = sorted(grid, key=grid.get, reverse=True)[:2]
         confirmed = {d.name: _mean_final_validation(d) for d in (root / "confirm" / "20-16-10" / name).iterdir()}
@@ -202,6 +261,7 @@ def test_a_run_that_has_not_finished_an_epoch_is_listed_as_running(tmp_path):
         (dict(surprise=1), "unknown"),
         (dict(confirm=dict(top=0, epochs=2, seeds=[1])), "confirm.top"),
         (dict(confirm=dict(epochs=2, seeds=[1])), "confirm must be an object with exactly"),
+        (dict(confirm=dict(top=2, epochs=2, seeds=[1])), "confirm.epochs must exceed tune.epochs"),
     ],
 )
 def test_bad_protocols_are_refused_naming_the_field(change, message, tmp_path, capsys):

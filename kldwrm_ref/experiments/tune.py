@@ -35,12 +35,12 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from kldwrm_ref.experiments import report
-from kldwrm_ref.experiments.config import RunSpec, check_fields, validate_config
+from kldwrm_ref.experiments.config import RunSpec, check_fields, expand, validate_config
 from kldwrm_ref.experiments.run_folder import RunFolderError, read_exports
 from kldwrm_ref.experiments.runner import run_experiment, run_tasks
 from kldwrm_ref.experiments.statistics import holm, paired_comparison
@@ -104,6 +104,8 @@ def validate_protocol(cfg: dict) -> dict:
     out = dict(cfg, experiment=experiment, tune=_stage(cfg, "tune"), final=_stage(cfg, "final"))
     if "confirm" in cfg:
         out["confirm"] = _stage(cfg, "confirm", extra=("top",))
+        if out["confirm"]["epochs"] <= out["tune"]["epochs"]:
+            raise ValueError(f"confirm.epochs must exceed tune.epochs ({out['tune']['epochs']}): the confirmation measures the candidates at a longer budget, got {out['confirm']['epochs']}")
     for name in experiment["optimizers"]:
         if not grid_points(out, name):
             raise ValueError(f"grid: no axes for optimiser {name!r} (give them under '*' or {name!r})")
@@ -168,7 +170,7 @@ def confirm_runs(cfg: dict, root: Path, selected: dict) -> list[tuple[RunSpec, P
 
 # ------------------------------------------------------------------------------ selection
 def _final_validation(run_dir: Path) -> tuple[str, int, float, float]:
-    """(state, epochs, final validation accuracy, final validation loss) of a tuning run folder."""
+    """(state, epochs, final validation accuracy, final validation loss) of a run folder with a validation split."""
     try:
         status, metrics = read_exports(run_dir)
     except (RunFolderError, FileNotFoundError):
@@ -190,10 +192,18 @@ def tuning_table(cfg: dict, root: Path, runs: list[tuple[RunSpec, Path, str, dic
     return rows
 
 
-def _scores(rows: list[dict], arch: str, name: str, points: list[dict], epochs: int, n_seeds: int) -> list[tuple[float, float, dict, int]] | None:
-    """(mean final validation accuracy, minus mean final validation loss, point, diverged seeds)
-    per point, in order, once every point has finished (or diverged) on every seed; else None.
-    A diverged run scores accuracy 0 and loss inf."""
+class Score(NamedTuple):
+    """A point's mean final validation numbers over its seeds (a diverged run: accuracy 0, loss inf)."""
+
+    val_accuracy: float
+    val_loss: float
+    point: dict
+    diverged_seeds: int
+
+
+def _scores(rows: list[dict], arch: str, name: str, points: list[dict], epochs: int, n_seeds: int) -> list[Score] | None:
+    """The Score of each point, in order, once every point has finished ``epochs`` epochs (or
+    diverged) on ``n_seeds`` seeds; else None."""
     scores = []
     for point in points:
         runs = [r for r in rows if r["architecture"] == arch and r["optimizer"] == name and r["point"] == point_label(point)]
@@ -202,7 +212,7 @@ def _scores(rows: list[dict], arch: str, name: str, points: list[dict], epochs: 
             return None
         accuracy = [0.0 if r["state"] == "diverged" else r["val_accuracy"] for r in done]
         loss = [math.inf if r["state"] == "diverged" else r["val_loss"] for r in done]
-        scores.append((float(np.mean(accuracy)), -float(np.mean(loss)), point, sum(r["state"] == "diverged" for r in done)))
+        scores.append(Score(float(np.mean(accuracy)), float(np.mean(loss)), point, sum(r["state"] == "diverged" for r in done)))
     return scores
 
 
@@ -210,18 +220,19 @@ def _points_done(rows: list[dict], arch: str, name: str, points: list[dict], epo
     return sum(_scores(rows, arch, name, [point], epochs, n_seeds) is not None for point in points)
 
 
-def _ranking(scores: list[tuple[float, float, dict, int]]) -> list[tuple[float, float, dict, int]]:
-    """Best first: higher mean validation accuracy, then lower mean validation loss (stable)."""
-    return sorted(scores, key=lambda s: (s[0], s[1]), reverse=True)
+def _ranking(scores: list[Score]) -> list[Score]:
+    """Best first: higher mean validation accuracy, then lower mean validation loss; full ties keep grid order."""
+    return sorted(scores, key=lambda s: (-s.val_accuracy, s.val_loss))
 
 
 def select(cfg: dict, rows: list[dict], confirm_rows: list[dict] | None = None) -> dict:
     """{architecture: {optimiser: selection}} from the tuning rows and, when the protocol has a
     ``confirm`` stage, the confirmation rows (docs/protocol.md §3).
 
-    A group whose grid (or confirmation) has runs left is reported with ``complete`` false and
-    how many points are done.  With ``confirm``, a group whose grid is complete names its
-    ``candidates`` (the ``confirm.top`` best grid points) even before they are confirmed.
+    A group whose grid (or confirmation) has runs left is reported with ``complete`` false, the
+    ``stage`` that is incomplete and how many of its points are done, and no ``hyper``.  With
+    ``confirm``, a group whose grid is complete names its ``grid_choice`` and ``candidates`` (the
+    ``confirm.top`` best grid points) even before they are confirmed.
     """
     selected: dict[str, dict[str, Any]] = {}
     tune_stage, confirm = cfg["tune"], cfg.get("confirm")
@@ -234,24 +245,24 @@ def select(cfg: dict, rows: list[dict], confirm_rows: list[dict] | None = None) 
                 selected.setdefault(arch, {})[name] = dict(complete=False, stage="tune", points_done=done, points=len(points))
                 continue
             ranked = _ranking(scores)
-            accuracy, neg_loss, point, _ = ranked[0]
-            choice = dict(complete=True, hyper=point, val_accuracy=accuracy, val_loss=-neg_loss, seeds=len(tune_stage["seeds"]), epochs=tune_stage["epochs"], diverged_points=sum(1 for s in scores if s[3]))
+            best, diverged_points = ranked[0], sum(1 for s in scores if s.diverged_seeds)
+            seeds, epochs = len(tune_stage["seeds"]), tune_stage["epochs"]
+            extra: dict[str, Any] = {}
             if confirm is not None:
-                candidates = [s[2] for s in ranked[: confirm["top"]]]
+                candidates = [s.point for s in ranked[: confirm["top"]]]
+                extra = dict(grid_choice=dict(hyper=best.point, val_accuracy=best.val_accuracy, val_loss=best.val_loss), candidates=candidates)
                 confirmed = _scores(confirm_rows or [], arch, name, candidates, confirm["epochs"], len(confirm["seeds"]))
-                choice.update(grid_choice=dict(hyper=point, val_accuracy=accuracy, val_loss=-neg_loss), candidates=candidates)
                 if confirmed is None:
                     done = _points_done(confirm_rows or [], arch, name, candidates, confirm["epochs"], len(confirm["seeds"]))
-                    choice.update(complete=False, stage="confirm", points_done=done, points=len(candidates))
-                else:
-                    accuracy, neg_loss, point, _ = _ranking(confirmed)[0]
-                    grid_accuracy = {point_label(s[2]): s[0] for s in scores}
-                    choice.update(
-                        hyper=point, val_accuracy=accuracy, val_loss=-neg_loss, seeds=len(confirm["seeds"]), epochs=confirm["epochs"],
-                        confirmation=[dict(hyper=c[2], grid_val_accuracy=grid_accuracy[point_label(c[2])], val_accuracy=c[0], val_loss=-c[1], diverged_seeds=c[3]) for c in confirmed],
-                    )
-            choice["on_grid_edge"] = [key for key, value in choice["hyper"].items() if len(axes[key]) > 2 and value in (axes[key][0], axes[key][-1])]
-            selected.setdefault(arch, {})[name] = choice
+                    selected.setdefault(arch, {})[name] = dict(complete=False, stage="confirm", points_done=done, points=len(candidates), diverged_points=diverged_points, **extra)
+                    continue
+                grid_accuracy = {point_label(s.point): s.val_accuracy for s in scores}
+                extra["confirmation"] = [dict(hyper=c.point, grid_val_accuracy=grid_accuracy[point_label(c.point)], val_accuracy=c.val_accuracy, val_loss=c.val_loss, diverged_seeds=c.diverged_seeds) for c in confirmed]
+                best, seeds, epochs = _ranking(confirmed)[0], len(confirm["seeds"]), confirm["epochs"]
+            edge = [key for key, value in best.point.items() if len(axes[key]) > 2 and value in (axes[key][0], axes[key][-1])]
+            selected.setdefault(arch, {})[name] = dict(
+                complete=True, hyper=best.point, val_accuracy=best.val_accuracy, val_loss=best.val_loss, seeds=seeds, epochs=epochs, on_grid_edge=edge, diverged_points=diverged_points, **extra
+            )
     return selected
 
 
@@ -265,6 +276,18 @@ def final_config(cfg: dict, arch: str, choices: dict) -> dict:
         e, name=f"{cfg['name']}-final-{arch}", architectures=[sizes], epochs=cfg["final"]["epochs"], seeds=cfg["final"]["seeds"], hyper=hyper, report_best_on_test=False,
         description=f"{cfg['name']} final stage, {arch}: each optimiser at the hyperparameters selected on the validation split (selected.json), full training set",
     )
+
+
+def stale_final_runs(final: dict, out: Path) -> list[str]:
+    """Labels of the final stage's run folders under ``out`` that hold another setting than
+    ``final`` gives them: runs of an earlier selection, which must not be reported as this one's."""
+    root = out / final["name"]
+    stale = []
+    for spec in expand(validate_config(final)):
+        path = root / spec.label / "config.json"
+        if path.exists() and read_json(path).get("run", {}).get("hyper") != spec.hyper:
+            stale.append(spec.label)
+    return stale
 
 
 # -------------------------------------------------------------------------------- plots
@@ -338,7 +361,7 @@ def _paired_cell(tuned: dict[int, float], published: dict[int, float]) -> str:
     """Tuned minus published on their shared seeds: mean [95% t CI], raw paired t p, pairs."""
     seeds = sorted(set(tuned) & set(published))
     if len(seeds) < 2:
-        return f"- ({len(seeds)} shared seeds)"
+        return f"- ({len(seeds)} shared seed{'s' * (len(seeds) != 1)})"
     test = paired_comparison([tuned[s] for s in seeds], [published[s] for s in seeds], report.ALPHA)
     return f"{test.mean:+.2f} [{test.ci_low:+.2f}, {test.ci_high:+.2f}], p {report.format_p(test.t_p)}, n {test.n}"
 
@@ -357,14 +380,14 @@ def published_rows(cfg: dict, arch: str, final_root: Path | None = None) -> list
     if not lines:
         return []
     parts = ["", f"As published (the authors' hyperparameters, untuned; {root}), final-epoch test accuracy %:", "", "| optimizer | seeds | final test acc % |", "|---|---|---|", *lines]
-    if final_root is None or not (final_root / "experiment.json").exists():
+    if final_root is None or not (final_root / "summary.md").exists():
         return parts
     final_cfg = read_json(final_root / "experiment.json")
     baseline = final_cfg["optimizers"][0]
     tuned = {name: _final_accuracy_by_seed(runs) for (group_arch, name), runs in report.collect(final_root, final_cfg).items() if group_arch == arch}
     parts += [
         "",
-        "Tuned (final stage) minus as published, final-epoch test accuracy in points, paired on the seeds both have: mean [95% t CI], paired t p (not Holm-adjusted), pairs.",
+        "Tuned (final stage) minus as published, final-epoch test accuracy in points, paired on the seeds where both runs finished: mean [95% t CI], paired t p (not Holm-adjusted), pairs.",
         "",
         f"| tuned optimizer | minus itself as published | minus {baseline} as published |",
         "|---|---|---|",
@@ -374,7 +397,11 @@ def published_rows(cfg: dict, arch: str, final_root: Path | None = None) -> list
     return parts
 
 
-def write_protocol_summary(cfg: dict, root: Path, out: Path, rows: list[dict], selected: dict) -> str:
+def write_protocol_summary(cfg: dict, root: Path, finals: dict[str, Path | None], selected: dict, notes: dict[str, str] | None = None) -> str:
+    """``root/summary.md``: per architecture the selection, the confirmation, the final stage's
+    verdict and the as-published pairing; ``finals[arch]`` is the final stage's folder when it
+    holds runs of the current selection (else None: nothing of it is reported), ``notes[arch]``
+    a sentence on why not."""
     parts = [f"# {cfg['name']}: {cfg.get('description', '')}".rstrip(": "), ""]
     confirm = cfg.get("confirm")
     how = f"ranked by the final validation accuracy after {cfg['tune']['epochs']} epochs (mean over tuning seeds {cfg['tune']['seeds']})"
@@ -404,8 +431,10 @@ def write_protocol_summary(cfg: dict, root: Path, out: Path, rows: list[dict], s
         png = root / f"sensitivity-{arch}.png"
         if png.exists():
             parts += ["", f"![sensitivity {arch}]({png.name})"]
-        final_root = out / f"{cfg['name']}-final-{arch}"
-        if (final_root / "summary.md").exists():
+        final_root = finals.get(arch)
+        if (notes or {}).get(arch):
+            parts += ["", (notes or {})[arch]]
+        if final_root is not None and (final_root / "summary.md").exists():
             final_cfg = read_json(final_root / "experiment.json")
             parts += ["", f"Final stage ([summary](../{final_root.name}/summary.md)), final-epoch test accuracy against {final_cfg['optimizers'][0]}:", ""]
             parts += verdict(final_root, final_cfg)
@@ -417,7 +446,8 @@ def write_protocol_summary(cfg: dict, root: Path, out: Path, rows: list[dict], s
 
 # -------------------------------------------------------------------------------- driver
 def run_protocol(cfg: dict, out: str | Path, stage: str = "all", progress: bool = True, log=print, jobs: int = 1, scheduler: str | None = None) -> Path:
-    """Run the tuning grid and/or the final stage of protocol ``cfg`` under ``out``; returns ``out/<name>``."""
+    """Run ``stage`` of protocol ``cfg`` under ``out`` (tune, confirm, final, all of them in turn, or
+    summary: none) and rebuild the tables, plots and summary from the run folders; returns ``out/<name>``."""
     cfg = validate_protocol(cfg)
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -441,16 +471,28 @@ def run_protocol(cfg: dict, out: str | Path, stage: str = "all", progress: bool 
     elif stage == "confirm":
         log("this protocol has no confirm stage (add 'confirm': {'top', 'epochs', 'seeds'})")
     write_json(root / "selected.json", selected)
+    finals: dict[str, Path | None] = {}
+    notes: dict[str, str] = {}
     for arch, choices in selected.items():
         sensitivity_plot(cfg, rows, arch, root / f"sensitivity-{arch}.png")
-        if all(choice["complete"] for choice in choices.values()):
-            final = final_config(cfg, arch, choices)
-            write_json(root / f"final-{arch}.json", final)
-            if stage in ("final", "all"):
-                run_experiment(final, out, progress, log, jobs, scheduler)
-        elif stage == "final":
-            log(f"{arch}: selection incomplete, no final stage yet (run --stage tune, then --stage confirm if the protocol has one)")
-    text = write_protocol_summary(cfg, root, out, rows, selected)
+        finals[arch] = None
+        if not all(choice["complete"] for choice in choices.values()):
+            (root / f"final-{arch}.json").unlink(missing_ok=True)  # no final configuration before the selection is made
+            if stage == "final":
+                log(f"{arch}: selection incomplete, no final stage yet (run --stage tune, then --stage confirm if the protocol has one)")
+            continue
+        final = final_config(cfg, arch, choices)
+        write_json(root / f"final-{arch}.json", final)
+        stale = stale_final_runs(final, out)
+        if stale:
+            groups = ", ".join(dict.fromkeys(label.rsplit("/", 1)[0] for label in stale))
+            notes[arch] = f"{out / final['name']} holds final runs of an earlier selection ({groups}); they are not reported, and the final stage runs once they are moved or deleted."
+            log(notes[arch])
+            continue
+        if stage in ("final", "all"):
+            run_experiment(final, out, progress, log, jobs, scheduler)
+        finals[arch] = out / final["name"]
+    text = write_protocol_summary(cfg, root, finals, selected, notes)
     log("\n" + text)
     return root
 
