@@ -166,6 +166,13 @@ def test_select_confirms_the_top_points_by_hand_made_scores():
     assert [c["diverged_seeds"] for c in chosen["confirmation"]] == [0, 1]
     pending = tune.select(cfg, rows, confirm[1:])["20-16-10"]["kfac"]
     assert pending["complete"] is False and pending["stage"] == "confirm" and pending["points_done"] == 1 and "hyper" not in pending
+    # an included point (ranked low on the grid) is confirmed beside the top 2 and can win there
+    cfg = tune.validate_protocol({**PROTOCOL, "confirm": dict(top=2, epochs=5, seeds=[9, 10], include=[dict(step_size=0.003, damping=0.01)])})
+    included = [_row(name, 0.003, 0.01, seed, 0.97, 0.1, epochs=5) for name in ("kfac", "so-kld-wrm") for seed in (9, 10)]
+    chosen = tune.select(cfg, rows, confirm + included)["20-16-10"]
+    for name in ("kfac", "so-kld-wrm"):
+        assert chosen[name]["candidates"] == [dict(step_size=0.003, damping=0.01), dict(step_size=0.03, damping=0.1), dict(step_size=0.3, damping=0.01)]
+        assert chosen[name]["hyper"] == dict(step_size=0.003, damping=0.01) and chosen[name]["confirmation"][0]["grid_val_accuracy"] == pytest.approx(0.5)
 
 
 def test_final_runs_of_an_earlier_selection_are_neither_reported_nor_extended(protocol_run, tmp_path):
@@ -262,6 +269,7 @@ def test_a_run_that_has_not_finished_an_epoch_is_listed_as_running(tmp_path):
         (dict(confirm=dict(top=0, epochs=2, seeds=[1])), "confirm.top"),
         (dict(confirm=dict(epochs=2, seeds=[1])), "confirm must be an object with exactly"),
         (dict(confirm=dict(top=2, epochs=2, seeds=[1])), "confirm.epochs must exceed tune.epochs"),
+        (dict(confirm=dict(top=2, epochs=3, seeds=[1], include=[dict(step_size=0.01, damping=0.01)])), "confirm.include must be a list of grid points"),
     ],
 )
 def test_bad_protocols_are_refused_naming_the_field(change, message, tmp_path, capsys):

@@ -10,10 +10,10 @@
    run diverged on any seed scores 0.  The choice is written to ``selected.json`` with flags for
    values on the edge of the grid, the whole grid to ``tuning.csv``, and the step-size
    sensitivity to ``sensitivity-<architecture>.png``.
-2b. **Confirm** (optional ``confirm``: top, epochs, seeds).  A setting picked after a short budget
-   need not be the best at the final one (a larger step wins early and ends lower).  The
-   ``confirm.top`` best grid points of every optimiser (the same number for each) run again on the
-   validation split for ``confirm.epochs`` epochs (the final budget) with each of the
+2b. **Confirm** (optional ``confirm``: top, epochs, seeds, include).  A setting picked after a
+   short budget need not be the best at the final one (a larger step wins early and ends lower).
+   The grid points of ``confirm.include`` (e.g. the authors' setting) and the ``confirm.top`` best
+   other grid points of every optimiser (the same number for each) run again on the validation split for ``confirm.epochs`` epochs (the final budget) with each of the
    ``confirm.seeds``; the selection is then the candidate with the highest mean validation
    accuracy at that budget (same tie and divergence rules).  ``confirm.csv`` holds these runs.
 3. **Final.** Per architecture, an ordinary experiment configuration
@@ -60,11 +60,12 @@ def _seeds(value, field: str) -> list[int]:
     return value
 
 
-def _stage(cfg: dict, field: str, extra: tuple[str, ...] = ()) -> dict:
+def _stage(cfg: dict, field: str, extra: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict:
     stage = cfg[field]
     fields = {"epochs", "seeds", *extra}
-    if set(stage) != fields:
-        raise ValueError(f"{field} must be an object with exactly {', '.join(repr(f) for f in sorted(fields))}, got {sorted(stage)}")
+    if not fields <= set(stage) <= fields | set(optional):
+        allowed = f"{', '.join(repr(f) for f in sorted(fields))}" + (f" (optionally {', '.join(map(repr, optional))})" if optional else "")
+        raise ValueError(f"{field} must be an object with exactly {allowed}, got {sorted(stage)}")
     for key in ("epochs", *extra):
         check_positive_int(stage[key], f"{field}.{key}")
     return dict(stage, seeds=_seeds(stage["seeds"], f"{field}.seeds"))
@@ -103,9 +104,14 @@ def validate_protocol(cfg: dict) -> dict:
                 raise ValueError(f"grid[{key!r}][{name!r}] must be a non-empty list of distinct values, got {values!r}")
     out = dict(cfg, experiment=experiment, tune=_stage(cfg, "tune"), final=_stage(cfg, "final"))
     if "confirm" in cfg:
-        out["confirm"] = _stage(cfg, "confirm", extra=("top",))
-        if out["confirm"]["epochs"] <= out["tune"]["epochs"]:
-            raise ValueError(f"confirm.epochs must exceed tune.epochs ({out['tune']['epochs']}): the confirmation measures the candidates at a longer budget, got {out['confirm']['epochs']}")
+        out["confirm"] = confirm = _stage(cfg, "confirm", extra=("top",), optional=("include",))
+        if confirm["epochs"] <= out["tune"]["epochs"]:
+            raise ValueError(f"confirm.epochs must exceed tune.epochs ({out['tune']['epochs']}): the confirmation measures the candidates at a longer budget, got {confirm['epochs']}")
+        confirm["include"] = confirm.get("include", [])
+        for name in experiment["optimizers"]:
+            labels = [point_label(point) for point in grid_points(out, name)]
+            if not isinstance(confirm["include"], list) or any(not isinstance(point, dict) or point_label(point) not in labels for point in confirm["include"]):
+                raise ValueError(f"confirm.include must be a list of grid points of every optimiser (as objects, e.g. the authors' setting), got {confirm['include']!r:.120}; {name}'s grid: {', '.join(labels)}")
     for name in experiment["optimizers"]:
         if not grid_points(out, name):
             raise ValueError(f"grid: no axes for optimiser {name!r} (give them under '*' or {name!r})")
@@ -232,7 +238,8 @@ def select(cfg: dict, rows: list[dict], confirm_rows: list[dict] | None = None) 
     A group whose grid (or confirmation) has runs left is reported with ``complete`` false, the
     ``stage`` that is incomplete and how many of its points are done, and no ``hyper``.  With
     ``confirm``, a group whose grid is complete names its ``grid_choice`` and ``candidates`` (the
-    ``confirm.top`` best grid points) even before they are confirmed.
+    ``confirm.include`` points, then the ``confirm.top`` best other grid points) even before they
+    are confirmed.
     """
     selected: dict[str, dict[str, Any]] = {}
     tune_stage, confirm = cfg["tune"], cfg.get("confirm")
@@ -249,7 +256,8 @@ def select(cfg: dict, rows: list[dict], confirm_rows: list[dict] | None = None) 
             seeds, epochs = len(tune_stage["seeds"]), tune_stage["epochs"]
             extra: dict[str, Any] = {}
             if confirm is not None:
-                candidates = [s.point for s in ranked[: confirm["top"]]]
+                included = [point_label(point) for point in confirm["include"]]
+                candidates = [s.point for s in ranked if point_label(s.point) in included] + [s.point for s in ranked if point_label(s.point) not in included][: confirm["top"]]
                 extra = dict(grid_choice=dict(hyper=best.point, val_accuracy=best.val_accuracy, val_loss=best.val_loss), candidates=candidates)
                 confirmed = _scores(confirm_rows or [], arch, name, candidates, confirm["epochs"], len(confirm["seeds"]))
                 if confirmed is None:
@@ -406,7 +414,8 @@ def write_protocol_summary(cfg: dict, root: Path, finals: dict[str, Path | None]
     confirm = cfg.get("confirm")
     how = f"ranked by the final validation accuracy after {cfg['tune']['epochs']} epochs (mean over tuning seeds {cfg['tune']['seeds']})"
     if confirm is not None:
-        how += f"; the top {confirm['top']} of each optimiser rerun for {confirm['epochs']} epochs (seeds {confirm['seeds']}) and the best at that budget selected"
+        also = f" and {', '.join(point_label(point) for point in confirm['include'])}" if confirm["include"] else ""
+        how += f"; the top {confirm['top']} of each optimiser{also} rerun for {confirm['epochs']} epochs (seeds {confirm['seeds']}) and the best at that budget selected"
     parts.append(
         f"Protocol (docs/protocol.md): tuned on the training set minus its last {cfg['validation']} images, {how}; "
         f"final runs on the full training set, {cfg['final']['epochs']} epochs, seeds {cfg['final']['seeds']}, reported at the final epoch."
@@ -422,7 +431,7 @@ def write_protocol_summary(cfg: dict, root: Path, finals: dict[str, Path | None]
             parts.append(f"| {name} | {point_label(choice['hyper'])} | {100 * choice['val_accuracy']:.2f} | {', '.join(choice['on_grid_edge']) or 'no'} | {choice['diverged_points']} |")
         confirmed = [(name, choice) for name, choice in choices.items() if "confirmation" in choice]
         if confirmed and confirm is not None:
-            parts += ["", f"Confirmation: each optimiser's top {confirm['top']} grid points, validation accuracy % after {cfg['tune']['epochs']} epochs (grid) and after {confirm['epochs']} (confirm):", ""]
+            parts += ["", f"Confirmation: each optimiser's candidates (included points, then its top {confirm['top']} others), validation accuracy % after {cfg['tune']['epochs']} epochs (grid) and after {confirm['epochs']} (confirm):", ""]
             parts += ["| optimizer | candidate | grid | confirm | selected |", "|---|---|---|---|---|"]
             for name, choice in confirmed:
                 for c in choice["confirmation"]:
