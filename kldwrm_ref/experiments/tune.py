@@ -13,8 +13,8 @@
 2b. **Confirm** (optional ``confirm``: top, epochs, seeds, include).  A setting picked after a
    short budget need not be the best at the final one (a larger step wins early and ends lower).
    The grid points of ``confirm.include`` (e.g. the authors' setting) and the ``confirm.top`` best
-   other grid points of every optimiser (the same number for each) run again on the validation split for ``confirm.epochs`` epochs (the final budget) with each of the
-   ``confirm.seeds``; the selection is then the candidate with the highest mean validation
+   other grid points of every optimiser (the same number for each) run again on the validation
+   split for ``confirm.epochs`` epochs (the final budget) with each of the ``confirm.seeds``; the selection is then the candidate with the highest mean validation
    accuracy at that budget (same tie and divergence rules).  ``confirm.csv`` holds these runs.
 3. **Final.** Per architecture, an ordinary experiment configuration
    ``final-<architecture>.json`` (run by this command, or by ``kldwrm mnist --config``) trains
@@ -107,10 +107,10 @@ def validate_protocol(cfg: dict) -> dict:
         out["confirm"] = confirm = _stage(cfg, "confirm", extra=("top",), optional=("include",))
         if confirm["epochs"] <= out["tune"]["epochs"]:
             raise ValueError(f"confirm.epochs must exceed tune.epochs ({out['tune']['epochs']}): the confirmation measures the candidates at a longer budget, got {confirm['epochs']}")
-        confirm["include"] = confirm.get("include", [])
+        confirm["include"] = include = confirm.get("include", [])
         for name in experiment["optimizers"]:
             labels = [point_label(point) for point in grid_points(out, name)]
-            if not isinstance(confirm["include"], list) or any(not isinstance(point, dict) or point_label(point) not in labels for point in confirm["include"]):
+            if not isinstance(include, list) or any(not isinstance(point, dict) or point_label(point) not in labels for point in include):
                 raise ValueError(f"confirm.include must be a list of grid points of every optimiser (as objects, e.g. the authors' setting), got {confirm['include']!r:.120}; {name}'s grid: {', '.join(labels)}")
     for name in experiment["optimizers"]:
         if not grid_points(out, name):
@@ -167,8 +167,8 @@ def tuning_runs(cfg: dict, root: Path) -> list[tuple[RunSpec, Path, str, dict]]:
 
 
 def confirm_runs(cfg: dict, root: Path, selected: dict) -> list[tuple[RunSpec, Path, str, dict]]:
-    """(spec, folder, architecture label, candidate) of every confirmation run: the ``confirm.top``
-    candidates of each optimiser whose grid is complete (``selected[arch][name]["candidates"]``)."""
+    """(spec, folder, architecture label, candidate) of every confirmation run: the candidates of
+    each optimiser whose grid is complete (``selected[arch][name]["candidates"]``, see :func:`select`)."""
     if "confirm" not in cfg:
         return []
     return _validation_runs(cfg, root, "confirm", lambda arch, name: selected.get(arch, {}).get(name, {}).get("candidates", []))
@@ -384,7 +384,7 @@ def published_rows(cfg: dict, arch: str, final_root: Path | None = None) -> list
     root = Path(cfg["published"])
     groups = report.collect(root, read_json(root / "experiment.json"))
     published = {name: _final_accuracy_by_seed(runs) for (group_arch, name), runs in groups.items() if group_arch == arch}
-    lines = [f"| {name} (as published) | {len(acc)} | {report._mean_std(np.array(list(acc.values())) / 100)} |" for name, acc in published.items() if acc]
+    lines = [f"| {name} (as published) | {len(acc)} | {report._mean_std(list(acc.values()), scale=1.0)} |" for name, acc in published.items() if acc]
     if not lines:
         return []
     parts = ["", f"As published (the authors' hyperparameters, untuned; {root}), final-epoch test accuracy %:", "", "| optimizer | seeds | final test acc % |", "|---|---|---|", *lines]
@@ -411,6 +411,7 @@ def write_protocol_summary(cfg: dict, root: Path, finals: dict[str, Path | None]
     holds runs of the current selection (else None: nothing of it is reported), ``notes[arch]``
     a sentence on why not."""
     parts = [f"# {cfg['name']}: {cfg.get('description', '')}".rstrip(": "), ""]
+    notes = notes or {}
     confirm = cfg.get("confirm")
     how = f"ranked by the final validation accuracy after {cfg['tune']['epochs']} epochs (mean over tuning seeds {cfg['tune']['seeds']})"
     if confirm is not None:
@@ -441,8 +442,8 @@ def write_protocol_summary(cfg: dict, root: Path, finals: dict[str, Path | None]
         if png.exists():
             parts += ["", f"![sensitivity {arch}]({png.name})"]
         final_root = finals.get(arch)
-        if (notes or {}).get(arch):
-            parts += ["", (notes or {})[arch]]
+        if arch in notes:
+            parts += ["", notes[arch]]
         if final_root is not None and (final_root / "summary.md").exists():
             final_cfg = read_json(final_root / "experiment.json")
             parts += ["", f"Final stage ([summary](../{final_root.name}/summary.md)), final-epoch test accuracy against {final_cfg['optimizers'][0]}:", ""]
