@@ -98,10 +98,10 @@ conv_geometry = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3
 
 
 def _direct_im2col(x, k, s, p):
-    """Patches by explicit loops over samples, positions and (c, i, j) (independent of the kernels)."""
+    """Patches (N, C k k, T) by explicit loops over samples, positions and (c, i, j) (independent of the kernels)."""
     n, c, h, w = x.shape
     out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    cols = np.zeros((n, out_h * out_w, c * k * k), dtype=x.dtype)
+    cols = np.zeros((n, c * k * k, out_h * out_w), dtype=x.dtype)
     for a in range(n):
         for oh in range(out_h):
             for ow in range(out_w):
@@ -110,7 +110,7 @@ def _direct_im2col(x, k, s, p):
                         for j in range(k):
                             hh, ww = oh * s + i - p, ow * s + j - p
                             if 0 <= hh < h and 0 <= ww < w:
-                                cols[a, oh * out_w + ow, (ch * k + i) * k + j] = x[a, ch, hh, ww]
+                                cols[a, (ch * k + i) * k + j, oh * out_w + ow] = x[a, ch, hh, ww]
     return cols
 
 

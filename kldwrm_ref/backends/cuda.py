@@ -390,16 +390,20 @@ def matmul(a, b, tiled: bool | None = None):
 
 
 def im2col(x, kernel, stride, padding):
-    """Patches (N, T, C k k) of x (N, C, H, W); see :func:`kldwrm_ref.backends.reference.im2col`."""
+    """Patches (N, C k k, T) of x (N, C, H, W); see :func:`kldwrm_ref.backends.reference.im2col`.
+    The device kernel writes the position-major (N, T, C k k) layout of the device-resident step
+    (whose 2-D product takes one row per (sample, position)); the host copy is transposed."""
     require_gpu()
-    return im2col_device(_device(x), kernel, stride, padding).copy_to_host()
+    return np.ascontiguousarray(im2col_device(_device(x), kernel, stride, padding).copy_to_host().transpose(0, 2, 1))
 
 
 def col2im(cols, in_shape, kernel, stride, padding):
     """im2col's adjoint onto (R, C, H, W), one thread per input element (a gather, no atomics);
-    see :func:`kldwrm_ref.backends.reference.col2im`."""
+    see :func:`kldwrm_ref.backends.reference.col2im`.  ``cols`` (R, C k k, T) is uploaded
+    position-major, the layout of the device kernel (see :func:`im2col`)."""
     require_gpu()
-    return col2im_device(_device(cols), in_shape, kernel, stride, padding).copy_to_host()
+    position_major = np.ascontiguousarray(np.asarray(cols).transpose(0, 2, 1))
+    return col2im_device(_device(position_major), in_shape, kernel, stride, padding).copy_to_host()
 
 
 def max_pool(x, kernel):

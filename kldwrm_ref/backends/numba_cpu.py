@@ -81,33 +81,31 @@ def _kl_kernel(ref_logits, logits, values, grad, symmetric):
 
 
 @njit(cache=True)
-def _im2col_kernel(x, cols, kernel, stride, padding, out_w):
-    height, width = x.shape[2], x.shape[3]
+def _im2col_kernel(x_padded, cols, kernel, stride, out_h, out_w):
+    # every window lies inside the zero-padded input: no bounds checks; writes run along t
     for n in range(cols.shape[0]):
-        for t in range(cols.shape[1]):
-            top, left = (t // out_w) * stride - padding, (t % out_w) * stride - padding
-            q = 0
-            for c in range(x.shape[1]):
-                for i in range(kernel):
-                    h = top + i
-                    for j in range(kernel):
-                        w = left + j
-                        cols[n, t, q] = x[n, c, h, w] if 0 <= h < height and 0 <= w < width else 0.0
-                        q += 1
+        for c in range(x_padded.shape[1]):
+            for i in range(kernel):
+                for j in range(kernel):
+                    q = (c * kernel + i) * kernel + j
+                    for a in range(out_h):
+                        source = x_padded[n, c, a * stride + i]
+                        for b in range(out_w):
+                            cols[n, q, a * out_w + b] = source[b * stride + j]
 
 
 @njit(cache=True)
-def _col2im_kernel(cols, dx_padded, kernel, stride, out_w):
-    # serial scatter-add in im2col's order onto the zero-padded input: every window lies inside
-    # it (no bounds checks) and no two writes race on the CPU
+def _col2im_kernel(cols, dx_padded, kernel, stride, out_h, out_w):
+    # serial scatter-add in im2col's order onto the zero-padded input (no two writes race)
     for r in range(cols.shape[0]):
-        for t in range(cols.shape[1]):
-            top, left = (t // out_w) * stride, (t % out_w) * stride
-            for c in range(dx_padded.shape[1]):
-                for i in range(kernel):
-                    q = (c * kernel + i) * kernel
-                    for j in range(kernel):
-                        dx_padded[r, c, top + i, left + j] += cols[r, t, q + j]
+        for c in range(dx_padded.shape[1]):
+            for i in range(kernel):
+                for j in range(kernel):
+                    q = (c * kernel + i) * kernel + j
+                    for a in range(out_h):
+                        target = dx_padded[r, c, a * stride + i]
+                        for b in range(out_w):
+                            target[b * stride + j] += cols[r, q, a * out_w + b]
 
 
 @njit(cache=True)
@@ -220,11 +218,12 @@ def matmul(a, b):
 
 
 def im2col(x, kernel, stride, padding):
-    """Patches (N, T, C k k) of x (N, C, H, W); see :func:`kldwrm_ref.backends.reference.im2col`."""
+    """Patches (N, C k k, T) of x (N, C, H, W); see :func:`kldwrm_ref.backends.reference.im2col`."""
     (x,) = _contiguous(x)
     out_h, out_w = reference.conv_out_hw(x.shape[2:], kernel, stride, padding)
-    cols = np.empty((x.shape[0], out_h * out_w, x.shape[1] * kernel * kernel), dtype=x.dtype)
-    _im2col_kernel(x, cols, int(kernel), int(stride), int(padding), out_w)
+    x_padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else x
+    cols = np.empty((x.shape[0], x.shape[1] * kernel * kernel, out_h * out_w), dtype=x.dtype)
+    _im2col_kernel(x_padded, cols, int(kernel), int(stride), out_h, out_w)
     return cols
 
 
@@ -232,9 +231,9 @@ def col2im(cols, in_shape, kernel, stride, padding):
     """im2col's adjoint onto (R, C, H, W); see :func:`kldwrm_ref.backends.reference.col2im`."""
     (cols,) = _contiguous(cols)
     c, h, w = in_shape
-    out_w = reference.conv_out_hw((h, w), kernel, stride, padding)[1]
+    out_h, out_w = reference.conv_out_hw((h, w), kernel, stride, padding)
     dx_padded = np.zeros((cols.shape[0], c, h + 2 * padding, w + 2 * padding), dtype=cols.dtype)
-    _col2im_kernel(cols, dx_padded, int(kernel), int(stride), out_w)
+    _col2im_kernel(cols, dx_padded, int(kernel), int(stride), out_h, out_w)
     return dx_padded[:, :, padding : padding + h, padding : padding + w] if padding else dx_padded
 
 

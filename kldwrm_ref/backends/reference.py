@@ -120,27 +120,29 @@ def conv_out_hw(in_hw, kernel: int, stride: int, padding: int) -> tuple[int, int
 
 
 def im2col(x: np.ndarray, kernel: int, stride: int, padding: int) -> np.ndarray:
-    """Patches P (N, T, C k k) of x (N, C, H, W): P[n, t] is the (C, k, k) window, row-major, under
-    output position t = oh * W_out + ow of the zero-padded input (docs/theory.md §5.6)."""
+    """Patches P (N, C k k, T) of x (N, C, H, W), channel-major: column t = oh * W_out + ow of P[n]
+    is the (C, k, k) window, row-major, under output position t of the zero-padded input
+    (docs/theory.md §5.6).  In this layout the copy reads runs of W_out neighbouring pixels and a
+    convolution's output W_mat P[n] is (out, T), already channel-major."""
     n, c = x.shape[:2]
     out_h, out_w = conv_out_hw(x.shape[2:], kernel, stride, padding)
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else x
     windows = np.lib.stride_tricks.sliding_window_view(xp, (kernel, kernel), axis=(2, 3))
     windows = windows[:, :, : stride * (out_h - 1) + 1 : stride, : stride * (out_w - 1) + 1 : stride]
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n, out_h * out_w, c * kernel * kernel)
+    return windows.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kernel * kernel, out_h * out_w)
 
 
 def col2im(cols: np.ndarray, in_shape, kernel: int, stride: int, padding: int) -> np.ndarray:
-    """The adjoint of :func:`im2col`: scatter-add patch cotangents (R, T, C k k) onto (R, C, H, W)."""
+    """The adjoint of :func:`im2col`: scatter-add patch cotangents (R, C k k, T) onto (R, C, H, W)."""
     c, h, w = in_shape
     out_h, out_w = conv_out_hw((h, w), kernel, stride, padding)
-    cols = cols.reshape(cols.shape[0], out_h, out_w, c, kernel, kernel)
+    cols = cols.reshape(cols.shape[0], c, kernel, kernel, out_h, out_w)
     dxp = np.zeros((cols.shape[0], c, h + 2 * padding, w + 2 * padding), dtype=cols.dtype)
     for i in range(kernel):
         for j in range(kernel):
             rows = slice(i, i + stride * (out_h - 1) + 1, stride)
             columns = slice(j, j + stride * (out_w - 1) + 1, stride)
-            dxp[:, :, rows, columns] += cols[..., i, j].transpose(0, 3, 1, 2)
+            dxp[:, :, rows, columns] += cols[:, :, i, j]
     return dxp[:, :, padding : padding + h, padding : padding + w]
 
 

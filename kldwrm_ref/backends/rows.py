@@ -89,7 +89,9 @@ def kl_row(ref_logits, logits, values, grad, symmetric, i):
 
 def im2col_element(x, cols, e, kernel, stride, padding, out_w):
     """cols.flat[e] = x[n, c, oh s + i - p, ow s + j - p] (zero in the padding) for the flat index
-    e of cols (N, T, C k k), t = oh W_out + ow, the patch column (c, i, j) row-major."""
+    e of cols (N, T, C k k), t = oh W_out + ow, the patch column (c, i, j) row-major: the
+    position-major layout of the device-resident step (the host-facing cuda backend transposes it
+    to the channel-major layout of :func:`kldwrm_ref.backends.reference.im2col`)."""
     n_patch = cols.shape[2]
     per_sample = cols.shape[1] * n_patch
     n = e // per_sample

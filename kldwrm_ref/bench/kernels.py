@@ -26,7 +26,7 @@ def kernel_inputs(dtype, rng: np.random.Generator) -> dict:
     dense = MLP([49, 32, 10])
     u = np.empty((2560, dense.n_params), dtype)
     images = rng.standard_normal((512, 1, 28, 28)).astype(dtype)
-    conv2_cols = rng.standard_normal((512, 64, 125)).astype(dtype)
+    conv2_cols = rng.standard_normal((512, 125, 64)).astype(dtype)
     pooled, argmax = get_backend("numpy").max_pool(rng.standard_normal((512, 5, 24, 24)).astype(dtype), 2)
     return dict(
         softmax_cross_entropy=("logits (512, 10)", (logits, rng.integers(0, 10, 512))),
@@ -38,7 +38,7 @@ def kernel_inputs(dtype, rng: np.random.Generator) -> dict:
         kron_sum_divide=("V (256, 785)", (rotated, d_g, d_a, 0.01)),
         kl_and_grad=("logits (512, 10), symmetric", (logits, logits[::-1].copy(), "symmetric")),
         im2col=("images (512, 1, 28, 28), 5 x 5", (images, 5, 1, 0)),
-        col2im=("patches (512, 64, 5 x 5 x 5)", (conv2_cols, (5, 12, 12), 5, 1, 0)),
+        col2im=("patches (512, 5 x 5 x 5, 64)", (conv2_cols, (5, 12, 12), 5, 1, 0)),
         max_pool=("(512, 5, 24, 24), 2 x 2", (rng.standard_normal((512, 5, 24, 24)).astype(dtype), 2)),
         max_unpool=("(512, 5, 12, 12) -> 24 x 24", (pooled, argmax, (5, 24, 24), 2)),
         matmul=("(512, 784) @ (784, 256)", (rng.standard_normal((512, 784)).astype(dtype), rng.standard_normal((784, 256)).astype(dtype))),

@@ -5,14 +5,15 @@ follow the :class:`~kldwrm_ref.model.layers.Layer` protocol; cotangents may carr
 (row r belongs to sample r mod N).
 
 A convolution is a dense layer applied at every output position t = 1..T to the input patch p_t:
-with the patches unfolded ("im2col") into P (N, T, k), k = in * kh * kw in (in, kh, kw) order (the
-row-major flattening of the weight), y[n, :, t] = W_mat p_{n,t} + b.  Its K-FAC factors are those of
-Grosse & Martens (2016, "KFC"), see :class:`Conv2d`.
+with the patches unfolded ("im2col") channel-major into P (N, k, T), k = in * kh * kw in (in, kh, kw)
+order (the row-major flattening of the weight), y[n] = W_mat P[n] + b (out, T): column t of P[n] is
+the patch p_{n,t}.  Its K-FAC factors are those of Grosse & Martens (2016, "KFC"), see :class:`Conv2d`.
 
-The forward pass is one BLAS product through the backend; the products that run per sample (the
-weight gradient, the input cotangent, the G factor, per-sample gradient rows) are stacks of NumPy
-``matmul`` on every backend, which need no transposing copy of the cotangents (the cuda backend's
-product is 2-D; the device-resident step has its own convolution, docs/gpu.md).
+Every product is a stack of per-sample NumPy ``matmul`` on every backend (the output, the weight
+gradient, the input cotangent, the G factor, per-sample gradient rows): in this layout none needs a
+transposing copy, and the output (out, T) per sample is already (N, C, H, W).  Only A, a Gram matrix
+over all (sample, position) pairs, copies the patches once into one (k, N T) operand.  The
+device-resident step has its own convolution (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def torch_uniform(W: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> Non
 
 
 class ConvCache(NamedTuple):
-    """Conv2d's forward cache: the patches P (N, T, k) and the input's spatial size (H, W)."""
+    """Conv2d's forward cache: the patches P (N, k, T) and the input's spatial size (H, W)."""
 
     patches: np.ndarray
     in_hw: tuple[int, int]
@@ -107,19 +108,18 @@ class Conv2d:
         return conv_out_hw(in_hw, self.kernel_size, self.stride, self.padding)
 
     def im2col(self, x: np.ndarray, backend: Backend) -> np.ndarray:
-        """Patches P (N, T, k) of x (N, in, H, W): P[n, t] is the (in, kh, kw) window under output position t."""
+        """Patches P (N, k, T) of x (N, in, H, W): P[n, :, t] is the (in, kh, kw) window under output position t."""
         return backend.im2col(x, self.kernel_size, self.stride, self.padding)
 
     def init(self, params, rng):
         torch_uniform(params[0], params[1], rng)
 
     def _apply(self, patches: np.ndarray, W: np.ndarray, b: np.ndarray | None, out_hw, backend: Backend) -> np.ndarray:
-        """[P W_mat^T + b] as (N, out, H_out, W_out): one BLAS product."""
-        n, t, _ = patches.shape
-        y = backend.matmul(patches.reshape(n * t, self.patch_size), W.reshape(self.out_channels, self.patch_size).T)
+        """W_mat P[n] + b per sample, as (N, out, H_out, W_out)."""
+        y = np.matmul(W.reshape(self.out_channels, self.patch_size), patches)
         if b is not None:
-            y += b
-        return y.reshape(n, t, self.out_channels).transpose(0, 2, 1).reshape(n, self.out_channels, *out_hw)
+            y += b[:, None]
+        return y.reshape(patches.shape[0], self.out_channels, *out_hw)
 
     def prepare(self, x, backend) -> ConvCache:
         """The input-only part of :meth:`forward`: the patches of x (reused by passes on one batch)."""
@@ -132,20 +132,20 @@ class Conv2d:
         return self.forward_prepared(params, self.prepare(x, backend), backend)
 
     def backward(self, params, cache, dy, backend):
-        """dx = col2im of the patch cotangents delta_r^T W_mat (T, k) per row r."""
+        """dx = col2im of the patch cotangents W_mat^T delta_r (k, T) per row r."""
         deltas = dy.reshape(dy.shape[0], self.out_channels, -1)
-        dcols = np.matmul(deltas.transpose(0, 2, 1), params[0].reshape(self.out_channels, self.patch_size))
+        dcols = np.matmul(params[0].reshape(self.out_channels, self.patch_size).T, deltas)
         return backend.col2im(dcols, (self.in_channels, *cache.in_hw), self.kernel_size, self.stride, self.padding)
 
     def param_gradients(self, params, cache, dy, backend, out):
-        """dW_mat = sum_n delta_n P_n over samples, delta_n (out, T) the cotangent summed over the
+        """dW_mat = sum_n delta_n P_n^T over samples, delta_n (out, T) the cotangent summed over the
         sample's reps (they share its patches), as a stack of per-sample products: no transposing
         copy of the cotangents (twice as fast as one (out, N T) x (N T, k) product at the paper
         CNN's sizes); db = the cotangent summed over rows and positions."""
-        n, t, _ = cache.patches.shape
+        n, _, t = cache.patches.shape
         deltas = dy.reshape(-1, n, self.out_channels, t)
         summed = deltas[0] if deltas.shape[0] == 1 else deltas.sum(axis=0)
-        out[0][...] = np.matmul(summed, cache.patches).sum(axis=0).reshape(out[0].shape)
+        out[0][...] = np.matmul(summed, cache.patches.transpose(0, 2, 1)).sum(axis=0).reshape(out[0].shape)
         out[1][...] = dy.sum(axis=(0, 2, 3))
 
     def jvp(self, params, cache, dparams, dx, backend):
@@ -157,15 +157,15 @@ class Conv2d:
 
     def per_sample_rows(self, cache, dy, out, start, backend):
         """out[r, W's columns] = vec_r(sum_t delta_{r,t} p_{r mod N, t}^T), out[r, b's] = sum_t delta_{r,t}."""
-        n, t, _ = cache.patches.shape
+        n, _, t = cache.patches.shape
         deltas = dy.reshape(-1, n, self.out_channels, t)
         n_w = self.out_channels * self.patch_size
-        out[:, start : start + n_w] = np.matmul(deltas, cache.patches).reshape(dy.shape[0], n_w)
+        out[:, start : start + n_w] = np.matmul(deltas, cache.patches.transpose(0, 2, 1)).reshape(dy.shape[0], n_w)
         out[:, start + n_w : start + n_w + self.out_channels] = deltas.sum(axis=3).reshape(dy.shape[0], self.out_channels)
 
     def kfac_factors(self, cache, dy, n_samples, backend):
-        n, t, k = cache.patches.shape
-        A = homogeneous_moment(cache.patches.reshape(n * t, k), backend)
+        n, k, t = cache.patches.shape
+        A = homogeneous_moment(np.ascontiguousarray(cache.patches.transpose(1, 0, 2)).reshape(k, n * t).T, backend)  # one copy: (k, N T)
         deltas = dy.reshape(dy.shape[0], self.out_channels, t)
         second_moment = np.matmul(deltas, deltas.transpose(0, 2, 1)).sum(axis=0)  # sum_r sum_t delta delta^T, per row
         sums = dy.sum(axis=(2, 3))
