@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from kldwrm_ref.allocator import reuse_freed_memory
 from kldwrm_ref.bench import cli as bench_cli
 from kldwrm_ref.experiments import cli as experiments_cli
 from kldwrm_ref.theory import verify
@@ -30,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nkldwrm: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    reuse_freed_memory()
     return COMMANDS[argv[0]][0](argv[1:])
 
 
