@@ -114,7 +114,7 @@ class Conv2d:
     def init(self, params, rng):
         torch_uniform(params[0], params[1], rng)
 
-    def _apply(self, patches: np.ndarray, W: np.ndarray, b: np.ndarray | None, out_hw, backend: Backend) -> np.ndarray:
+    def _apply(self, patches: np.ndarray, W: np.ndarray, b: np.ndarray | None, out_hw) -> np.ndarray:
         """W_mat P[n] + b per sample, as (N, out, H_out, W_out)."""
         y = np.matmul(W.reshape(self.out_channels, self.patch_size), patches)
         if b is not None:
@@ -126,7 +126,7 @@ class Conv2d:
         return ConvCache(self.im2col(x, backend), x.shape[2:])
 
     def forward_prepared(self, params, prepared: ConvCache, backend):
-        return self._apply(prepared.patches, params[0], params[1], self._out_hw(prepared.in_hw), backend), prepared
+        return self._apply(prepared.patches, params[0], params[1], self._out_hw(prepared.in_hw)), prepared
 
     def forward(self, params, x, backend, rng):
         return self.forward_prepared(params, self.prepare(x, backend), backend)
@@ -150,9 +150,9 @@ class Conv2d:
 
     def jvp(self, params, cache, dparams, dx, backend):
         out_hw = self._out_hw(cache.in_hw)
-        dy = self._apply(cache.patches, dparams[0], dparams[1], out_hw, backend)
+        dy = self._apply(cache.patches, dparams[0], dparams[1], out_hw)
         if dx is not None:
-            dy += self._apply(self.im2col(dx, backend), params[0], None, out_hw, backend)
+            dy += self._apply(self.im2col(dx, backend), params[0], None, out_hw)
         return dy
 
     def per_sample_rows(self, cache, dy, out, start, backend):
