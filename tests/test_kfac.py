@@ -199,3 +199,13 @@ def test_refresh_decompositions_run_with_one_blas_thread(monkeypatch):
     ExactKronSumInverse([block], [block], 12, 0.5, 0.1, NUMPY)
     assert seen and all(set(threads.values()) == {1} for threads in seen)
     assert {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"} == before
+
+
+def test_block_index_is_a_slice_only_for_one_ascending_run():
+    from kldwrm_ref.curvature.inverses import block_index
+
+    v = np.arange(20.0)
+    for positions in (np.arange(3, 11), np.array([0, 2, 3]), np.array([5, 4, 3]), np.array([7]), np.array([1, 2, 4, 5])):
+        index = block_index(positions)
+        assert isinstance(index, slice) == (positions.size > 0 and np.array_equal(positions, np.arange(positions[0], positions[0] + positions.size)))
+        np.testing.assert_array_equal(v[index], v[positions])

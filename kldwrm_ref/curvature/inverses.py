@@ -34,8 +34,13 @@ class SingularCurvatureError(ValueError):
     """The damped K-FAC matrix has a zero eigenvalue (damping 0 with a rank-deficient factor)."""
 
 
-def _block_matrix(block: KronBlock, v: np.ndarray) -> np.ndarray:
-    return v[block.positions].reshape(block.G.shape[0], block.A.shape[0])
+def block_index(positions: np.ndarray) -> slice | np.ndarray:
+    """The block's theta indices as a slice when they are one ascending run (a weight matrix stored
+    row-major, as with separate bias blocks): theta[slice] is a view and assigning to it a plain
+    copy, where an index array gathers and scatters (0.8 ms per 200k-entry block per product)."""
+    if positions.size and positions[-1] - positions[0] + 1 == positions.size and np.all(np.diff(positions) == 1):
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return positions
 
 
 class BlockDiagonalOperator(LinearOperator):
@@ -47,6 +52,7 @@ class BlockDiagonalOperator(LinearOperator):
         covered = sum(b.positions.size for b in self.blocks)
         if covered != n_params:
             raise ValueError(f"blocks cover {covered} parameters, expected n_params={n_params}")
+        self.indices = [block_index(b.positions) for b in self.blocks]
         super().__init__(dtype=self.blocks[0].A.dtype, shape=(n_params, n_params))
 
     def apply_block(self, i: int, V: np.ndarray) -> np.ndarray:
@@ -55,8 +61,8 @@ class BlockDiagonalOperator(LinearOperator):
     def _matvec(self, v):
         v = np.ravel(v)
         out = np.empty_like(v, dtype=np.result_type(v, self.dtype))
-        for i, block in enumerate(self.blocks):
-            out[block.positions] = self.apply_block(i, _block_matrix(block, v)).ravel()
+        for i, (block, index) in enumerate(zip(self.blocks, self.indices)):
+            out[index] = self.apply_block(i, v[index].reshape(block.G.shape[0], block.A.shape[0])).ravel()
         return out
 
     def _rmatvec(self, v):
