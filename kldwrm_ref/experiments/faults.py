@@ -3,7 +3,10 @@
 ``python -m kldwrm_ref.experiments.faults --kills 20 --jobs 1`` (or ``--jobs 2``) runs a small
 synthetic ``kldwrm mnist`` sweep once without interruption (the reference), then again as a
 subprocess that it kills with SIGKILL, restarts, and kills again, ``--kills`` times, before
-letting it finish.  Kill moments come from a seeded generator; every other kill waits, through
+letting it finish.  Kill moments come from a seeded generator and are set in progress, not
+time: each attempt runs a random share of the remaining epochs (:func:`kill_progress`, always
+leaving at least one), counted from its "epoch k/E" lines, plus a fraction of an epoch, so a
+kill lands inside the sweep however loaded the machine is.  Every other kill waits, through
 the test-only hook :data:`kldwrm_ref.storage.WRITE_DELAY_VARIABLE` (each atomic write sleeps
 before its final rename), for a temporary file of the sweep to appear and lands inside that write.
 With ``--jobs 2`` a kill hits the parent or one of its worker processes, at random.
@@ -113,6 +116,15 @@ class Sweep:
         except ProcessLookupError:
             pass
 
+    def epochs_reported(self) -> int:
+        """How many "epoch k/E" lines this attempt has printed (its progress, in epochs of training)."""
+        return sum(1 for _, line in list(self.lines) if EPOCH_LINE.match(line))
+
+    def epoch_seconds(self, fallback: float) -> float:
+        """Wall time per epoch of progress in this attempt so far (``fallback`` before two epochs are reported)."""
+        stamps = [stamp for stamp, line in list(self.lines) if EPOCH_LINE.match(line)]
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else fallback
+
     def epoch_times(self) -> dict[str, list[float]]:
         """Per run label, the arrival times of its "epoch k/E" lines."""
         times: dict[str, list[float]] = {}
@@ -215,9 +227,36 @@ def _bytes(leaf) -> bytes:
 
 
 # ------------------------------------------------------------------------------- campaign
-def _wait_for_write(root: Path, deadline: float, process: subprocess.Popen) -> Path | None:
-    """Poll until a temporary file of a run's atomic write appears under ``root`` (or the deadline, or the sweep ends)."""
-    while time.monotonic() < deadline and process.poll() is None:
+def kill_progress(rng: np.random.Generator, remaining: int, kills_left: int) -> float:
+    """How many epochs of progress an attempt makes before its kill: the remaining work shared out
+    among the kills left (and the final, unkilled attempt), times a random factor in [0.3, 1.5),
+    at most ``remaining - 1`` so that at least one epoch is still to run when the kill lands."""
+    share = remaining / (kills_left + 1)
+    return float(min(rng.uniform(0.3, 1.5) * share, max(remaining - 1, 0)))
+
+
+def _wait_while_running(process: subprocess.Popen, until: float) -> None:
+    while time.monotonic() < until and process.poll() is None:
+        time.sleep(0.005)
+
+
+def _wait_for_progress(sweep: Sweep, root: Path, labels: Sequence[str], epochs: int, startup: float) -> bool:
+    """Wait until the sweep has reported ``epochs`` epochs (for none: until its reference start-up
+    time has passed or one of its runs holds its lock, whichever comes first); False when it ended
+    first.  Progress, not time, sets the kills, so that they land inside the sweep whatever the
+    machine's load."""
+    while epochs == 0 and sweep.process.poll() is None and time.monotonic() < sweep.started + startup:
+        if any(_alive(pid) for pid in _lock_holders(root, labels).values()):  # earlier attempts' processes are all gone
+            break
+        time.sleep(0.005)
+    while sweep.process.poll() is None and sweep.epochs_reported() < epochs:
+        time.sleep(0.005)
+    return sweep.process.poll() is None
+
+
+def _wait_for_write(root: Path, process: subprocess.Popen) -> Path | None:
+    """Poll until a temporary file of a run's atomic write appears under ``root`` (None when the sweep ends first)."""
+    while process.poll() is None:
         found = [p for p in temporaries(root) if "seed-" in p.parent.name]
         if found:
             return found[0]
@@ -245,7 +284,7 @@ def run_campaign(work: str | os.PathLike, kills: int = 20, jobs: int = 1, seed: 
     interval = {label: float(np.median(np.diff(stamps))) for label, stamps in epoch_times.items() if len(stamps) > 1}
     first_epoch = min(stamps[0] for stamps in epoch_times.values()) - reference.started
     startup = max(first_epoch - float(np.median(list(interval.values()))), 0.0)
-    work_seconds = reference_seconds - startup
+    epoch_seconds = (reference_seconds - startup) / (len(labels) * epochs)  # wall time per epoch of sweep progress
     log(f"reference sweep: {len(labels)} runs x {epochs} epochs in {reference_seconds:.1f} s ({startup:.1f} s of it start-up)")
 
     out = work / "killed"
@@ -261,17 +300,14 @@ def run_campaign(work: str | os.PathLike, kills: int = 20, jobs: int = 1, seed: 
                 raise AssertionError(f"the final restart failed ({code}):\n" + "\n".join(line for _, line in sweep.lines[-20:]))
             break
         inside = len(records) % 2 == 1
-        done = sum(checkpoint_epochs(root, labels).values()) / (len(labels) * epochs)
-        share = (1.0 - done) * work_seconds / (kills - len(records) + 1)  # spread the kills over the remaining work
-        deadline = sweep.started + startup + rng.uniform(0.3, 1.5) * share
+        done = sum(checkpoint_epochs(root, labels).values())
+        lead = kill_progress(rng, len(labels) * epochs - done, kills - len(records))
+        reached = _wait_for_progress(sweep, root, labels, int(lead), startup)
         writing = None
-        if inside:
-            while time.monotonic() < sweep.started + startup and sweep.process.poll() is None:
-                time.sleep(0.005)
-            writing = _wait_for_write(root, deadline + share, sweep.process)
-        else:
-            while time.monotonic() < deadline and sweep.process.poll() is None:
-                time.sleep(0.005)
+        if inside and reached:
+            writing = _wait_for_write(root, sweep.process)
+        elif reached:
+            _wait_while_running(sweep.process, time.monotonic() + (lead - int(lead)) * sweep.epoch_seconds(epoch_seconds))
         if sweep.process.poll() is not None:  # the sweep ended before the kill: it is complete
             sweep.wait()
             break
