@@ -116,23 +116,23 @@ class Sweep:
         except ProcessLookupError:
             pass
 
-    def epochs_reported(self) -> int:
-        """How many "epoch k/E" lines this attempt has printed (its progress, in epochs of training)."""
-        return sum(1 for _, line in list(self.lines) if EPOCH_LINE.match(line))
-
-    def epoch_seconds(self, fallback: float) -> float:
-        """Wall time per epoch of progress in this attempt so far (``fallback`` before two epochs are reported)."""
-        stamps = [stamp for stamp, line in list(self.lines) if EPOCH_LINE.match(line)]
-        return (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else fallback
-
     def epoch_times(self) -> dict[str, list[float]]:
         """Per run label, the arrival times of its "epoch k/E" lines."""
         times: dict[str, list[float]] = {}
-        for stamp, line in self.lines:
+        for stamp, line in list(self.lines):  # a copy: the reader thread appends while the campaign polls
             match = EPOCH_LINE.match(line)
             if match:
                 times.setdefault(match.group(1), []).append(stamp)
         return times
+
+    def epochs_reported(self) -> int:
+        """How many epochs this attempt has reported, over all runs (its progress, in epochs of training)."""
+        return sum(len(stamps) for stamps in self.epoch_times().values())
+
+    def epoch_seconds(self, fallback: float) -> float:
+        """Wall time per epoch of progress in this attempt so far (``fallback`` before two epochs are reported)."""
+        stamps = sorted(stamp for run in self.epoch_times().values() for stamp in run)
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else fallback
 
 
 # ------------------------------------------------------------------------------- files
