@@ -183,7 +183,7 @@ def _trajectory(net, name, steps=10, **overrides):
     """Run ``steps`` host and device steps side by side; per step (host theta, device theta,
     refreshed?, the copies the device step made)."""
     X, y = problem(net)
-    settings = dict(period=4, step_size=0.05, **overrides)
+    settings = dict(dict(period=4, step_size=0.05), **overrides)
     opt = optim.make(name, net, platform=None if name == "sgd" else "kfac", preset="paper", backend="numpy", **settings)
     device = gpu.make_device(opt)
     theta = net.init(0)
@@ -221,7 +221,12 @@ METHODS = ["kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"]
 def test_device_trajectory_equals_numpy_and_copies_only_what_it_must(make_net, name):
     net = make_net()
     extra = dict(inner_steps=3) if (name == "qe-kld-wrm" and make_net is tiny_cnn) else {}
-    trajectory, _, _ = _trajectory(net, name, kl_clip=1e-3, rms_clip=0.05, **extra) if name != "sgd" else _trajectory(net, name)
+    # 7 steps with period 3: refreshes at 0, 3, 6, and QE's inner solve once its wake is full (k >= m = 3)
+    steps, period = 7, 3
+    if name == "sgd":
+        trajectory, _, _ = _trajectory(net, name, steps=steps)
+    else:
+        trajectory, _, _ = _trajectory(net, name, steps=steps, period=period, kl_clip=1e-3, rms_clip=0.05, **extra)
     down, up = _factor_sizes(net, "separate")
     dropout_bytes = {np.prod((4, *net.shapes[i])) for i, layer in enumerate(net.layers) if isinstance(layer, Dropout)}
     for k, (theta, device_theta, refreshed, copies) in enumerate(trajectory):
@@ -233,7 +238,7 @@ def test_device_trajectory_equals_numpy_and_copies_only_what_it_must(make_net, n
             assert {c.nbytes for c in large if c.direction == "to_host"} <= down, f"step {k}"
             assert {c.nbytes for c in large if c.direction == "to_device"} <= up, f"step {k}"
             assert any(c.direction == "to_host" for c in large) and any(c.direction == "to_device" for c in large)
-    assert [refreshed for *_, refreshed, _ in trajectory] == [name != "sgd" and k % 4 == 0 for k in range(10)]
+    assert [refreshed for *_, refreshed, _ in trajectory] == [name != "sgd" and k % period == 0 for k in range(steps)]
 
 
 @pytest.mark.parametrize("name", ["q-kld-wrm", "qe-kld-wrm"])
