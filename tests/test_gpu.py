@@ -183,7 +183,7 @@ def _trajectory(net, name, steps=10, **overrides):
     """Run ``steps`` host and device steps side by side; per step (host theta, device theta,
     refreshed?, the copies the device step made)."""
     X, y = problem(net)
-    settings = dict(dict(period=4, step_size=0.05), **overrides)
+    settings = {"period": 4, "step_size": 0.05, **overrides}
     opt = optim.make(name, net, platform=None if name == "sgd" else "kfac", preset="paper", backend="numpy", **settings)
     device = gpu.make_device(opt)
     theta = net.init(0)
