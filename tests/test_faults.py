@@ -89,12 +89,13 @@ def test_the_full_kill_campaign(tmp_path, jobs):
         assert report["worker_kills"] >= 1
 
 
-@given(st.integers(0, 400), st.integers(1, 30), st.integers(0, 2**32 - 1))
-def test_each_kill_leaves_at_least_one_epoch_to_run(remaining, kills_left, seed):
-    """A kill is set after a share of the remaining progress that always leaves an epoch to land in."""
-    lead = faults.kill_progress(np.random.default_rng(seed), remaining, kills_left)
-    assert 0.0 <= lead <= max(remaining - 1, 0)
-    assert lead >= min(0.3 * remaining / (kills_left + 1), remaining - 1) - 1e-12
+@given(st.integers(0, 400), st.integers(1, 30), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_each_kill_leaves_an_epoch_to_run_after_those_in_flight(remaining, kills_left, jobs, seed):
+    """A kill is set after a share of the remaining progress that leaves, beyond the ``jobs - 1``
+    other epochs that may be in flight when the count is reached, an epoch to land in."""
+    lead = faults.kill_progress(np.random.default_rng(seed), remaining, kills_left, jobs)
+    assert 0.0 <= lead <= max(remaining - jobs, 0)
+    assert lead >= min(0.3 * remaining / (kills_left + 1), remaining - jobs) - 1e-12
 
 
 def test_a_campaign_detects_a_sweep_that_differs(tmp_path, finished_sweep):

@@ -5,7 +5,7 @@ synthetic ``kldwrm mnist`` sweep once without interruption (the reference), then
 subprocess that it kills with SIGKILL, restarts, and kills again, ``--kills`` times, before
 letting it finish.  Kill moments come from a seeded generator and are set in progress, not
 time: each attempt runs a random share of the remaining epochs (:func:`kill_progress`, always
-leaving at least one), counted from its "epoch k/E" lines, plus a fraction of an epoch, so a
+leaving one beyond the epochs the other workers have in flight), counted from its "epoch k/E" lines, plus a fraction of an epoch, so a
 kill lands inside the sweep however loaded the machine is.  Every other kill waits, through
 the test-only hook :data:`kldwrm_ref.storage.WRITE_DELAY_VARIABLE` (each atomic write sleeps
 before its final rename), for a temporary file of the sweep to appear and lands inside that write.
@@ -227,12 +227,14 @@ def _bytes(leaf) -> bytes:
 
 
 # ------------------------------------------------------------------------------- campaign
-def kill_progress(rng: np.random.Generator, remaining: int, kills_left: int) -> float:
+def kill_progress(rng: np.random.Generator, remaining: int, kills_left: int, jobs: int = 1) -> float:
     """How many epochs of progress an attempt makes before its kill: the remaining work shared out
     among the kills left (and the final, unkilled attempt), times a random factor in [0.3, 1.5),
-    at most ``remaining - 1`` so that at least one epoch is still to run when the kill lands."""
+    at most ``remaining - jobs``.  With ``jobs`` runs training side by side, the other workers'
+    epochs in flight when the count is reached may end at the same moment; the cap still leaves an
+    epoch to run after them, so the kill lands before the sweep ends."""
     share = remaining / (kills_left + 1)
-    return float(min(rng.uniform(0.3, 1.5) * share, max(remaining - 1, 0)))
+    return float(min(rng.uniform(0.3, 1.5) * share, max(remaining - jobs, 0)))
 
 
 def _wait_while_running(process: subprocess.Popen, until: float) -> None:
@@ -301,7 +303,7 @@ def run_campaign(work: str | os.PathLike, kills: int = 20, jobs: int = 1, seed: 
             break
         inside = len(records) % 2 == 1
         done = sum(checkpoint_epochs(root, labels).values())
-        lead = kill_progress(rng, len(labels) * epochs - done, kills - len(records))
+        lead = kill_progress(rng, len(labels) * epochs - done, kills - len(records), jobs)
         reached = _wait_for_progress(sweep, root, labels, int(lead), startup)
         writing = None
         if inside and reached:
