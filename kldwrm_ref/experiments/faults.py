@@ -6,9 +6,10 @@ subprocess that it kills with SIGKILL, restarts, and kills again, ``--kills`` ti
 letting it finish.  Kill moments come from a seeded generator and are set in progress, not
 time: each attempt runs a random share of the remaining epochs (:func:`kill_progress`, always
 leaving one beyond the epochs the other workers have in flight), counted from its "epoch k/E"
-lines, plus a fraction of an epoch, so a kill lands inside the sweep however loaded the machine is.  Every other kill waits, through
-the test-only hook :data:`kldwrm_ref.storage.WRITE_DELAY_VARIABLE` (each atomic write sleeps
-before its final rename), for a temporary file of the sweep to appear and lands inside that write.
+lines, plus a fraction of an epoch, so a kill lands inside the sweep however loaded the machine
+is.  Every other kill waits, through the test-only hook
+:data:`kldwrm_ref.storage.WRITE_DELAY_VARIABLE` (each atomic write sleeps before its final
+rename), for a temporary file of the sweep to appear and lands inside that write.
 With ``--jobs 2`` a kill hits the parent or one of its worker processes, at random.
 
 Checked after every kill, before the restart: every file of the sweep parses (no half-written
