@@ -257,7 +257,7 @@ def plot(groups: dict, arch: str, path: Path, title: str) -> Path | None:
             axes[row, col].grid(True, alpha=0.3)
         for t in THRESHOLDS:
             axes[0, col].axhline(100 * t, color="grey", linestyle=":", linewidth=1)
-        axes[0, col].set_ylim(max(0.0, 100 * lowest_accuracy - 0.5), 100.0 * min(1.0, max(THRESHOLDS) + 0.006) if lowest_accuracy > 0.9 else None)
+        axes[0, col].set_ylim(max(0.0, 100 * lowest_accuracy - 0.5), 100.0 * min(1.0, max(THRESHOLDS) + 0.006) if lowest_accuracy > 0.9 else 100.0)  # accuracy stops at 100%, its t band need not
     for row in range(2):
         axes[row, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(loc="lower right")
