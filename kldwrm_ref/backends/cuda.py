@@ -17,6 +17,7 @@ import math
 import numpy as np
 from numba import config, cuda, float32, float64
 
+from kldwrm_ref.arrays import NUMPY_NAMESPACE, array_namespace
 from kldwrm_ref.backends import reference, rows
 
 TILE = 4 if config.ENABLE_CUDASIM else 16  # keep simulated blocks small
@@ -417,3 +418,12 @@ def max_unpool(dy, argmax, in_shape, kernel):
     """max_pool's vjp; see :func:`kldwrm_ref.backends.reference.max_unpool`."""
     require_gpu()
     return max_unpool_device(_device(dy), _device(argmax), in_shape, kernel).copy_to_host()
+
+
+def namespace():
+    """The array namespace the kernels take and return: CuPy on a GPU, NumPy on the simulator."""
+    if config.ENABLE_CUDASIM:
+        return NUMPY_NAMESPACE
+    import cupy  # noqa: PLC0415  (the optional ``gpu`` extra)
+
+    return array_namespace(cupy.empty(0))

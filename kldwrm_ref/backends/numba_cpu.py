@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from kldwrm_ref.arrays import NUMPY_NAMESPACE
 from kldwrm_ref.backends import reference, rows
 
 _xent_row = njit(cache=True)(rows.xent_row)
@@ -141,6 +142,11 @@ def _max_unpool_kernel(dy, argmax, dx, kernel):
                 for j in range(dy.shape[3]):
                     index = argmax[sample, c, i, j]
                     dx[r, c, i * kernel + index // kernel, j * kernel + index % kernel] = dy[r, c, i, j]
+
+
+def namespace():
+    """The array namespace these kernels take and return: NumPy."""
+    return NUMPY_NAMESPACE
 
 
 def _contiguous(*arrays):

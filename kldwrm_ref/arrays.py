@@ -1,0 +1,52 @@
+"""Array namespaces: the engine is written once against the array API standard (docs/gpu.md).
+
+Every array the step touches lives in one namespace - NumPy on the CPU, CuPy on the GPU, or any
+other array-API library (``array-api-strict`` in the tests) - obtained from the arrays through
+``array-api-compat``, as SciPy and scikit-learn do.  The engine never calls ``numpy`` on an array
+of the step; what must cross to the host (eigendecompositions with a host fallback, Python
+scalars that decide control flow) goes through :func:`to_numpy` and :func:`host_floats`, which a
+test can count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace, is_cupy_namespace, is_numpy_namespace
+
+__all__ = ["array_namespace", "from_numpy", "host_floats", "is_cupy_namespace", "is_numpy_namespace", "namespace_name", "to_numpy"]
+
+NUMPY_NAMESPACE = array_namespace(np.empty(0))
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host NumPy copy of ``x`` (no copy when it already is a NumPy array)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get") and callable(x.get):  # CuPy: device to host
+        return x.get()
+    return np.from_dlpack(x)
+
+
+def from_numpy(xp: Any, x: Any, dtype: Any = None) -> Any:
+    """``x`` (a NumPy array or a Python value) as an array of namespace ``xp``."""
+    if is_numpy_namespace(xp):
+        return np.asarray(x, dtype=dtype)
+    if dtype is not None and isinstance(dtype, np.dtype | type):
+        dtype = getattr(xp, np.dtype(dtype).name)
+    return xp.asarray(x, dtype=dtype)
+
+
+def host_floats(xp: Any, *scalars: Any) -> list[float]:
+    """Several 0-d arrays (or Python numbers) read to the host as floats in one transfer: on a GPU
+    each separate ``float(x)`` is a synchronisation, so a phase batches its reads into one."""
+    if is_numpy_namespace(xp):
+        return [float(s) for s in scalars]
+    stacked = xp.stack([xp.astype(xp.asarray(s), xp.float64) if not isinstance(s, int | float) else xp.asarray(float(s), dtype=xp.float64) for s in scalars])
+    return [float(v) for v in to_numpy(stacked)]
+
+
+def namespace_name(xp: Any) -> str:
+    """A short name of the namespace for messages ("numpy", "cupy", "array_api_strict", ...)."""
+    return getattr(xp, "__name__", repr(xp)).replace("array_api_compat.", "")
