@@ -424,6 +424,6 @@ def namespace():
     """The array namespace the kernels take and return: CuPy on a GPU, NumPy on the simulator."""
     if config.ENABLE_CUDASIM:
         return NUMPY_NAMESPACE
-    import cupy  # noqa: PLC0415  (the optional ``gpu`` extra)
+    import cupy
 
     return array_namespace(cupy.empty(0))
