@@ -10,23 +10,43 @@ test can count.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 from array_api_compat import array_namespace, is_cupy_namespace, is_numpy_namespace
 
-__all__ = ["array_namespace", "from_numpy", "host_floats", "is_cupy_namespace", "is_numpy_namespace", "namespace_name", "to_numpy"]
+__all__ = ["array_namespace", "counting_transfers", "from_numpy", "host_floats", "is_cupy_namespace", "is_numpy_namespace", "namespace_name", "to_numpy"]
 
 NUMPY_NAMESPACE = array_namespace(np.empty(0))
+_transfers: list[tuple[str, int]] | None = None
+
+
+@contextmanager
+def counting_transfers() -> Iterator[list[tuple[str, int]]]:
+    """Within the context, every copy :func:`to_numpy` and :func:`from_numpy` make between the host
+    and another namespace is logged as ("to host" | "to device", bytes) in the yielded list."""
+    global _transfers
+    outer, _transfers = _transfers, []
+    try:
+        yield _transfers
+    finally:
+        _transfers = outer
+
+
+def _log(direction: str, nbytes: int) -> None:
+    if _transfers is not None:
+        _transfers.append((direction, int(nbytes)))
 
 
 def to_numpy(x: Any) -> np.ndarray:
     """A host NumPy copy of ``x`` (no copy when it already is a NumPy array)."""
     if isinstance(x, np.ndarray):
         return x
-    if hasattr(x, "get") and callable(x.get):  # CuPy: device to host
-        return x.get()
-    return np.from_dlpack(x)
+    host = x.get() if hasattr(x, "get") and callable(x.get) else np.from_dlpack(x)  # CuPy: device to host
+    _log("to host", host.nbytes)
+    return host
 
 
 def from_numpy(xp: Any, x: Any, dtype: Any = None) -> Any:
@@ -35,6 +55,8 @@ def from_numpy(xp: Any, x: Any, dtype: Any = None) -> Any:
         return np.asarray(x, dtype=dtype)
     if dtype is not None and isinstance(dtype, np.dtype | type):
         dtype = getattr(xp, np.dtype(dtype).name)
+    if isinstance(x, np.ndarray):
+        _log("to device", x.nbytes)
     return xp.asarray(x, dtype=dtype)
 
 
@@ -43,7 +65,7 @@ def host_floats(xp: Any, *scalars: Any) -> list[float]:
     each separate ``float(x)`` is a synchronisation, so a phase batches its reads into one."""
     if is_numpy_namespace(xp):
         return [float(s) for s in scalars]
-    stacked = xp.stack([xp.astype(xp.asarray(s), xp.float64) if not isinstance(s, int | float) else xp.asarray(float(s), dtype=xp.float64) for s in scalars])
+    stacked = xp.stack([xp.asarray(float(s), dtype=xp.float64) if isinstance(s, int | float) else xp.astype(s, xp.float64) for s in scalars])
     return [float(v) for v in to_numpy(stacked)]
 
 

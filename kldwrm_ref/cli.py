@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from kldwrm_ref.allocator import reuse_freed_memory
+from kldwrm_ref.backends.probe import GPUUnavailableError
 from kldwrm_ref.bench import cli as bench_cli
 from kldwrm_ref.experiments import cli as experiments_cli
 from kldwrm_ref.theory import verify
@@ -32,7 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     reuse_freed_memory()
-    return COMMANDS[argv[0]][0](argv[1:])
+    try:
+        return COMMANDS[argv[0]][0](argv[1:])
+    except GPUUnavailableError as error:  # backend "cuda" without what it needs: one line, no traceback
+        print(f"kldwrm: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -165,8 +165,6 @@ def test_kernels_check_their_arguments():
         be.kl_and_grad(np.zeros((2, 3)), np.zeros((2, 3)), "reverse")
     with pytest.raises(ValueError, match="ref_logits has shape"):
         be.kl_and_grad(np.zeros((2, 3)), np.zeros((3, 3)))
-    with pytest.raises(ValueError, match="matmul needs"):
-        get_backend("cuda").matmul(np.zeros((2, 3)), np.zeros((2, 3)))
 
 
 def test_backend_seam():
@@ -177,14 +175,6 @@ def test_backend_seam():
     for op in OPERATIONS:
         assert getattr(auto, op) is getattr(get_backend("numpy" if op in AUTO_NUMPY else "numba"), op)
     assert set(BACKENDS) == {"numpy", "numba", "cuda", "auto"}
-
-
-def test_cuda_without_gpu_names_the_simulator(monkeypatch):
-    from kldwrm_ref.backends import cuda as cuda_ops
-
-    monkeypatch.setattr(cuda_ops.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="NUMBA_ENABLE_CUDASIM=1"):
-        get_backend("cuda")
 
 
 @pytest.mark.parametrize("backend", ["numba", "cuda"])

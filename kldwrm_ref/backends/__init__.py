@@ -31,6 +31,9 @@ import numpy as np
 
 from kldwrm_ref.arrays import NUMPY_NAMESPACE, from_numpy, to_numpy
 from kldwrm_ref.backends import reference
+from kldwrm_ref.backends.probe import GPUUnavailableError, require_gpu_stack
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "NUMPY", "OPERATIONS", "Backend", "GPUUnavailableError", "get_backend", "host_hop_backend"]
 
 BACKENDS = ("numpy", "numba", "cuda", "auto")
 DEFAULT_BACKEND = "auto"
@@ -79,14 +82,14 @@ def get_backend(name: str | Backend = DEFAULT_BACKEND) -> Backend:
         return name
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}")
+    if name == "cuda":
+        require_gpu_stack()
     if name not in _BUILT:
         if name == "auto":
             _BUILT[name] = Backend(name, NUMPY_NAMESPACE, **{op: getattr(get_backend("numpy" if op in AUTO_NUMPY else "numba"), op) for op in OPERATIONS})
         else:
             module = importlib.import_module(_MODULES[name])
             _BUILT[name] = Backend._make([name, module.namespace(), *(getattr(module, op) for op in OPERATIONS)])
-    if name == "cuda":
-        importlib.import_module(_MODULES["cuda"]).require_gpu()
     return _BUILT[name]
 
 

@@ -89,27 +89,26 @@ def kl_row(ref_logits, logits, values, grad, symmetric, i):
 
 def im2col_element(x, cols, e, kernel, stride, padding, out_w):
     """cols.flat[e] = x[n, c, oh s + i - p, ow s + j - p] (zero in the padding) for the flat index
-    e of cols (N, T, C k k), t = oh W_out + ow, the patch column (c, i, j) row-major: the
-    position-major layout of the device-resident step (the host-facing cuda backend transposes it
-    to the channel-major layout of :func:`kldwrm_ref.backends.reference.im2col`)."""
-    n_patch = cols.shape[2]
-    per_sample = cols.shape[1] * n_patch
+    e of cols (N, C k k, T), the patch row q = (c, i, j) row-major, t = oh W_out + ow: the
+    channel-major layout of :func:`kldwrm_ref.backends.reference.im2col`."""
+    n_pos = cols.shape[2]
+    per_sample = cols.shape[1] * n_pos
     n = e // per_sample
-    t = (e % per_sample) // n_patch
-    q = e % n_patch
+    q = (e % per_sample) // n_pos
+    t = e % n_pos
     c = q // (kernel * kernel)
     i = (q % (kernel * kernel)) // kernel
     j = q % kernel
     h = (t // out_w) * stride + i - padding
     w = (t % out_w) * stride + j - padding
     if 0 <= h < x.shape[2] and 0 <= w < x.shape[3]:
-        cols[n, t, q] = x[n, c, h, w]
+        cols[n, q, t] = x[n, c, h, w]
     else:
-        cols[n, t, q] = 0.0
+        cols[n, q, t] = 0.0
 
 
 def col2im_element(cols, dx, e, kernel, stride, padding, out_h, out_w):
-    """dx.flat[e] for dx (R, C, H, W): the sum of the patch cotangents cols[r, t, (c, i, j)] of
+    """dx.flat[e] for dx (R, C, H, W): the sum of the patch cotangents cols[r, (c, i, j), t] of
     every output position t whose window covers (h, w); a gather, so threads never collide."""
     height, width = dx.shape[2], dx.shape[3]
     r = e // (dx.shape[1] * height * width)
@@ -123,7 +122,7 @@ def col2im_element(cols, dx, e, kernel, stride, padding, out_h, out_w):
             for j in range(kernel):
                 wj = w - j
                 if wj >= 0 and wj % stride == 0 and wj // stride < out_w:
-                    total += cols[r, (hi // stride) * out_w + wj // stride, (c * kernel + i) * kernel + j]
+                    total += cols[r, (c * kernel + i) * kernel + j, (hi // stride) * out_w + wj // stride]
     dx[r, c, h - padding, w - padding] = total
 
 

@@ -25,6 +25,7 @@ from functools import partial
 import numpy as np
 
 from kldwrm_ref import optim
+from kldwrm_ref.arrays import is_cupy_namespace
 from kldwrm_ref.bench.timing import gemm_throughput, median_time
 from kldwrm_ref.curvature.fisher import fisher
 from kldwrm_ref.data import synthetic_classification
@@ -121,24 +122,29 @@ def time_steps(name: str, platform: str, preset: str, dtype, backend: str, archi
 
 
 def _stepper(opt: optim.Optimizer, net, theta, X, y):
-    """(step, theta, state, batch(start, size)): the device-resident step (synchronised before it
-    returns) for backend "cuda" when the optimiser supports it, else the optimiser's own step."""
-    if opt.backend == "cuda":
-        from kldwrm_ref import gpu
+    """(step, theta, state, batch(start, size)): the optimiser's own step on the arrays of its
+    backend's namespace (theta, the state and the batches live on the GPU for backend "cuda"),
+    synchronised before it returns so that the wall time covers the device's work."""
+    backend = opt.network.backend if opt.network is not None else net.backend
+    X_dev, y_dev = backend.asarray(X), backend.asarray(y)
+    theta = backend.asarray(theta)
+    synchronise = _synchroniser(backend.xp)
 
-        if gpu.unsupported_reason(opt) is None:
-            from numba import cuda
+    def step(theta, state, X_batch, y_batch):
+        out = opt.step(theta, state, X_batch, y_batch)
+        synchronise()
+        return out
 
-            device, data = gpu.make_device(opt), gpu.DeviceData(X, y, net.input_shape, net.dtype)
-            order = gpu.to_device(np.arange(len(y)))
+    return step, theta, opt.init(theta), lambda start, size: (X_dev[start : start + size], y_dev[start : start + size])
 
-            def device_step(theta, state, X_batch, y_batch):
-                out = device.step(theta, state, X_batch, y_batch)
-                cuda.synchronize()
-                return out
 
-            return device_step, *device.upload(theta, opt.init(theta)), lambda start, size: data.batch(order, start, size)
-    return opt.step, theta, opt.init(theta), lambda start, size: (X[start : start + size], y[start : start + size])
+def _synchroniser(xp):
+    """A function that waits for the device's queued work (nothing to wait for on the CPU)."""
+    if is_cupy_namespace(xp):
+        import cupy
+
+        return cupy.cuda.get_current_stream().synchronize
+    return lambda: None
 
 
 def breakdown(presets, dtypes, backends, architectures=((784, 256, 10),), trace_memory=True, **overrides) -> list[dict]:
@@ -233,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kldwrm bench step", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", choices=optim.PRESETS, default=list(optim.PRESETS))
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"])
-    parser.add_argument("--backends", nargs="+", choices=["numpy", "numba", "auto", "cuda"], default=["numpy", "numba"], help="cuda: the device-resident step (docs/gpu.md)")
+    parser.add_argument("--backends", nargs="+", choices=["numpy", "numba", "auto", "cuda"], default=["numpy", "numba"], help="cuda: every array on the GPU (CuPy + numba-cuda; docs/gpu.md)")
     parser.add_argument("--damping-style", choices=["eigen", "factored", "factored-explicit"], help="override the K-FAC damping style")
     parser.add_argument("--architectures", nargs="+", default=["784-256-10"], metavar="ARCH", help="MLP sizes like 784-256-10, or paper-cnn (default: 784-256-10)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling tables")

@@ -27,19 +27,26 @@ def gemm_throughput(dtype, n: int = 2048, repeats: int = 5) -> float:
 
 
 def device_gemm_throughput(dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the device's tiled product (:func:`kldwrm_ref.backends.cuda.matmul_device`) on
-    n x n operands resident on the GPU (n = 8 under the simulator, where it means nothing)."""
-    from numba import config, cuda
+    """FLOP/s of the cuda backend's product (cuBLAS through CuPy) on n x n operands resident on
+    the GPU, synchronised (n = 8 under the simulator, where it means nothing)."""
+    from numba import config
 
-    from kldwrm_ref.backends.cuda import matmul_device
+    from kldwrm_ref.arrays import is_cupy_namespace
+    from kldwrm_ref.backends import get_backend
 
+    backend = get_backend("cuda")
     n = 8 if config.ENABLE_CUDASIM else n
     rng = np.random.default_rng(0)
-    a, b = (cuda.to_device(rng.standard_normal((n, n)).astype(dtype)) for _ in range(2))
-    out = cuda.device_array((n, n), dtype=dtype)
+    a, b = (backend.asarray(rng.standard_normal((n, n)).astype(dtype)) for _ in range(2))
+    if is_cupy_namespace(backend.xp):
+        import cupy
+
+        wait = cupy.cuda.get_current_stream().synchronize
+    else:
+        wait = lambda: None  # noqa: E731
 
     def product() -> None:
-        matmul_device(a, b, out=out, tiled=True)
-        cuda.synchronize()
+        backend.matmul(a, b)
+        wait()
 
     return 2.0 * n**3 / median_time(product, repeats)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from kldwrm_ref import optim
-from kldwrm_ref.backends import BACKENDS
+from kldwrm_ref.backends import BACKENDS, get_backend
 from kldwrm_ref.model import ACTIVATIONS
 from kldwrm_ref.model.zoo import NAMED_NETWORKS, arch_label, build_network, input_size
 from kldwrm_ref.validation import check_choice, check_positive_int
@@ -108,7 +108,7 @@ def validate_config(config: dict) -> dict:
     check_choice(cfg["activation"], "activation", ACTIVATIONS)
     check_choice(cfg["platform"], "platform", optim.PLATFORMS)
     check_choice(cfg["preset"], "preset", optim.PRESETS)
-    check_choice(cfg["backend"], "backend", BACKENDS)
+    get_backend(check_choice(cfg["backend"], "backend", BACKENDS))  # "cuda": CuPy, a device and numba-cuda, before any file is written
     check_choice(cfg["dtype"], "dtype", DTYPES)
     check_positive_int(cfg["epochs"], "epochs")
     check_positive_int(cfg["batch"], "batch")

@@ -42,7 +42,7 @@ from kldwrm_ref.experiments.config import RunSpec, build_network, expand, input_
 from kldwrm_ref.experiments.lock import LockHeld, acquire_run_lock
 from kldwrm_ref.experiments.report import write_summary
 from kldwrm_ref.experiments.run_folder import CHECKPOINT, EXPORTS, METRIC_FIELDS, Record, RunFolderError, read_exports, restore, save_record
-from kldwrm_ref.experiments.trainers import make_trainer
+from kldwrm_ref.experiments.trainers import Trainer
 from kldwrm_ref.storage import read_json, remove_stale_temporaries, write_json
 from kldwrm_ref.validation import check_positive_int
 
@@ -185,7 +185,7 @@ def _train(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool, log) -> 
     if steps_per_epoch < 1:
         raise ValueError(f"batch ({spec.batch}) must not exceed the number of training examples ({n})")
     epoch = record.epoch
-    trainer = make_trainer(opt, net, spec.batch, log)
+    trainer = Trainer(opt, net, spec.batch)
     trainer.start(record.theta, record.state, data.X_train, data.y_train)
 
     def diverged(step: int, quantity: str, message: str) -> dict:

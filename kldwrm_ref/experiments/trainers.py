@@ -1,10 +1,11 @@
-"""Where the runner's training loop computes: on the host, or device-resident on a GPU.
+"""The runner's training loop on the arrays of the optimiser's backend (docs/gpu.md).
 
-A trainer holds theta and the optimiser state between epochs: :meth:`start` takes host ones,
-:meth:`run_epoch` takes the steps of one epoch over a row order, :meth:`snapshot` gives host ones
-back (for checkpoints) and :meth:`evaluate` scores a split.  :func:`make_trainer` picks the
-:class:`DeviceTrainer` (:mod:`kldwrm_ref.gpu`) for ``backend="cuda"`` when the optimiser can run
-device-resident, else the :class:`HostTrainer`.
+A :class:`Trainer` holds theta and the optimiser state between epochs in the backend's array
+namespace (NumPy on the CPU, CuPy on the GPU): :meth:`Trainer.start` takes host ones and moves
+them there, together with the training set (once per run); :meth:`Trainer.run_epoch` takes the
+steps of one epoch over a row order, gathering each batch where the data lives;
+:meth:`Trainer.snapshot` gives host copies back (for checkpoints) and :meth:`Trainer.evaluate`
+scores a split, reading the logits back in chunks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from kldwrm_ref import optim
+from kldwrm_ref.arrays import to_numpy
 from kldwrm_ref.backends import NUMPY
 from kldwrm_ref.model import Network, losses
 
@@ -23,84 +25,58 @@ def score(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     return float(losses.cross_entropy(logits, y, NUMPY)[0].mean()) * len(y), np.argmax(logits, axis=1) == y
 
 
-class HostTrainer:
-    """The optimiser's own step on host arrays; a batch is X[rows] of the epoch's order.  The
-    evaluation's logits come from the optimiser's network (its backend: the auto backend's Numba
-    max-pooling makes the CNN's evaluation 0.77x; the logits equal the NumPy backend's bit for
-    bit), its losses from the NumPy reference kernel."""
+def map_arrays(fn, tree: Any) -> Any:
+    """Apply ``fn`` to every array leaf of nested tuples / NamedTuples (None and scalars pass)."""
+    if isinstance(tree, tuple):
+        mapped = [map_arrays(fn, leaf) for leaf in tree]
+        return type(tree)(*mapped) if hasattr(tree, "_fields") else tuple(mapped)
+    return fn(tree) if hasattr(tree, "shape") and hasattr(tree, "dtype") else tree
+
+
+class Trainer:
+    """The optimiser's own step on arrays of its network's backend.  The evaluation's logits come
+    from that network (the auto backend's Numba max-pooling makes the CNN's evaluation 0.77x; the
+    logits equal the NumPy backend's bit for bit), its losses from the NumPy reference kernel."""
 
     def __init__(self, opt: optim.Optimizer, net: Network, batch: int, chunk: int = 10000):
         self.opt, self.batch, self.chunk = opt, batch, chunk
-        self.net = net if opt.network is None or opt.backend == "cuda" else opt.network
+        self.net = net if opt.network is None else opt.network
+        self.backend = self.net.backend
+        self.resident: dict[int, tuple[np.ndarray, Any, Any]] = {}
+
+    def _on_device(self, X: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+        """(X, y) in the backend's namespace: each split moved once per run (no copy on NumPy)."""
+        if id(X) not in self.resident:
+            self.resident[id(X)] = (X, self.backend.asarray(X), self.backend.asarray(y))
+        _, X_dev, y_dev = self.resident[id(X)]
+        return X_dev, y_dev
 
     def start(self, theta: np.ndarray, state: optim.OptState, X: np.ndarray, y: np.ndarray) -> None:
-        self.theta, self.state, self.X, self.y = theta, state, X, y
+        self.theta = self.backend.asarray(theta)
+        self.state = map_arrays(self.backend.asarray, state)
+        self.X, self.y = self._on_device(X, y)
 
     def run_epoch(self, order: np.ndarray, on_step) -> None:
+        xp = self.backend.xp
+        order_dev = self.backend.asarray(order)
         for start in range(0, len(order) - self.batch + 1, self.batch):
-            rows = order[start : start + self.batch]
-            self.theta, self.state, info = self.opt.step(self.theta, self.state, self.X[rows], self.y[rows])
+            rows = order_dev[start : start + self.batch]
+            X_batch = xp.take(self.X, rows, axis=0)
+            y_batch = xp.take(self.y, rows, axis=0)
+            self.theta, self.state, info = self.opt.step(self.theta, self.state, X_batch, y_batch)
             on_step(info)
 
     def snapshot(self) -> tuple[np.ndarray, optim.OptState]:
-        return self.theta, self.state
+        return to_numpy(self.theta), map_arrays(to_numpy, self.state._replace(inverse=None))
 
     def evaluate(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarray]:
         """Mean cross-entropy, accuracy and per-example correctness over all of (X, y), in chunks."""
+        X_dev, _ = self._on_device(X, y)
         total, correct = 0.0, np.empty(len(y), dtype=bool)
         for start in range(0, len(y), self.chunk):
             rows = slice(start, start + self.chunk)
-            total_part, correct[rows] = score(self.net.logits(self.theta, X[rows]), y[rows])
+            total_part, correct[rows] = score(to_numpy(self.net.logits(self.theta, X_dev[rows])), y[rows])
             total += total_part
         return total / len(y), np.count_nonzero(correct) / len(y), correct
 
 
-class DeviceTrainer:
-    """The device-resident step (docs/gpu.md): the training set is uploaded once per run, each
-    epoch's order once per epoch; theta and the state come back to the host only in :meth:`snapshot`."""
-
-    def __init__(self, opt: optim.Optimizer, net: Network, batch: int, chunk: int = 10000):
-        from kldwrm_ref import gpu
-
-        self.gpu, self.net, self.batch, self.chunk = gpu, net, batch, chunk
-        self.device = gpu.make_device(opt)
-        self.uploaded: dict[int, Any] = {}
-
-    def _data(self, X: np.ndarray, y: np.ndarray):
-        if id(X) not in self.uploaded:  # each split once per run
-            self.uploaded[id(X)] = (X, self.gpu.DeviceData(X, y, self.net.input_shape, self.net.dtype))
-        return self.uploaded[id(X)][1]
-
-    def start(self, theta: np.ndarray, state: optim.OptState, X: np.ndarray, y: np.ndarray) -> None:
-        self.theta, self.state = self.device.upload(theta, state)
-        self.train = self._data(X, y)
-
-    def run_epoch(self, order: np.ndarray, on_step) -> None:
-        for X_batch, y_batch in self.train.batches(order, self.batch):
-            self.theta, self.state, info = self.device.step(self.theta, self.state, X_batch, y_batch)
-            on_step(info)
-
-    def snapshot(self) -> tuple[np.ndarray, optim.OptState]:
-        return self.device.download(self.theta, self.state)
-
-    def evaluate(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarray]:
-        data = self._data(X, y)
-        total, correct = 0.0, np.empty(len(y), dtype=bool)
-        for rows, X_chunk in data.chunks(self.chunk):
-            logits = self.gpu.to_host(self.device.device_net.forward(self.theta, X_chunk).logits)
-            total_part, correct[rows] = score(logits, y[rows])
-            total += total_part
-        return total / len(y), np.count_nonzero(correct) / len(y), correct
-
-
-def make_trainer(opt: optim.Optimizer, net: Network, batch: int, log=print) -> HostTrainer | DeviceTrainer:
-    """The device-resident trainer for backend "cuda" when ``opt`` supports it, else the host one."""
-    if opt.backend != "cuda":
-        return HostTrainer(opt, net, batch)
-    from kldwrm_ref.gpu import unsupported_reason
-
-    reason = unsupported_reason(opt)
-    if reason is None:
-        return DeviceTrainer(opt, net, batch)
-    log(f"{opt.name}: not device-resident ({reason}); every kernel copies to the GPU and back")
-    return HostTrainer(opt, net, batch)

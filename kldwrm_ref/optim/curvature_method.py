@@ -20,6 +20,7 @@ What tells the methods apart is a :class:`MethodSpec`, not string flags.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,7 +140,7 @@ def make_curvature_method(name: str, net: Network, hyper: Hyper, platform: str) 
         new_state = OptState(k + 1, ea, inverse, current, previous, wake)
         timer.times["total"] = sum(timer.times.values())
         trace = StepTrace(alpha, masks, labels, g, current if refresh else None, averaged, solver, estimator.damping, ghat, ghat_wd, unclipped, v, q_step, inner_steps, s)
-        info.update(loss=loss, step_norm=float(np.linalg.norm(s)), refreshed=refresh, time=timer.times, trace=trace)
+        info.update(loss=loss, step_norm=math.sqrt(float(s @ s)), refreshed=refresh, time=timer.times, trace=trace)
         return theta + s, new_state, info
 
     return Optimizer(name, hyper, init, step)

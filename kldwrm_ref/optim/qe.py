@@ -8,11 +8,13 @@ eta term only when ``proximal`` (the authors' objective has none).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from kldwrm_ref.arrays import array_namespace, host_floats
 from kldwrm_ref.curvature.averaging import truncated_wake_weights
 from kldwrm_ref.curvature.estimators import Estimator
 from kldwrm_ref.model import losses
@@ -40,25 +42,27 @@ class WakeObjective(NamedTuple):
 
     def value_and_gradient(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """E_k(theta) and its gradient g + B s + scale (sum_j w_j [J^T dKL_j / N + eta (theta - theta_j)])."""
+        xp = self.net.backend.xp
         s = theta - self.theta_k
         Bs = self.B_operator.matvec(s)
         cache = self.net.forward(theta, self.X, self.net.training_rng(self.masks))
-        total_dlogits = np.zeros_like(cache.logits)
-        wake_value = 0.0
+        total_dlogits = xp.zeros_like(cache.logits)
+        wake_value = 0.0  # becomes a float64 0-d array: read once, below
         for w, ref in zip(self.weights, self.ref_logits):
             values, dlogits = losses.kl(ref, cache.logits, self.kind, self.net.backend)
-            wake_value += w * float(values.mean())
-            total_dlogits += w * dlogits
+            wake_value += float(w) * xp.astype(xp.mean(values), xp.float64)
+            total_dlogits += float(w) * dlogits
         grad = self.net.vjp(theta, cache, total_dlogits)
         grad *= self.scale / self.X.X.shape[0]
         if self.proximal:  # the proximal term only when present: no theta-sized temporaries otherwise
             for w, centre in zip(self.weights, self.centres):
                 d = theta - centre
-                wake_value += w * 0.5 * self.proximal * float(d @ d)
-                grad += (self.scale * w * self.proximal) * d
+                wake_value += float(w) * 0.5 * self.proximal * xp.astype(d @ d, xp.float64)
+                grad += float(self.scale * w * self.proximal) * d
         grad += self.g
         grad += Bs
-        return float(self.g @ s + 0.5 * s @ Bs) + self.scale * wake_value, grad
+        model_value, wake_total = host_floats(xp, self.g @ s + 0.5 * s @ Bs, wake_value)
+        return model_value + self.scale * wake_total, grad
 
 
 def wake_objective(net: Network, estimator: Estimator, hyper: Hyper, theta_k, g, B, alpha: float, wake: Sequence[np.ndarray], X, k: int, masks: tuple[int, ...]) -> WakeObjective:
@@ -82,11 +86,12 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
     converges from the Q step however far that lands.
     """
     objective = wake_objective(net, estimator, hyper, theta_k, g, B, alpha, wake, X, k, masks)
-    s = s_q.copy()
+    xp = array_namespace(s_q)
+    s = xp.asarray(s_q, copy=True)
     steps: list[np.ndarray] = []
     value, grad = objective.value_and_gradient(theta_k + s)
     if hyper.inner == "sgd":
-        velocity = np.zeros_like(s)
+        velocity = xp.zeros_like(s)
         for i in range(hyper.inner_steps):
             direction = grad
             if hyper.rms_clip is not None:
@@ -104,13 +109,13 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
     for _ in range(hyper.inner_steps):
         preconditioner = fixed if fixed is not None else gauss_newton_inverse(estimator, hyper, B, c, theta_k + s, X)
         direction = -preconditioner.matvec(grad)
-        slope = float(grad @ direction)
-        t, grad_norm = 1.0, np.linalg.norm(grad)
+        slope, grad_norm2 = host_floats(xp, grad @ direction, grad @ grad)
+        t, grad_norm = 1.0, math.sqrt(grad_norm2)
         for _ in range(40):
             new_value, new_grad = objective.value_and_gradient(theta_k + s + t * direction)
             # Armijo decrease, or (near the minimiser, where E's round-off hides the decrease)
             # a smaller gradient norm
-            if new_value <= value + 1e-4 * t * slope or np.linalg.norm(new_grad) < grad_norm:
+            if new_value <= value + 1e-4 * t * slope or math.sqrt(float(new_grad @ new_grad)) < grad_norm:
                 break
             t *= 0.5
         s, value, grad = s + t * direction, new_value, new_grad

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -14,7 +15,7 @@ from kldwrm_ref.optim.state import Optimizer, OptState, check_batch, finite_or_r
 def make_sgd(net: Network, hyper: Hyper) -> Optimizer:
     def init(theta: np.ndarray) -> OptState:
         net.check_theta(theta)
-        return OptState(0, velocity=np.zeros_like(theta))
+        return OptState(0, velocity=net.backend.xp.zeros_like(theta))
 
     def step(theta: np.ndarray, state: OptState, X: np.ndarray, y: np.ndarray):
         start = time.perf_counter()
@@ -29,7 +30,7 @@ def make_sgd(net: Network, hyper: Hyper) -> Optimizer:
         s = -step_size_or_raise(hyper.step_size, k) * velocity
         finite_or_raise(k, "step", s)
         elapsed = time.perf_counter() - start
-        info = dict(loss=loss, step_norm=float(np.linalg.norm(s)), time=dict(forward_backward=elapsed, total=elapsed))
+        info = dict(loss=loss, step_norm=math.sqrt(float(s @ s)), time=dict(forward_backward=elapsed, total=elapsed))
         return theta + s, state._replace(step=k + 1, velocity=velocity), info
 
     return Optimizer("sgd", hyper, init, step)

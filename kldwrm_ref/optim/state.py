@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from kldwrm_ref.arrays import array_namespace
 from kldwrm_ref.curvature.averaging import EAState
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.optim.hyper import Hyper
@@ -23,13 +24,24 @@ class DivergenceError(FloatingPointError):
         self.step, self.quantity = step, quantity
 
 
+def _leaves(value: Any) -> list:
+    if isinstance(value, tuple):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [] if value is None else [value]
+
+
 def finite_or_raise(step: int, quantity: str, value: Any) -> None:
-    """Raise :class:`DivergenceError` unless every entry of ``value`` (arrays or tuples of them) is finite."""
-    leaves = value if isinstance(value, tuple) else (value,)
-    for leaf in leaves:
-        if isinstance(leaf, tuple):
-            finite_or_raise(step, quantity, leaf)
-        elif not np.all(np.isfinite(leaf)):
+    """Raise :class:`DivergenceError` unless every entry of ``value`` (numbers, arrays or tuples of
+    them) is finite; the arrays' verdicts are read to the host in one transfer."""
+    leaves = _leaves(value)
+    numbers_ = [leaf for leaf in leaves if isinstance(leaf, numbers.Real)]
+    arrays = [leaf for leaf in leaves if not isinstance(leaf, numbers.Real)]
+    if not all(math.isfinite(n) for n in numbers_):
+        raise DivergenceError(step, quantity)
+    if arrays:
+        xp = array_namespace(*arrays)
+        verdicts = [xp.all(xp.isfinite(a)) for a in arrays]
+        if not bool(verdicts[0] if len(verdicts) == 1 else xp.all(xp.stack(verdicts))):
             raise DivergenceError(step, quantity)
 
 
@@ -41,9 +53,10 @@ def step_size_or_raise(step_size, k: int) -> float:
     return float(from_schedule)
 
 
-def check_batch(k: int, X: np.ndarray) -> None:
+def check_batch(k: int, X: Any) -> None:
     """A batch with a NaN or an infinity ends the run as diverged at step k (quantity "batch")."""
-    if not np.all(np.isfinite(X)):
+    xp = array_namespace(X)
+    if not bool(xp.all(xp.isfinite(X))):
         raise DivergenceError(k, "batch", "holds a NaN or an infinity")
 
 
