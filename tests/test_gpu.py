@@ -97,7 +97,13 @@ def test_the_simulator_needs_no_cupy(monkeypatch):
     probe.require_gpu_stack()  # conftest runs the simulator: numba-cuda is enough
 
 
-@pytest.mark.parametrize("command", [["bench", "step", "--backends", "cuda", "--presets", "paper", "--dtypes", "float32", "--json", "out"], ["mnist", "--synthetic", "--epochs", "1", "--optimizers", "kfac", "--seeds", "0", "--backend", "cuda", "--out", "out"]])
+COMMANDS_ON_CUDA = [
+    ["bench", "step", "--backends", "cuda", "--presets", "paper", "--dtypes", "float32", "--json", "out"],
+    ["mnist", "--synthetic", "--epochs", "1", "--optimizers", "kfac", "--seeds", "0", "--backend", "cuda", "--out", "out"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS_ON_CUDA)
 def test_the_command_says_what_is_missing_in_one_line(tmp_path, command):
     """Outside the simulator, on a machine without CuPy or a GPU: one line on stderr, exit 2, no traceback."""
     pytest.importorskip("numba.cuda")
