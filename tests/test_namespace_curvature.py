@@ -230,5 +230,5 @@ def test_fisher_cotangents_equal_numpy(fisher_type):
 def test_dense_platform_refuses_another_namespace():
     net = MLP([3, 2], backend=STRICT)
     estimator = DenseEstimator(net, 0.1)
-    with pytest.raises(ValueError, match="the dense Fisher runs on the host with NumPy arrays only .* use the K-FAC platform"):
+    with pytest.raises(ValueError, match=r"the dense Fisher runs on the host with NumPy arrays only .* use the K-FAC platform"):
         estimator.compute(strict(net.init(0)), strict(np.zeros((2, 3))), None, None, None)
