@@ -209,3 +209,12 @@ def test_block_index_is_a_slice_only_for_one_ascending_run():
         index = block_index(positions)
         assert isinstance(index, slice) == (positions.size > 0 and np.array_equal(positions, np.arange(positions[0], positions[0] + positions.size)))
         np.testing.assert_array_equal(v[index], v[positions])
+
+
+def test_blocks_must_cover_each_parameter_once():
+    block = KronBlock(np.eye(3), np.eye(2), np.arange(6), "layer 0")
+    overlapping = KronBlock(np.eye(3), np.eye(2), np.arange(3, 9), "layer 1")
+    with pytest.raises(ValueError, match="blocks cover 12 parameters, expected n_params=9"):
+        KFACOperator([block, overlapping], 9, NUMPY)
+    with pytest.raises(ValueError, match="must cover each of the n_params=9 parameters once"):
+        KFACOperator([block, KronBlock(np.eye(1), np.eye(3), np.array([5, 6, 7]), "layer 1")], 9, NUMPY)

@@ -6,7 +6,8 @@ A curvature estimate is a tuple of arrays or of NamedTuples of arrays (one dense
 :class:`~kldwrm_ref.curvature.kfac.KFACFactors` per layer); the average runs leaf by leaf.  With
 a refresh period T the average advances only on calls whose step counter is a multiple of T;
 k counts the *updates*.  ``zero_start=True`` is the bias-corrected variant (Adam style): Mbar
-starts at 0 and is read as Mbar_k / (1 - rho^(k+1)).
+starts at 0 and is read as Mbar_k / (1 - rho^(k+1)).  The leaves are arrays of any namespace
+(the blend runs through ``backend.ea_update``); the wake weights are small host NumPy vectors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from kldwrm_ref.arrays import array_namespace
 from kldwrm_ref.backends import NUMPY, Backend
 from kldwrm_ref.validation import check_positive_int, check_rho
 
@@ -44,9 +46,19 @@ def truncated_wake_weights(rho: float, k: int, m: int) -> tuple[np.ndarray, np.n
     return np.arange(first, k + 1), weights
 
 
-def tree_map(fn: Callable[..., np.ndarray], tree: Any, *others: Any) -> Any:
+def is_leaf(tree: Any) -> bool:
+    """Whether ``tree`` is an array (of any namespace: it has a shape and a dtype)."""
+    return hasattr(tree, "shape") and hasattr(tree, "dtype")
+
+
+def copy(m: Any) -> Any:
+    """A fresh copy of the array ``m`` in its own namespace."""
+    return array_namespace(m).asarray(m, copy=True)
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *others: Any) -> Any:
     """Apply ``fn`` leaf by leaf to arrays nested in tuples / NamedTuples of the same structure."""
-    if isinstance(tree, np.ndarray):
+    if is_leaf(tree):
         return fn(tree, *others)
     if not isinstance(tree, tuple) or any(not isinstance(o, tuple) or len(o) != len(tree) for o in others):
         raise ValueError("curvature estimates must be tuples of arrays with the same structure as the running average")
@@ -88,10 +100,10 @@ class ExponentialAverage(NamedTuple):
         if new is None:
             raise ValueError("new curvature must be given on a refresh step")
         if state.average is None:
-            first = tree_map(lambda m: (1.0 - self.rho) * m if self.zero_start else m.copy(), new)
+            first = tree_map(lambda m: (1.0 - self.rho) * m if self.zero_start else copy(m), new)
             return EAState(first, 1, state.calls + 1)
 
-        def blend(average: np.ndarray, m: np.ndarray) -> np.ndarray:
+        def blend(average: Any, m: Any) -> Any:
             if m.shape != average.shape:
                 raise ValueError(f"new curvature has shape {m.shape}, the running average {average.shape}")
             return backend.ea_update(average, m, self.rho)

@@ -8,6 +8,10 @@ need (docs/theory.md §2, §4.3, §5):
 - ``inverse(avg, damping)``: (Mbar + eta I)^{-1} (on K-FAC: eigen, factored or explicit damping);
 - ``sum_inverse(avg, cur, alpha)``: (Mbar + eta I + alpha B)^{-1}, the Q-KLD-WRM matrix / lambda;
 - ``operator(cur)``: v -> B v (undamped).
+
+Every result is an :class:`~kldwrm_ref.curvature.operators.Operator`.  The K-FAC platform runs on
+the network's array namespace (``net.backend.xp``); the dense platform is host-only NumPy (small
+nets) and refuses another namespace.
 """
 
 from __future__ import annotations
@@ -15,12 +19,12 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 import numpy as np
-from scipy.sparse.linalg import LinearOperator
 
 from kldwrm_ref.curvature.fisher import fisher
 from kldwrm_ref.curvature.inverses import ExactKronSumInverse, FactoredKronSumInverse, KFACOperator, damped_inverse
 from kldwrm_ref.curvature.kfac import KFACFactors, kfac_factors, kron_blocks
 from kldwrm_ref.curvature.linalg import DenseInverse
+from kldwrm_ref.curvature.operators import Operator
 from kldwrm_ref.model.network import Network, NetworkCache
 
 
@@ -36,15 +40,16 @@ class Estimator(Protocol):
 
     def compute(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray | None, cache: NetworkCache | None, rng: np.random.Generator | None) -> tuple: ...
 
-    def inverse(self, avg: tuple, damping: float | None = None) -> LinearOperator: ...
+    def inverse(self, avg: tuple, damping: float | None = None) -> Operator: ...
 
-    def sum_inverse(self, avg: tuple, cur: tuple, alpha: float) -> LinearOperator: ...
+    def sum_inverse(self, avg: tuple, cur: tuple, alpha: float) -> Operator: ...
 
-    def operator(self, cur: tuple) -> LinearOperator: ...
+    def operator(self, cur: tuple) -> Operator: ...
 
 
 class DenseEstimator(NamedTuple):
-    """The exact platform: M_k = (the dense Fisher on the batch,), exact / mc / empirical."""
+    """The exact platform: M_k = (the dense Fisher on the batch,), exact / mc / empirical; host-only
+    NumPy (:func:`~kldwrm_ref.curvature.fisher.fisher` refuses another namespace)."""
 
     net: Network
     damping: float
@@ -68,8 +73,12 @@ class DenseEstimator(NamedTuple):
         return _MatVec(cur[0])
 
 
-class _MatVec(NamedTuple):
-    matrix: np.ndarray
+class _MatVec(Operator):
+    """v -> M v for a dense host matrix M."""
+
+    def __init__(self, matrix: np.ndarray):
+        self.matrix = matrix
+        self.shape, self.dtype = matrix.shape, matrix.dtype
 
     def matvec(self, v):
         return self.matrix @ v

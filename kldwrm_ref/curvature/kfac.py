@@ -10,16 +10,18 @@ factors (``BlockSpec.a_factor``, ``g_factor``; a convolution's separate bias blo
 a :class:`KronBlock` is G (x) A[rows, rows] acting on the row-major
 (out x k) matrix ``theta[positions]``, which absorbs the permutation between [W | b] and theta's
 W-then-b layout.  Bias handling: "joint" (one block per layer) or "separate" (the authors': W gets
-G (x) A over the plain inputs, b gets G (x) [1]).
+G (x) A over the plain inputs, b gets G (x) [1]).  Factors are arrays of the network's namespace
+(``net.backend.xp``); the positions are host index arrays.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
+from kldwrm_ref.arrays import to_numpy
 from kldwrm_ref.curvature.fisher import cotangent_rows
 from kldwrm_ref.model.layers import BIAS_MODES
 from kldwrm_ref.model.network import Network, NetworkCache
@@ -29,15 +31,15 @@ from kldwrm_ref.validation import check_choice
 class KFACFactors(NamedTuple):
     """One layer's K-FAC factors: A (input side) and G (output side); the block is G (x) A."""
 
-    A: np.ndarray
-    G: np.ndarray
+    A: Any
+    G: Any
 
 
 class KronBlock(NamedTuple):
     """G (x) A acting on the row-major (out x k) matrix theta[positions].reshape(out, k)."""
 
-    A: np.ndarray
-    G: np.ndarray
+    A: Any
+    G: Any
     positions: np.ndarray
     name: str
 
@@ -81,8 +83,10 @@ def kron_blocks(net: Network, factors: Sequence[KFACFactors], bias: str = "joint
 
 
 def kron_dense(blocks: Sequence[KronBlock], n_params: int) -> np.ndarray:
-    """The block-diagonal K-FAC matrix assembled densely in theta layout (tests, small nets)."""
-    dense = np.zeros((n_params, n_params), dtype=blocks[0].A.dtype)
-    for block in blocks:
-        dense[np.ix_(block.positions, block.positions)] = np.kron(block.G, block.A)
+    """The block-diagonal K-FAC matrix assembled densely in theta layout, a host NumPy array (tests,
+    small nets): factors of another namespace are copied to the host."""
+    host = [(to_numpy(block.A), to_numpy(block.G), block.positions) for block in blocks]
+    dense = np.zeros((n_params, n_params), dtype=host[0][0].dtype)
+    for A, G, positions in host:
+        dense[np.ix_(positions, positions)] = np.kron(G, A)
     return dense

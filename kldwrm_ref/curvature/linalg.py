@@ -1,16 +1,25 @@
-"""Robust symmetric eigendecompositions and dense damped solves."""
+"""Robust symmetric eigendecompositions and dense damped solves.
+
+:func:`safe_eigh` serves every array namespace: NumPy arrays go to SciPy's LAPACK drivers on the
+host; any other namespace (CuPy on a GPU) decomposes the plain problem on its own device and falls
+back to the host when that fails or returns non-finite values (the ``safe_psd_eigh`` pattern of
+kfac-jax); the generalised problem is always solved on the host.  :class:`DenseInverse` belongs to
+the dense platform and is host-only NumPy.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.linalg
-from scipy.sparse.linalg import LinearOperator
 from threadpoolctl import ThreadpoolController
+
+from kldwrm_ref.arrays import array_namespace, from_numpy, is_numpy_namespace, namespace_name, to_numpy
+from kldwrm_ref.curvature.operators import Operator
 
 _THREADPOOLS = ThreadpoolController()
 
@@ -30,13 +39,13 @@ class CurvatureError(RuntimeError):
 
 
 class Eigen(NamedTuple):
-    """A = vectors @ diag(values) @ vectors.T (values ascending)."""
+    """A = vectors @ diag(values) @ vectors.T (values ascending), arrays of the matrix's namespace."""
 
-    values: np.ndarray
-    vectors: np.ndarray
+    values: Any
+    vectors: Any
 
 
-def symmetrize(matrix: np.ndarray) -> np.ndarray:
+def symmetrize(matrix: Any) -> Any:
     return 0.5 * (matrix + matrix.T)
 
 
@@ -48,8 +57,37 @@ def save_offending(name: str, **matrices: np.ndarray) -> str:
     return path
 
 
-def safe_eigh(matrix: np.ndarray, name: str, other: np.ndarray | None = None) -> Eigen:
-    """eigh of the symmetrised ``matrix`` (generalised: A v = mu B v with ``other`` = B SPD).
+# What a failed decomposition raises: LAPACK's LinAlgError (a ValueError), a solver library's
+# runtime error (cuSOLVER), or an arithmetic error.
+_EIGH_ERRORS = (ValueError, RuntimeError, ArithmeticError)
+
+
+def safe_eigh(matrix: Any, name: str, other: Any = None, force_on_host: bool = False) -> Eigen:
+    """eigh of the symmetrised ``matrix`` (generalised: A v = mu B v with ``other`` = B SPD),
+    returned in the namespace of ``matrix``.
+
+    NumPy: :func:`host_eigh` (SciPy's divide-and-conquer drivers).  Any other
+    namespace: the plain problem by ``xp.linalg.eigh`` on the device, unless ``force_on_host``;
+    when that raises or returns non-finite eigenvalues (warning), and for the generalised problem,
+    :func:`host_eigh` on host copies, its results moved back to the namespace.
+    """
+    xp = array_namespace(matrix)
+    if is_numpy_namespace(xp):
+        return host_eigh(matrix, name, other)
+    if other is None and not force_on_host:
+        try:
+            values, vectors = xp.linalg.eigh(symmetrize(matrix))
+            if bool(xp.all(xp.isfinite(values))):
+                return Eigen(values, vectors)
+        except _EIGH_ERRORS:
+            pass
+        warnings.warn(f"eigh of {name} failed on {namespace_name(xp)}; retrying on the host", RuntimeWarning, stacklevel=2)
+    host = host_eigh(to_numpy(matrix), name, None if other is None else to_numpy(other))
+    return Eigen(from_numpy(xp, host.values), from_numpy(xp, host.vectors))
+
+
+def host_eigh(matrix: np.ndarray, name: str, other: np.ndarray | None = None) -> Eigen:
+    """:func:`safe_eigh` on NumPy arrays: scipy.linalg.eigh with the divide-and-conquer driver.
 
     Checks finiteness; on failure retries in float64 with jitter 1e-10 * mean|diag| (warning);
     if that fails too, raises CurvatureError naming ``name`` and the .npz holding the matrices.
@@ -65,7 +103,7 @@ def safe_eigh(matrix: np.ndarray, name: str, other: np.ndarray | None = None) ->
             return Eigen(values, vectors)
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
         pass
-    warnings.warn(f"eigh of {name} failed; retrying in float64 with jitter", RuntimeWarning, stacklevel=2)
+    warnings.warn(f"eigh of {name} failed; retrying in float64 with jitter", RuntimeWarning, stacklevel=3)
     sym64 = sym.astype(np.float64)
     jitter = 1e-10 * max(float(np.mean(np.abs(np.diag(sym64)))), 1e-30)
     eye = np.eye(sym64.shape[0])
@@ -80,8 +118,10 @@ def safe_eigh(matrix: np.ndarray, name: str, other: np.ndarray | None = None) ->
     raise CurvatureError(f"eigendecomposition of {name} failed even with jitter in float64; saved to {path}")
 
 
-class DenseInverse(LinearOperator):
-    """(M + damping I)^{-1} of a dense SPD matrix M by Cholesky; ``matrix()`` gives M + damping I."""
+class DenseInverse(Operator):
+    """(M + damping I)^{-1} of a dense SPD matrix M by Cholesky; ``damped`` is M + damping I.
+
+    Host-only NumPy, as the whole dense platform (small nets)."""
 
     def __init__(self, matrix: np.ndarray, damping: float = 0.0, name: str = "curvature"):
         self.damped = symmetrize(matrix) + damping * np.eye(matrix.shape[0], dtype=matrix.dtype)
@@ -92,13 +132,10 @@ class DenseInverse(LinearOperator):
         except np.linalg.LinAlgError as exc:
             path = save_offending(name, matrix=self.damped)
             raise CurvatureError(f"{name} + damping is not positive definite (Cholesky failed); saved to {path}") from exc
-        super().__init__(dtype=matrix.dtype, shape=matrix.shape)
+        self.shape, self.dtype = matrix.shape, matrix.dtype
 
-    def _matvec(self, v):
-        return scipy.linalg.cho_solve(self.factor, np.ravel(v))
+    def matvec(self, v):
+        return scipy.linalg.cho_solve(self.factor, v)
 
-    def _matmat(self, V):
+    def matmat(self, V):
         return scipy.linalg.cho_solve(self.factor, V)
-
-    def _rmatvec(self, v):
-        return self._matvec(v)

@@ -17,10 +17,13 @@ from kldwrm_ref.arrays import array_namespace, from_numpy, to_numpy
 
 
 class Operator:
-    """A square linear operator on theta of size ``shape[0]``; subclasses define :meth:`matvec`."""
+    """A square linear operator on theta of size ``shape[0]``; subclasses define :meth:`matvec`.
+
+    ``xp`` is the namespace of the vectors it applies to (None: NumPy); ``dtype`` a dtype of it."""
 
     shape: tuple[int, int]
     dtype: Any
+    xp: Any = None
 
     def matvec(self, v: Any) -> Any:
         raise NotImplementedError
@@ -39,10 +42,13 @@ class Operator:
 
     def to_scipy(self, xp: Any = None) -> LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` taking and returning NumPy arrays; vectors are
-        moved to namespace ``xp`` (default NumPy) for each product.  Every operator here is symmetric."""
+        moved to namespace ``xp`` (default: the operator's own, :attr:`xp`) for each product.
+        Every operator here is symmetric."""
+        xp = self.xp if xp is None else xp
+        host_dtype = np.dtype(self.dtype) if xp is None else to_numpy(xp.zeros(0, dtype=self.dtype)).dtype
 
         def apply(v: np.ndarray) -> np.ndarray:
-            x = np.ravel(v).astype(self.dtype, copy=False)
+            x = np.ravel(v).astype(host_dtype, copy=False)
             return to_numpy(self.matvec(x if xp is None else from_numpy(xp, x)))
 
-        return LinearOperator(self.shape, matvec=apply, rmatvec=apply, dtype=np.dtype(self.dtype))
+        return LinearOperator(self.shape, matvec=apply, rmatvec=apply, dtype=host_dtype)
