@@ -146,7 +146,7 @@ class Network:
         return blocks
 
     # ------------------------------------------------------------------ checks
-    def in_namespace(self, x: Any) -> bool:
+    def _in_namespace(self, x: Any) -> bool:
         """Whether ``x`` is an array of the backend's namespace."""
         if self._host_namespace:
             return isinstance(x, np.ndarray)
@@ -156,7 +156,7 @@ class Network:
             return False
 
     def check_theta(self, theta: Any) -> Any:
-        if not self.in_namespace(theta):
+        if not self._in_namespace(theta):
             raise ValueError(f"theta must be an array of the backend's namespace ({namespace_name(self.backend.xp)}) for {self!r}, got {type(theta).__name__}")
         if theta.ndim != 1 or theta.shape[0] != self.n_params:
             raise ValueError(f"theta must be a 1-D array of length {self.n_params} for {self!r}, got shape {tuple(theta.shape)}")
@@ -186,7 +186,7 @@ class Network:
     def check_labels(self, y: Any, n_rows: int) -> Any:
         """Integer class labels in [0, C), one per row, as int64 in the backend's namespace: host
         labels are checked on the host, labels of the namespace in it."""
-        if isinstance(y, np.ndarray) or not self.in_namespace(y):
+        if isinstance(y, np.ndarray) or not self._in_namespace(y):
             y = np.asarray(y)
             if y.shape != (n_rows,):
                 raise ValueError(f"y must have shape ({n_rows},) to match X, got {y.shape}")
