@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from kldwrm_ref import gpu, optim
+from kldwrm_ref.backends import NUMPY, reference
 from kldwrm_ref.backends import cuda as device_ops
-from kldwrm_ref.backends import reference
 from kldwrm_ref.curvature.kfac import kfac_factors, kron_blocks
 from kldwrm_ref.gpu import kernels
 from kldwrm_ref.model import MLP, Network
@@ -102,7 +102,7 @@ def test_activation_and_dropout_kernels_match_the_host_layers():
     y, derivative = kernels.tanh(gpu.to_device(x))
     np.testing.assert_allclose(host(y), np.tanh(x), rtol=1e-14)
     np.testing.assert_allclose(host(derivative), 1 - np.tanh(x) ** 2, rtol=1e-13)
-    expected, mask = Dropout(0.3).forward([], x, None, np.random.default_rng(7))
+    expected, mask = Dropout(0.3).forward([], x, NUMPY, np.random.default_rng(7))
     keep = np.random.default_rng(7).random(x.shape) >= 0.3
     y, device_mask = kernels.dropout(gpu.to_device(x), gpu.to_device(keep, np.uint8), 0.7)
     np.testing.assert_allclose(host(y), expected, rtol=1e-15)
