@@ -174,11 +174,11 @@ def test_per_sample_rows_sum_to_the_gradient(case):
     only_r = np.zeros((n, net.n_classes))
     only_r[r % n] = dlogits[r]
     np.testing.assert_allclose(rows[r], net.vjp(theta, cache, only_r), rtol=1e-12, atol=1e-13)
-    params, grad = net.params(theta), net.params(np.empty(net.n_params))
+    params = net.params(theta)
     for i, conv in convs(net):
-        conv.param_gradients(params[i], cache.caches[i], cotangents[i], NUMPY, grad[i])
+        grad = conv.param_gradients(params[i], cache.caches[i], cotangents[i], NUMPY)
         start = net.layer_offset(i)
-        np.testing.assert_allclose(np.concatenate([g.ravel() for g in grad[i]]), rows[:, start : start + grad[i][0].size + grad[i][1].size].sum(axis=0), rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(np.concatenate([g.ravel() for g in grad]), rows[:, start : start + grad[0].size + grad[1].size].sum(axis=0), rtol=1e-12, atol=1e-13)
 
 
 @given(cnns(max_channels=2, sizes=(3, 5), max_batch=3))

@@ -9,23 +9,23 @@ with the patches unfolded ("im2col") channel-major into P (N, k, T), k = in * kh
 order (the row-major flattening of the weight), y[n] = W_mat P[n] + b (out, T): column t of P[n] is
 the patch p_{n,t}.  Its K-FAC factors are those of Grosse & Martens (2016, "KFC"), see :class:`Conv2d`.
 
-Every product is a stack of per-sample NumPy ``matmul`` on every backend (the output, the weight
-gradient, the input cotangent, the G factor, per-sample gradient rows): in this layout none needs a
-transposing copy, and the output (out, T) per sample is already (N, C, H, W).  Only A, a Gram matrix
-over all (sample, position) pairs, copies the patches once into one (k, N T) operand.  The
-device-resident step has its own convolution (docs/gpu.md).
+Every product is a stack of per-sample ``xp.matmul`` in the backend's namespace (the output, the
+weight gradient, the input cotangent, the G factor, per-sample gradient rows): in this layout none
+needs a transposing copy, and the output (out, T) per sample is already (N, C, H, W).  Only A, a
+Gram matrix over all (sample, position) pairs, copies the patches once into one (k, N T) operand.
+Patches, pooling and their adjoints are the backend's kernels.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from kldwrm_ref.backends import Backend
 from kldwrm_ref.backends.reference import conv_out_hw
-from kldwrm_ref.model.layers import BlockSpec, Dense, Layer, ParameterFree, ReLU, affine_blocks, homogeneous_moment, per_sample
+from kldwrm_ref.model.layers import BlockSpec, Dense, Layer, ParameterFree, ReLU, affine_blocks, homogeneous_moment, host_float_dtype, per_sample
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.validation import check_choice, check_nonnegative_int, check_positive_int
 
@@ -44,7 +44,7 @@ def torch_uniform(W: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> Non
 class ConvCache(NamedTuple):
     """Conv2d's forward cache: the patches P (N, k, T) and the input's spatial size (H, W)."""
 
-    patches: np.ndarray
+    patches: Any
     in_hw: tuple[int, int]
 
 
@@ -53,10 +53,10 @@ class ConvFactors(NamedTuple):
     G_bias (x) A_bias with A_bias = [1] and G_bias = (1/N) sum_n (sum_t delta_{n,t})(sum_t delta_{n,t})^T
     (the exact Fisher block of the bias, in both scalings)."""
 
-    A: np.ndarray
-    G: np.ndarray
-    G_bias: np.ndarray
-    A_bias: np.ndarray
+    A: Any
+    G: Any
+    G_bias: Any
+    A_bias: Any
 
 
 class Conv2d:
@@ -107,71 +107,76 @@ class Conv2d:
     def _out_hw(self, in_hw) -> tuple[int, int]:
         return conv_out_hw(in_hw, self.kernel_size, self.stride, self.padding)
 
-    def im2col(self, x: np.ndarray, backend: Backend) -> np.ndarray:
+    def im2col(self, x: Any, backend: Backend) -> Any:
         """Patches P (N, k, T) of x (N, in, H, W): P[n, :, t] is the (in, kh, kw) window under output position t."""
         return backend.im2col(x, self.kernel_size, self.stride, self.padding)
 
     def init(self, params, rng):
         torch_uniform(params[0], params[1], rng)
 
-    def _apply(self, patches: np.ndarray, W: np.ndarray, b: np.ndarray | None, out_hw) -> np.ndarray:
+    def _apply(self, xp: Any, patches: Any, W: Any, b: Any | None, out_hw) -> Any:
         """W_mat P[n] + b per sample, as (N, out, H_out, W_out)."""
-        y = np.matmul(W.reshape(self.out_channels, self.patch_size), patches)
+        y = xp.matmul(xp.reshape(W, (self.out_channels, self.patch_size)), patches)
         if b is not None:
             y += b[:, None]
-        return y.reshape(patches.shape[0], self.out_channels, *out_hw)
+        return xp.reshape(y, (patches.shape[0], self.out_channels, *out_hw))
 
     def prepare(self, x, backend) -> ConvCache:
         """The input-only part of :meth:`forward`: the patches of x (reused by passes on one batch)."""
         return ConvCache(self.im2col(x, backend), x.shape[2:])
 
     def forward_prepared(self, params, prepared: ConvCache, backend):
-        return self._apply(prepared.patches, params[0], params[1], self._out_hw(prepared.in_hw)), prepared
+        return self._apply(backend.xp, prepared.patches, params[0], params[1], self._out_hw(prepared.in_hw)), prepared
 
     def forward(self, params, x, backend, rng):
         return self.forward_prepared(params, self.prepare(x, backend), backend)
 
     def backward(self, params, cache, dy, backend):
         """dx = col2im of the patch cotangents W_mat^T delta_r (k, T) per row r."""
-        deltas = dy.reshape(dy.shape[0], self.out_channels, -1)
-        dcols = np.matmul(params[0].reshape(self.out_channels, self.patch_size).T, deltas)
+        xp = backend.xp
+        deltas = xp.reshape(dy, (dy.shape[0], self.out_channels, -1))
+        dcols = xp.matmul(xp.reshape(params[0], (self.out_channels, self.patch_size)).T, deltas)
         return backend.col2im(dcols, (self.in_channels, *cache.in_hw), self.kernel_size, self.stride, self.padding)
 
-    def param_gradients(self, params, cache, dy, backend, out):
+    def param_gradients(self, params, cache, dy, backend):
         """dW_mat = sum_n delta_n P_n^T over samples, delta_n (out, T) the cotangent summed over the
         sample's reps (they share its patches), as a stack of per-sample products: no transposing
         copy of the cotangents (twice as fast as one (out, N T) x (N T, k) product at the paper
         CNN's sizes); db = the cotangent summed over rows and positions."""
+        xp = backend.xp
         n, _, t = cache.patches.shape
-        deltas = dy.reshape(-1, n, self.out_channels, t)
-        summed = deltas[0] if deltas.shape[0] == 1 else deltas.sum(axis=0)
-        out[0][...] = np.matmul(summed, cache.patches.transpose(0, 2, 1)).sum(axis=0).reshape(out[0].shape)
-        out[1][...] = dy.sum(axis=(0, 2, 3))
+        deltas = xp.reshape(dy, (-1, n, self.out_channels, t))
+        summed = deltas[0, ...] if deltas.shape[0] == 1 else xp.sum(deltas, axis=0)
+        dW = xp.sum(xp.matmul(summed, xp.permute_dims(cache.patches, (0, 2, 1))), axis=0)
+        return [xp.reshape(dW, params[0].shape), xp.sum(dy, axis=(0, 2, 3))]
 
     def jvp(self, params, cache, dparams, dx, backend):
+        xp = backend.xp
         out_hw = self._out_hw(cache.in_hw)
-        dy = self._apply(cache.patches, dparams[0], dparams[1], out_hw)
+        dy = self._apply(xp, cache.patches, dparams[0], dparams[1], out_hw)
         if dx is not None:
-            dy += self._apply(self.im2col(dx, backend), params[0], None, out_hw)
+            dy += self._apply(xp, self.im2col(dx, backend), params[0], None, out_hw)
         return dy
 
     def per_sample_rows(self, cache, dy, out, start, backend):
         """out[r, W's columns] = vec_r(sum_t delta_{r,t} p_{r mod N, t}^T), out[r, b's] = sum_t delta_{r,t}."""
+        xp = backend.xp
         n, _, t = cache.patches.shape
-        deltas = dy.reshape(-1, n, self.out_channels, t)
+        deltas = xp.reshape(dy, (-1, n, self.out_channels, t))
         n_w = self.out_channels * self.patch_size
-        out[:, start : start + n_w] = np.matmul(deltas, cache.patches.transpose(0, 2, 1)).reshape(dy.shape[0], n_w)
-        out[:, start + n_w : start + n_w + self.out_channels] = deltas.sum(axis=3).reshape(dy.shape[0], self.out_channels)
+        out[:, start : start + n_w] = xp.reshape(xp.matmul(deltas, xp.permute_dims(cache.patches, (0, 2, 1))), (dy.shape[0], n_w))
+        out[:, start + n_w : start + n_w + self.out_channels] = xp.reshape(xp.sum(deltas, axis=3), (dy.shape[0], self.out_channels))
 
     def kfac_factors(self, cache, dy, n_samples, backend):
+        xp = backend.xp
         n, k, t = cache.patches.shape
-        A = homogeneous_moment(np.ascontiguousarray(cache.patches.transpose(1, 0, 2)).reshape(k, n * t).T, backend)  # one copy: (k, N T)
-        deltas = dy.reshape(dy.shape[0], self.out_channels, t)
-        second_moment = np.matmul(deltas, deltas.transpose(0, 2, 1)).sum(axis=0)  # sum_r sum_t delta delta^T, per row
-        sums = dy.sum(axis=(2, 3))
+        A = homogeneous_moment(xp.reshape(xp.permute_dims(cache.patches, (1, 0, 2)), (k, n * t)).T, backend)  # one copy: (k, N T)
+        deltas = xp.reshape(dy, (dy.shape[0], self.out_channels, t))
+        second_moment = xp.sum(xp.matmul(deltas, xp.permute_dims(deltas, (0, 2, 1))), axis=0)  # sum_r sum_t delta delta^T, per row
+        sums = xp.sum(dy, axis=(2, 3))
         a_scale, g_scale = (n_samples * t, n_samples) if self.kfac_scaling == "textbook" else (n_samples * t * t, n_samples / t)
         G_bias = backend.matmul(sums.T, sums) / n_samples
-        return ConvFactors(A / a_scale, second_moment / g_scale, G_bias, np.ones((1, 1), dtype=A.dtype))
+        return ConvFactors(A / a_scale, second_moment / g_scale, G_bias, xp.ones((1, 1), dtype=A.dtype))
 
     def kfac_blocks(self, start, bias, name):
         bias_block = BlockSpec("bias", np.empty(0, dtype=int), slice(None), a_factor=3, g_factor=2)  # G_bias (x) A_bias
@@ -197,7 +202,7 @@ class MaxPool2d(ParameterFree):
             raise ValueError(f"{self.name} expects inputs of shape (C, H, W) with H, W >= {k}, got {input_shape}")
         return (input_shape[0], input_shape[1] // k, input_shape[2] // k)
 
-    def taps(self, x: np.ndarray):
+    def taps(self, x: Any):
         """(index, view) for each of the k*k window offsets in row-major order: view[n, c, i, j] is
         x[n, c, k i + di, k j + dj] (strided views, no copies)."""
         k = self.kernel_size
@@ -217,10 +222,10 @@ class MaxPool2d(ParameterFree):
     def jvp(self, params, cache, dparams, dx, backend):
         if dx is None:
             return None
-        argmax = cache[0]
-        out = np.empty(argmax.shape, dtype=dx.dtype)
+        xp, argmax = backend.xp, cache[0]
+        out = None
         for index, view in self.taps(dx):
-            np.copyto(out, view, where=argmax == index)
+            out = view if out is None else xp.where(argmax == index, view, out)
         return out
 
 
@@ -236,19 +241,20 @@ class Flatten(ParameterFree):
         return (int(np.prod(input_shape)),)
 
     def forward(self, params, x, backend, rng):
-        return x.reshape(x.shape[0], -1), x.shape[1:]
+        return backend.xp.reshape(x, (x.shape[0], -1)), x.shape[1:]
 
     def backward(self, params, shape, dy, backend):
-        return dy.reshape(dy.shape[0], *shape)
+        return backend.xp.reshape(dy, (dy.shape[0], *shape))
 
     def jvp(self, params, shape, dparams, dx, backend):
-        return None if dx is None else dx.reshape(dx.shape[0], -1)
+        return None if dx is None else backend.xp.reshape(dx, (dx.shape[0], -1))
 
 
 class Dropout(ParameterFree):
     """Inverted dropout: in training (``rng`` a Generator) y = x m with m_i = 1[u_i >= p] / (1 - p),
     u_i ~ U[0, 1) (each unit kept with probability 1 - p); with rng=None (evaluation) y = x.
-    The cache is the scaled mask m (None in evaluation); backward and jvp multiply by it."""
+    The mask is drawn on the host in x's precision and moved to the backend's namespace; the
+    cache is the scaled mask m (None in evaluation); backward and jvp multiply by it."""
 
     stochastic = True
 
@@ -264,14 +270,16 @@ class Dropout(ParameterFree):
     def forward(self, params, x, backend, rng):
         if rng is None:
             return x, None
-        mask = (rng.random(x.shape) >= self.p).astype(x.dtype) / x.dtype.type(1.0 - self.p)
+        dtype = host_float_dtype(backend.xp, x.dtype)
+        mask = backend.asarray((rng.random(x.shape) >= self.p).astype(dtype) / dtype.type(1.0 - self.p))
         return x * mask, mask
 
     def backward(self, params, mask, dy, backend):
         if mask is None:
             return dy
-        dy_b, mask_b = per_sample(dy, mask)
-        return (dy_b * mask_b).reshape(dy.shape)
+        xp = backend.xp
+        dy_b, mask_b = per_sample(xp, dy, mask)
+        return xp.reshape(dy_b * mask_b, dy.shape)
 
     def jvp(self, params, mask, dparams, dx, backend):
         return dx if dx is None or mask is None else dx * mask

@@ -7,6 +7,11 @@ its parameters inside the network's flat ``theta`` (:meth:`Layer.param_shapes`, 
 stacked rep-major (the exact Fisher backpropagates C of them at once); row r belongs to sample
 r mod N, and layers broadcast their cached per-sample quantities accordingly.
 
+Arrays of a pass (inputs, caches, cotangents, parameters, gradients) are arrays of the backend's
+namespace ``xp = backend.xp`` and are only touched through it (NumPy, CuPy, or any array-API
+library); the kernels are calls through the backend.  Only :meth:`Layer.init` works on the host:
+it draws from a NumPy Generator into NumPy views of a host theta.
+
 A layer with parameters also says what its K-FAC factors are (:meth:`Layer.kfac_factors`: (A, G),
 or a NamedTuple (A, G, ...) when a block needs another G) and how they act on theta
 (:meth:`Layer.kfac_blocks`).
@@ -41,8 +46,11 @@ class BlockSpec(NamedTuple):
 class Layer(Protocol):
     """What a layer provides to :class:`kldwrm_ref.model.network.Network`.
 
-    ``params`` is the list of this layer's parameter tensors (views into theta, shapes from
-    :meth:`param_shapes`); ``cache`` is whatever :meth:`forward` kept for the backward pass.
+    ``params`` is the list of this layer's parameter tensors (reshaped slices of theta, read
+    only, shapes from :meth:`param_shapes`); ``cache`` is whatever :meth:`forward` kept for the
+    backward pass.  :meth:`param_gradients` returns the gradient of each tensor (summed over the
+    cotangent rows), in the order of :meth:`param_shapes`; :meth:`per_sample_rows` writes this
+    layer's columns, from ``start``, into the freshly allocated (R, n) array ``out``.
     """
 
     name: str
@@ -51,19 +59,21 @@ class Layer(Protocol):
 
     def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]: ...
 
-    def init(self, params: list[np.ndarray], rng: np.random.Generator) -> None: ...
+    def init(self, params: list[np.ndarray], rng: np.random.Generator) -> None:
+        """Fill ``params`` (host NumPy views of a host theta) with draws from ``rng``."""
+        ...
 
-    def forward(self, params: list[np.ndarray], x: np.ndarray, backend: Backend, rng: np.random.Generator | None) -> tuple[np.ndarray, Any]: ...
+    def forward(self, params: list[Any], x: Any, backend: Backend, rng: np.random.Generator | None) -> tuple[Any, Any]: ...
 
-    def backward(self, params: list[np.ndarray], cache: Any, dy: np.ndarray, backend: Backend) -> np.ndarray: ...
+    def backward(self, params: list[Any], cache: Any, dy: Any, backend: Backend) -> Any: ...
 
-    def param_gradients(self, params: list[np.ndarray], cache: Any, dy: np.ndarray, backend: Backend, out: list[np.ndarray]) -> None: ...
+    def param_gradients(self, params: list[Any], cache: Any, dy: Any, backend: Backend) -> list[Any]: ...
 
-    def jvp(self, params: list[np.ndarray], cache: Any, dparams: list[np.ndarray], dx: np.ndarray | None, backend: Backend) -> np.ndarray | None: ...
+    def jvp(self, params: list[Any], cache: Any, dparams: list[Any], dx: Any | None, backend: Backend) -> Any | None: ...
 
-    def per_sample_rows(self, cache: Any, dy: np.ndarray, out: np.ndarray, start: int, backend: Backend) -> None: ...
+    def per_sample_rows(self, cache: Any, dy: Any, out: Any, start: int, backend: Backend) -> None: ...
 
-    def kfac_factors(self, cache: Any, dy: np.ndarray, n_samples: int, backend: Backend) -> tuple[np.ndarray, ...]: ...
+    def kfac_factors(self, cache: Any, dy: Any, n_samples: int, backend: Backend) -> tuple[Any, ...]: ...
 
     def kfac_blocks(self, start: int, bias: str, name: str) -> list[BlockSpec]: ...
 
@@ -73,21 +83,28 @@ class PreparingLayer(Protocol):
     """A first layer with input-only work worth doing once per batch (Conv2d: im2col):
     ``forward(params, x, ...) == forward_prepared(params, prepare(x, backend), backend)``."""
 
-    def prepare(self, x: np.ndarray, backend: Backend) -> Any: ...
+    def prepare(self, x: Any, backend: Backend) -> Any: ...
 
-    def forward_prepared(self, params: list[np.ndarray], prepared: Any, backend: Backend) -> tuple[np.ndarray, Any]: ...
+    def forward_prepared(self, params: list[Any], prepared: Any, backend: Backend) -> tuple[Any, Any]: ...
 
 
-def homogeneous_moment(rows: np.ndarray, backend: Backend) -> np.ndarray:
+def homogeneous_moment(rows: Any, backend: Backend) -> Any:
     """sum over rows of abar abar^T with abar = [a; 1] (the homogeneous coordinate last), unscaled."""
+    xp = backend.xp
     n_in = rows.shape[1]
-    A = np.empty((n_in + 1, n_in + 1), dtype=rows.dtype)
+    A = xp.empty((n_in + 1, n_in + 1), dtype=rows.dtype)
     A[:-1, :-1] = backend.matmul(rows.T, rows)
-    colsum = rows.sum(axis=0)
+    colsum = xp.sum(rows, axis=0)
     A[:-1, -1] = colsum
     A[-1, :-1] = colsum
-    A[-1, -1] = rows.shape[0]
+    A[-1, -1] = float(rows.shape[0])
     return A
+
+
+def host_float_dtype(xp: Any, dtype: Any) -> np.dtype:
+    """The NumPy float type of the precision of ``dtype``, a float type of namespace ``xp`` (for
+    host draws that must round as the pass does)."""
+    return dtype if isinstance(dtype, np.dtype) else np.dtype(f"float{xp.finfo(dtype).bits}")
 
 
 def affine_blocks(start: int, out: int, k: int, bias: str, name: str, bias_block: BlockSpec) -> list[BlockSpec]:
@@ -102,12 +119,12 @@ def affine_blocks(start: int, out: int, k: int, bias: str, name: str, bias_block
     return [BlockSpec(f"{name} weight", w_index.ravel(), slice(0, k)), bias_block._replace(name=f"{name} bias", positions=b_index)]
 
 
-def per_sample(dy: np.ndarray, cached: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def per_sample(xp: Any, dy: Any, cached: Any) -> tuple[Any, Any]:
     """(dy, cached) shaped to broadcast: dy's ``reps * N`` rows against the N cached rows."""
     n = cached.shape[0]
     if dy.shape[0] == n:
         return dy, cached
-    return dy.reshape(dy.shape[0] // n, *cached.shape), cached
+    return xp.reshape(dy, (dy.shape[0] // n, *cached.shape)), cached
 
 
 class ParameterFree:
@@ -127,8 +144,8 @@ class ParameterFree:
     def init(self, params, rng) -> None:
         return None
 
-    def param_gradients(self, params, cache, dy, backend, out) -> None:
-        return None
+    def param_gradients(self, params, cache, dy, backend) -> list:
+        return []
 
     def per_sample_rows(self, cache, dy, out, start, backend) -> None:
         return None
@@ -146,14 +163,15 @@ class ReLU(ParameterFree):
     name = "relu"
 
     def forward(self, params, x, backend, rng):
-        return np.maximum(x, 0.0), x > 0
+        return backend.xp.maximum(x, 0.0), x > 0
 
     def backward(self, params, mask, dy, backend):
-        dy_b, mask_b = per_sample(dy, mask)
-        return (dy_b * mask_b.astype(dy.dtype)).reshape(dy.shape)
+        xp = backend.xp
+        dy_b, mask_b = per_sample(xp, dy, mask)
+        return xp.reshape(dy_b * xp.astype(mask_b, dy.dtype), dy.shape)
 
     def jvp(self, params, mask, dparams, dx, backend):
-        return None if dx is None else dx * mask.astype(dx.dtype)
+        return None if dx is None else dx * backend.xp.astype(mask, dx.dtype)
 
 
 class Tanh(ParameterFree):
@@ -162,12 +180,13 @@ class Tanh(ParameterFree):
     name = "tanh"
 
     def forward(self, params, x, backend, rng):
-        y = np.tanh(x)
+        y = backend.xp.tanh(x)
         return y, y
 
     def backward(self, params, y, dy, backend):
-        dy_b, y_b = per_sample(dy, y)
-        return (dy_b * (1.0 - y_b * y_b)).reshape(dy.shape)
+        xp = backend.xp
+        dy_b, y_b = per_sample(xp, dy, y)
+        return xp.reshape(dy_b * (1.0 - y_b * y_b), dy.shape)
 
     def jvp(self, params, y, dparams, dx, backend):
         return None if dx is None else dx * (1.0 - y * y)
@@ -219,9 +238,8 @@ class Dense:
     def backward(self, params, x, dy, backend):
         return backend.matmul(dy, params[0])
 
-    def param_gradients(self, params, x, dy, backend, out):
-        out[0][...] = backend.matmul(dy.T, x)
-        out[1][...] = dy.sum(axis=0)
+    def param_gradients(self, params, x, dy, backend):
+        return [backend.matmul(dy.T, x), backend.xp.sum(dy, axis=0)]
 
     def jvp(self, params, x, dparams, dx, backend):
         dW, db = dparams

@@ -7,6 +7,7 @@ Parameter layout: layer by layer, W (out, in) row-major, then b (out,) - PyTorch
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,17 +64,19 @@ class MLP(Network):
         """Where each Dense layer's parameters start in theta, and n_params at the end."""
         return [self.layer_offset(i) for i in self.parametrised] + [self.n_params]
 
-    def unflatten(self, theta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per Dense layer (W, b) *views* into ``theta``."""
+    def unflatten(self, theta: Any) -> list[tuple[Any, Any]]:
+        """Per Dense layer (W, b) from ``theta`` (:meth:`Network.params`: views on NumPy)."""
         return [(p[0], p[1]) for p in self.params(theta) if p]
 
-    def flatten(self, layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Inverse of :meth:`unflatten`: concatenate per-layer (W, b) into one theta."""
+    def flatten(self, layers: Sequence[tuple[Any, Any]]) -> Any:
+        """Inverse of :meth:`unflatten`: concatenate per-layer (W, b) (host data or arrays of the
+        backend's namespace) into one theta of the namespace."""
         if len(layers) != self.n_layers:
             raise ValueError(f"layers must hold {self.n_layers} (W, b) pairs, got {len(layers)}")
-        parts = []
+        xp, parts = self.backend.xp, []
         for l, ((W, b), (out, inp)) in enumerate(zip(layers, self.layer_shapes)):
-            if np.shape(W) != (out, inp) or np.shape(b) != (out,):
-                raise ValueError(f"layer {l}: expected W {(out, inp)} and b {(out,)}, got {np.shape(W)} and {np.shape(b)}")
-            parts += [np.ravel(W), np.ravel(b)]
-        return np.concatenate(parts).astype(self.dtype, copy=False)
+            W, b = self.backend.asarray(W, self.dtype), self.backend.asarray(b, self.dtype)
+            if tuple(W.shape) != (out, inp) or tuple(b.shape) != (out,):
+                raise ValueError(f"layer {l}: expected W {(out, inp)} and b {(out,)}, got {tuple(W.shape)} and {tuple(b.shape)}")
+            parts += [xp.reshape(W, (-1,)), xp.reshape(b, (-1,))]
+        return xp.concat(parts)

@@ -4,6 +4,11 @@ Parameters live in one flat vector ``theta``: layer after layer, each layer's te
 order of its :meth:`~kldwrm_ref.model.layers.Layer.param_shapes`, each row-major (so a PyTorch
 ``state_dict`` of the same architecture maps to theta by concatenation).  Every method is a pure
 function of ``theta``; the object holds the architecture, the float dtype and the backend.
+
+theta, the batch, the caches, cotangents and gradients are arrays of the backend's namespace
+(``backend.xp``: NumPy, CuPy, or any array-API library), touched only through it.  Host data
+(NumPy inputs and labels) is checked and moved there on entry; :meth:`Network.init` draws on the
+host and moves theta there; dropout masks are drawn on the host from :meth:`Network.training_rng`.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from kldwrm_ref.arrays import NUMPY_NAMESPACE, array_namespace, host_floats, is_numpy_namespace, namespace_name
 from kldwrm_ref.backends import Backend, get_backend
 from kldwrm_ref.model import losses
 from kldwrm_ref.model.layers import BlockSpec, Layer, PreparingLayer
-from kldwrm_ref.validation import check_finite, check_positive_int
+from kldwrm_ref.validation import check_positive_int
 
 
 class ParamTensor(NamedTuple):
@@ -36,16 +42,16 @@ class PreparedInput(NamedTuple):
     """A batch checked and cast once, with its first layer's input-only work done (a Conv2d's
     patches), for passes that run many times on the same batch (:meth:`Network.prepare`)."""
 
-    X: np.ndarray
+    X: Any  # (N, *input_shape) in the backend's namespace and the network's dtype
     first: Any  # the first layer's ``prepare`` result, or None
 
 
 class NetworkCache(NamedTuple):
     """A forward pass: each layer's input and backward cache, and the logits."""
 
-    inputs: list[np.ndarray]
+    inputs: list[Any]
     caches: list[Any]
-    logits: np.ndarray
+    logits: Any
 
 
 class Network:
@@ -64,6 +70,7 @@ class Network:
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.backend = get_backend(backend)
+        self._host_namespace = is_numpy_namespace(self.backend.xp)
         shape = self.input_shape
         self.shapes = [shape]
         for layer in self.layers:
@@ -111,21 +118,25 @@ class Network:
         """The same architecture computing with ``backend``."""
         return Network(self.layers, self.input_shape, self.dtype, backend)
 
-    def params(self, theta: np.ndarray) -> list[list[np.ndarray]]:
-        """Per layer, its parameter tensors as *views* into ``theta`` (writing to them writes theta)."""
-        theta = self.check_theta(theta)
-        views: list[list[np.ndarray]] = [[] for _ in self.layers]
-        for t in self.tensors:
-            views[t.layer].append(theta[t.offset : t.offset + t.size].reshape(t.shape))
-        return views
+    def params(self, theta: Any) -> list[list[Any]]:
+        """Per layer, its parameter tensors: slices of ``theta`` reshaped (to be read; on NumPy
+        they are views into theta)."""
+        return self._slices(self.check_theta(theta), self.backend.xp)
 
-    def init(self, seed: int = 0) -> np.ndarray:
-        """theta with every layer's initialisation, drawn layer by layer from ``default_rng(seed)``."""
+    def _slices(self, theta: Any, xp: Any) -> list[list[Any]]:
+        slices: list[list[Any]] = [[] for _ in self.layers]
+        for t in self.tensors:
+            slices[t.layer].append(xp.reshape(theta[t.offset : t.offset + t.size], t.shape))
+        return slices
+
+    def init(self, seed: int = 0) -> Any:
+        """theta with every layer's initialisation, drawn on the host layer by layer from
+        ``default_rng(seed)`` (the same theta on every backend), in the backend's namespace."""
         rng = np.random.default_rng(seed)
         theta = np.zeros(self.n_params, dtype=self.dtype)
-        for layer, params in zip(self.layers, self.params(theta)):
+        for layer, params in zip(self.layers, self._slices(theta, NUMPY_NAMESPACE)):
             layer.init(params, rng)
-        return theta
+        return self.backend.asarray(theta)
 
     def kfac_blocks(self, bias: str) -> list[tuple[int, BlockSpec]]:
         """(index among the parametrised layers, block) for every K-FAC block, in theta order."""
@@ -135,68 +146,102 @@ class Network:
         return blocks
 
     # ------------------------------------------------------------------ checks
-    def check_theta(self, theta: np.ndarray) -> np.ndarray:
-        if not isinstance(theta, np.ndarray) or theta.ndim != 1 or theta.shape[0] != self.n_params:
-            raise ValueError(f"theta must be a 1-D array of length {self.n_params} for {self!r}, got shape {np.shape(theta)}")
+    def _in_namespace(self, x: Any) -> bool:
+        """Whether ``x`` is an array of the backend's namespace."""
+        if self._host_namespace:
+            return isinstance(x, np.ndarray)
+        try:
+            return array_namespace(x) is self.backend.xp
+        except TypeError:
+            return False
+
+    def check_theta(self, theta: Any) -> Any:
+        if not self._in_namespace(theta):
+            raise ValueError(f"theta must be an array of the backend's namespace ({namespace_name(self.backend.xp)}) for {self!r}, got {type(theta).__name__}")
+        if theta.ndim != 1 or theta.shape[0] != self.n_params:
+            raise ValueError(f"theta must be a 1-D array of length {self.n_params} for {self!r}, got shape {tuple(theta.shape)}")
         return theta
 
-    def check_X(self, X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X)
+    def check_X(self, X: Any) -> Any:
+        """X (host data or an array of the namespace) as (N, *input_shape) in the network's dtype
+        and the backend's namespace; flat rows are reshaped."""
+        xp = self.backend.xp
+        X = self.backend.asarray(X, self.dtype)
         flat = int(np.prod(self.input_shape))
         if X.ndim == 2 and X.shape[1] == flat and len(self.input_shape) > 1:
-            X = X.reshape(X.shape[0], *self.input_shape)
+            X = xp.reshape(X, (X.shape[0], *self.input_shape))
         if X.shape[1:] != self.input_shape:
-            raise ValueError(f"X must have shape (N, {', '.join(map(str, self.input_shape))}), got {X.shape}")
+            raise ValueError(f"X must have shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(X.shape)}")
         if X.shape[0] == 0:
             raise ValueError("X must hold at least one row")
-        check_finite("X", X)
+        self._check_finite("X", X)
         return X
 
-    def check_labels(self, y: np.ndarray, n_rows: int) -> np.ndarray:
-        y = np.asarray(y)
-        if y.shape != (n_rows,):
-            raise ValueError(f"y must have shape ({n_rows},) to match X, got {y.shape}")
-        if not np.issubdtype(y.dtype, np.integer):
+    def _check_finite(self, name: str, x: Any) -> None:
+        xp = self.backend.xp
+        finite = xp.isfinite(x)
+        if not bool(xp.all(finite)):
+            raise ValueError(f"{name} must be finite; it has {x.size - int(xp.count_nonzero(finite))} non-finite entries")
+
+    def check_labels(self, y: Any, n_rows: int) -> Any:
+        """Integer class labels in [0, C), one per row, as int64 in the backend's namespace: host
+        labels are checked on the host, labels of the namespace in it."""
+        if isinstance(y, np.ndarray) or not self._in_namespace(y):
+            y = np.asarray(y)
+            if y.shape != (n_rows,):
+                raise ValueError(f"y must have shape ({n_rows},) to match X, got {y.shape}")
+            if not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+            if y.size and (y.min() < 0 or y.max() >= self.n_classes):
+                raise ValueError(f"y must hold labels in [0, {self.n_classes}), got range [{y.min()}, {y.max()}]")
+            return self.backend.asarray(y, np.int64)
+        xp = self.backend.xp
+        if tuple(y.shape) != (n_rows,):
+            raise ValueError(f"y must have shape ({n_rows},) to match X, got {tuple(y.shape)}")
+        if not xp.isdtype(y.dtype, "integral"):
             raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-        if y.size and (y.min() < 0 or y.max() >= self.n_classes):
-            raise ValueError(f"y must hold labels in [0, {self.n_classes}), got range [{y.min()}, {y.max()}]")
-        return y
+        if n_rows:
+            low, high = (int(v) for v in host_floats(xp, xp.min(y), xp.max(y)))
+            if low < 0 or high >= self.n_classes:
+                raise ValueError(f"y must hold labels in [0, {self.n_classes}), got range [{low}, {high}]")
+        return xp.astype(y, xp.int64)
 
     # ------------------------------------------------------------------ passes
-    def prepare(self, X: np.ndarray) -> PreparedInput:
-        """X checked and cast, with the first layer's input-only work done once (a Conv2d's
-        im2col): QE's inner solve runs a dozen passes on the same batch."""
-        x = self.check_X(X).astype(self.dtype, copy=False)
+    def prepare(self, X: Any) -> PreparedInput:
+        """X checked, cast and moved to the backend's namespace, with the first layer's input-only
+        work done once (a Conv2d's im2col): QE's inner solve runs a dozen passes on the same batch."""
+        x = self.check_X(X)
         first = self.layers[0]
         return PreparedInput(x, first.prepare(x, self.backend) if isinstance(first, PreparingLayer) else None)
 
-    def forward(self, theta: np.ndarray, X: np.ndarray | PreparedInput, rng: np.random.Generator | None = None) -> NetworkCache:
+    def forward(self, theta: Any, X: Any, rng: np.random.Generator | None = None) -> NetworkCache:
         """Forward pass keeping each layer's input and backward cache (``rng``: training-mode
         randomness such as dropout masks; None evaluates); ``X`` may be :meth:`prepare`'s result."""
         prepared = X if isinstance(X, PreparedInput) else self.prepare(X)
-        check_finite("theta", theta)
+        params = self.params(theta)
+        self._check_finite("theta", theta)
         x = prepared.X
         inputs, caches = [], []
-        for i, (layer, params) in enumerate(zip(self.layers, self.params(theta))):
+        for i, (layer, layer_params) in enumerate(zip(self.layers, params)):
             inputs.append(x)
             if i == 0 and prepared.first is not None and isinstance(layer, PreparingLayer):
-                x, cache = layer.forward_prepared(params, prepared.first, self.backend)
+                x, cache = layer.forward_prepared(layer_params, prepared.first, self.backend)
             else:
-                x, cache = layer.forward(params, x, self.backend, rng)
+                x, cache = layer.forward(layer_params, x, self.backend, rng)
             caches.append(cache)
         return NetworkCache(inputs, caches, x)
 
-    def logits(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+    def logits(self, theta: Any, X: Any) -> Any:
         return self.forward(theta, X).logits
 
-    def backward(self, theta: np.ndarray, cache: NetworkCache, dlogits: np.ndarray) -> list[np.ndarray]:
+    def backward(self, theta: Any, cache: NetworkCache, dlogits: Any) -> list[Any]:
         """Backpropagate cotangents of the logits ((reps * N, C): several per sample allowed) to
         every layer's output; entry i is d/d(output of layer i).  No forward pass is re-run."""
         n = cache.logits.shape[0]
         if dlogits.ndim != 2 or dlogits.shape[1] != cache.logits.shape[1] or dlogits.shape[0] % n:
             raise ValueError(f"dlogits must have shape (reps * {n}, {cache.logits.shape[1]}), got {dlogits.shape}")
         params = self.params(theta)
-        cotangents: list[np.ndarray] = [dlogits] * len(self.layers)
+        cotangents: list[Any] = [dlogits] * len(self.layers)
         dy = dlogits
         for i in range(len(self.layers) - 1, -1, -1):
             cotangents[i] = dy
@@ -204,60 +249,62 @@ class Network:
                 dy = self.layers[i].backward(params[i], cache.caches[i], dy, self.backend)
         return cotangents
 
-    def gradient(self, theta: np.ndarray, cache: NetworkCache, cotangents: list[np.ndarray]) -> np.ndarray:
-        """Sum over cotangent rows of the parameter gradient, in theta layout."""
-        grad = np.empty(self.n_params, dtype=self.dtype)
-        params, grads = self.params(theta), self.params(grad)
-        for i in self.parametrised:
-            self.layers[i].param_gradients(params[i], cache.caches[i], cotangents[i], self.backend, grads[i])
-        return grad
+    def gradient(self, theta: Any, cache: NetworkCache, cotangents: list[Any]) -> Any:
+        """Sum over cotangent rows of the parameter gradient, in theta layout: the layers'
+        tensor gradients flattened and concatenated."""
+        xp = self.backend.xp
+        params = self.params(theta)
+        pieces = [xp.reshape(g, (-1,)) for i in self.parametrised for g in self.layers[i].param_gradients(params[i], cache.caches[i], cotangents[i], self.backend)]
+        return xp.concat(pieces) if pieces else xp.zeros((0,), dtype=cache.logits.dtype)
 
-    def vjp(self, theta: np.ndarray, cache: NetworkCache, dlogits: np.ndarray) -> np.ndarray:
+    def vjp(self, theta: Any, cache: NetworkCache, dlogits: Any) -> Any:
         """sum_i J(x_i)^T dlogits[i], J = d logits / d theta (the backward pass)."""
         return self.gradient(theta, cache, self.backward(theta, cache, dlogits))
 
-    def jvp(self, theta: np.ndarray, cache: NetworkCache, v: np.ndarray) -> np.ndarray:
+    def jvp(self, theta: Any, cache: NetworkCache, v: Any) -> Any:
         """Forward-mode J(x_i) v for every row of the cached batch: (N, C)."""
         params = self.params(theta)
-        tangents = self.params(self.check_theta(np.asarray(v, dtype=self.dtype)))
+        tangents = self.params(self.backend.asarray(v, self.dtype))
         dx = None
         for layer, p, dp, c in zip(self.layers, params, tangents, cache.caches):
             dx = layer.jvp(p, c, dp, dx, self.backend)
         if dx is None:
-            return np.zeros_like(cache.logits)
+            return self.backend.xp.zeros_like(cache.logits)
         return dx
 
-    def per_sample_gradients(self, cache: NetworkCache, cotangents: list[np.ndarray]) -> np.ndarray:
+    def per_sample_gradients(self, cache: NetworkCache, cotangents: list[Any]) -> Any:
         """Row r = the parameter gradient of cotangent row r alone, (R, n), in theta layout."""
         rows = cotangents[-1].shape[0]
-        out = np.empty((rows, self.n_params), dtype=self.dtype)
+        out = self.backend.xp.empty((rows, self.n_params), dtype=cache.logits.dtype)
         for i in self.parametrised:
             self.layers[i].per_sample_rows(cache.caches[i], cotangents[i], out, self.layer_offset(i), self.backend)
         return out
 
     # ------------------------------------------------------------------ loss
-    def loss_grad_cache(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, rng: np.random.Generator | None = None):
+    def loss_grad_cache(self, theta: Any, X: Any, y: Any, rng: np.random.Generator | None = None):
         """Mean softmax cross-entropy, its gradient and the forward cache (for curvature reuse)."""
         cache = self.forward(theta, X, rng)
         y = self.check_labels(y, cache.logits.shape[0])
         per_sample_loss, dlogits = losses.cross_entropy(cache.logits, y, self.backend)
         grad = self.vjp(theta, cache, dlogits) / y.shape[0]
-        return float(per_sample_loss.mean()), grad, cache
+        return float(self.backend.xp.mean(per_sample_loss)), grad, cache
 
-    def loss_and_grad(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    def loss_and_grad(self, theta: Any, X: Any, y: Any) -> tuple[float, Any]:
         """Mean softmax cross-entropy L = mean_i -log p(y_i|x_i) and its gradient."""
         loss, grad, _ = self.loss_grad_cache(theta, X, y)
         return loss, grad
 
-    def loss(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
+    def loss(self, theta: Any, X: Any, y: Any) -> float:
         logits = self.logits(theta, X)
         y = self.check_labels(y, logits.shape[0])
-        return float(losses.cross_entropy(logits, y, self.backend)[0].mean())
+        return float(self.backend.xp.mean(losses.cross_entropy(logits, y, self.backend)[0]))
 
-    def predict(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
-        return np.argmax(self.logits(theta, X), axis=1)
+    def predict(self, theta: Any, X: Any) -> Any:
+        """The class of largest logit per row (in the backend's namespace)."""
+        return self.backend.xp.argmax(self.logits(theta, X), axis=1)
 
-    def accuracy(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
+    def accuracy(self, theta: Any, X: Any, y: Any) -> float:
+        xp = self.backend.xp
         X = self.check_X(X)
         y = self.check_labels(y, X.shape[0])
-        return float(np.mean(self.predict(theta, X) == y))
+        return int(xp.count_nonzero(self.predict(theta, X) == y)) / X.shape[0]
