@@ -67,3 +67,8 @@ def test_strict_namespace_trajectory_equals_numpy(make_net, name, preset, overri
     got = trajectory(make_net(), name, STRICT, preset, overrides)
     for k, (a, b) in enumerate(zip(got, want)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13, err_msg=f"{name} {preset} step {k}")
+
+
+def test_the_dense_platform_refuses_another_namespace_when_made():
+    with pytest.raises(ValueError, match="platform 'dense' runs on the host with NumPy arrays only"):
+        optim.make("so-kld-wrm", small_mlp(), platform="dense", backend=STRICT)

@@ -31,6 +31,7 @@ only; the curvature methods reject it.  Every value is in :mod:`kldwrm_ref.optim
 
 from __future__ import annotations
 
+from kldwrm_ref.arrays import is_numpy_namespace
 from kldwrm_ref.backends import DEFAULT_BACKEND, Backend, get_backend
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.optim.clipping import clip_direction, kl_clip_factor, rms_clip
@@ -62,6 +63,8 @@ def make(name: str, net: Network, platform: str | None = None, preset: str = "th
     preset = check_choice(preset, "preset", PRESETS)
     hyper = resolve(name, preset, overrides)
     resolved = get_backend(backend)
+    if platform == "dense" and name != "sgd" and not is_numpy_namespace(resolved.xp):
+        raise ValueError(f"platform 'dense' runs on the host with NumPy arrays only (dense Fisher matrices, for small nets); backend {resolved.name!r} uses another array namespace: use platform='kfac'")
     if net.backend is not resolved:
         net = net.with_backend(resolved)
     optimizer = make_sgd(net, hyper) if name == "sgd" else make_curvature_method(name, net, hyper, platform)
