@@ -1,5 +1,6 @@
 """The front door stays true: every relative link in README.md and docs/ resolves (files and
-heading anchors), and the README's Python examples run and print what their comments say.
+heading anchors), every document the code, configurations and results cite is in the repository,
+and the README's Python examples run and print what their comments say.
 
 The ten-line API example loads real MNIST (a download on first use, then about 10 s of training).
 The fast test runs it with ``kldwrm_ref.data.load_mnist`` replaced by a stand-in: synthetic data
@@ -12,6 +13,7 @@ import ast
 import contextlib
 import io
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,40 @@ def test_the_link_check_finds_missing_files_and_anchors(tmp_path):
         "page.md: other.md#nowhere (no heading with that anchor)",
         "page.md: #there (no heading with that anchor)",
     ]
+
+
+CITED_DOCUMENT = re.compile(r"(?<![\w/.-])(docs/[\w.-]+\.md|[A-Z][A-Z_-]*\.md)\b")
+TEXT_SUFFIXES = {".py", ".md", ".json", ".toml", ".cfg", ".txt"}
+
+
+def cited_documents_missing(root: Path, files) -> list[str]:
+    """``docs/NAME.md`` and upper-case ``NAME.md`` citations (code, docstrings, configurations, results)
+    that name no file in the repository root."""
+    missing = []
+    for path in files:
+        for name in sorted(set(CITED_DOCUMENT.findall(path.read_text(errors="replace")))):
+            if not (root / name).is_file():
+                missing.append(f"{path.relative_to(root)}: {name}")
+    return missing
+
+
+def test_every_cited_document_is_in_the_repository():
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    names = [name for name in listed.stdout.splitlines() if Path(name).suffix in TEXT_SUFFIXES and name != "tests/test_docs.py"]
+    files = [ROOT / name for name in names if (ROOT / name).is_file()]
+    assert len(files) > 100
+    assert cited_documents_missing(ROOT, files) == []
+
+
+def test_the_citation_check_finds_documents_that_are_not_there(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "theory.md").write_text("# Theory\n")
+    (tmp_path / "README.md").write_text("see docs/theory.md\n")
+    code = tmp_path / "module.py"
+    code.write_text('"""Follows docs/theory.md §2, README.md and ' + "SPEC" + '.md; see docs/' + "gone" + '.md."""\nOUT = "summary.md"\n')
+    assert cited_documents_missing(tmp_path, [tmp_path / "README.md", code]) == ["module.py: SPEC.md", "module.py: docs/gone.md"]
 
 
 def readme_examples() -> list[str]:
