@@ -1,6 +1,6 @@
 """Real MNIST without internet access beyond the package registries.
 
-Sources, in order (see REFERENCE.md, "Real MNIST without internet"):
+Sources, in order (see docs/reference.md, "Real MNIST without internet access"):
 
 1. a directory of the standard IDX files, plain or gzipped (argument ``data_dir`` or the
    environment variable ``KLDWRM_DATA``);

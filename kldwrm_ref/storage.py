@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-# Test-only hook for the kill campaign (:mod:`kldwrm_ref.experiments.faults`): seconds to sleep
+# Test-only hook for the kill campaign (``tests/kill_campaign.py``): seconds to sleep
 # between writing a temporary file and moving it into place, so that kills land inside writes.
 WRITE_DELAY_VARIABLE = "KLDWRM_TEST_WRITE_DELAY"
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")

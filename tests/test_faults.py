@@ -1,6 +1,6 @@
 """Faults: real SIGKILLs of a sweep, two sweeps on one folder, damaged run files, bad configurations.
 
-The kill campaign (:mod:`kldwrm_ref.experiments.faults`) runs small in CI; the full campaigns
+The kill campaign (``tests/kill_campaign.py``) runs small in CI; the full campaigns
 (20 kills, serial and ``--jobs 2``) are marked slow.  Damaged files are fuzzed with hypothesis:
 truncation at any byte and a flipped bit anywhere.
 """
@@ -18,7 +18,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kldwrm_ref.experiments import faults
 from kldwrm_ref.experiments.checkpoint import CheckpointError, load_checkpoint
 from kldwrm_ref.experiments.cli import main as mnist_main
 from kldwrm_ref.experiments.config import expand, validate_config
@@ -27,6 +26,8 @@ from kldwrm_ref.experiments.report import collect
 from kldwrm_ref.experiments.run_folder import EXPORTS, RunFolderError, read_metrics, read_status, restore
 from kldwrm_ref.experiments.runner import run_experiment
 from kldwrm_ref.storage import WRITE_DELAY_VARIABLE, atomic_write, remove_stale_temporaries
+
+import kill_campaign as faults
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fault tests read the process tree from /proc")
 

@@ -1,6 +1,6 @@
 """Paper fidelity: the preset="paper" K-FAC / SO / Q / QE trajectories against an independent,
-dense re-derivation of the authors' update rules (REFERENCE.md), and the four conventions where
-the authors' code departs from THEORY.md:
+dense re-derivation of the authors' update rules (docs/reference.md), and the four conventions where
+the authors' code departs from docs/theory.md:
 
 - correction:   "authors" (their recursive wake correction) vs "exact" (g_{k-1} + B_{k-1} s_{k-1});
 - rms_clip_per: "tensor" (every W and every b clipped on its own) vs "layer" ([W, b] together);
@@ -51,7 +51,7 @@ TOL = 1e-10  # per step, relative to the step's norm
 
 # =============================================================================== the reference
 def paper_hyper(name: str) -> dict:
-    """REFERENCE.md's values, written out here (not read from the package)."""
+    """docs/reference.md's values, written out here (not read from the package)."""
     hyper = dict(
         step_size=0.01, rho=PAPER_RHO[name], damping=0.01, weight_decay=0.001, period=30,
         eig_floor=1e-6, kl_clip=0.1, rms_clip=None, floor_strict=True,

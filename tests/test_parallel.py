@@ -11,8 +11,9 @@ import pytest
 from kldwrm_ref.experiments import runner
 from kldwrm_ref.experiments.cli import main
 from kldwrm_ref.experiments.config import expand, validate_config
-from kldwrm_ref.experiments.faults import _alive
 from kldwrm_ref.storage import read_csv, read_json
+
+from kill_campaign import _alive
 
 ARGV = ["--synthetic", "--architectures", "12-8-10", "--optimizers", "kfac", "qe-kld-wrm", "--seeds", "0", "1", "--epochs", "2", "--batch", "40", "--dtype", "float64", "--hyper", "period=3", "--no-progress"]
 TIMELESS = [k for k in runner.METRIC_FIELDS if k not in ("wall_time", "epoch_time")]

@@ -36,7 +36,7 @@ def test_recursion_equals_direct_minimisation(method, stream):
 
 @given(stream=streams(varying_alpha=False))
 def test_theorem_1_as_stated_with_constant_alpha(stream):
-    """THEORY's Q_k with a fixed lambda: sum_j rho^(k-j) [g_j^T d + (lambda c_j / 2) d^T M_j d]."""
+    """docs/theory.md's Q_k (§3.1) with a fixed lambda: sum_j rho^(k-j) [g_j^T d + (lambda c_j / 2) d^T M_j d]."""
     history, nxt = synthetic_history("ea-cm", stream)
     lam = 1.0 / history.alphas[0]
     for k in range(history.n_steps):

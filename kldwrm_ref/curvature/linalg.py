@@ -30,7 +30,7 @@ def one_blas_thread():
     The eigendecompositions of a refresh run in it: NumPy and SciPy each load their own OpenBLAS,
     and right after the step's products NumPy's threads still spin-wait, so on a 2-core machine
     a 2-thread LAPACK call inside the step ran 1.7x slower than alone, and the refresh's
-    decompositions took 2.4x as long as with one thread (README, "refresh steps")."""
+    decompositions took 2.4x as long as with one thread (docs/performance.md, "What bounds each step")."""
     return _THREADPOOLS.limit(limits=1, user_api="blas")
 
 

@@ -12,7 +12,7 @@ from kldwrm_ref.model.mlp import MLP
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.validation import check_choice
 
-NAMED_NETWORKS = {"paper-cnn": paper_cnn}  # the authors' CNN (REFERENCE.md), on 1 x 28 x 28 MNIST
+NAMED_NETWORKS = {"paper-cnn": paper_cnn}  # the authors' CNN (docs/reference.md), on 1 x 28 x 28 MNIST
 
 
 def build_network(architecture: Sequence[int] | str, activation: str = "relu", dtype="float64", backend="numpy") -> Network:

@@ -115,7 +115,7 @@ def _check_unit_interval(value: float, name: str) -> None:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Hyper))
 
-# The decay of each method in the authors' runs (REFERENCE.md); both presets use them.
+# The decay of each method in the authors' runs (docs/reference.md); both presets use them.
 AUTHORS_RHO = {"sgd": 0.0, "ea-cm": 0.95, "kfac": 0.95, "so-kld-wrm": 0.33, "q-kld-wrm": 0.5, "qe-kld-wrm": 0.5}
 
 # preset -> optimiser name ("*" for all) -> overrides of the Hyper defaults, applied in order.

@@ -1,6 +1,6 @@
 """The kill campaign: SIGKILL a real sweep, at random moments and inside its writes, until it finishes.
 
-``python -m kldwrm_ref.experiments.faults --kills 20 --jobs 1`` (or ``--jobs 2``) runs a small
+``python tests/kill_campaign.py --kills 20 --jobs 1`` (or ``--jobs 2``) runs a small
 synthetic ``kldwrm mnist`` sweep once without interruption (the reference), then again as a
 subprocess that it kills with SIGKILL, restarts, and kills again, ``--kills`` times, before
 letting it finish.  Kill moments come from a seeded generator and are set in progress, not
@@ -22,7 +22,8 @@ sent, those that landed inside a write, and the work lost per run in flight, in 
 since that run's last checkpoint, or since this attempt took its lock, over its median epoch
 interval in the reference).
 
-Linux only (the process tree is read from ``/proc``).
+Linux only (the process tree is read from ``/proc``).  A test harness, not part of the installed
+package: ``tests/test_faults.py`` runs it (5 kills in CI, 20 kills under ``-m slow``).
 """
 
 from __future__ import annotations
@@ -417,7 +418,7 @@ def _wait_for_orphans(root: Path, timeout: float = 120.0) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kldwrm_ref.experiments.faults", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tests/kill_campaign.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
