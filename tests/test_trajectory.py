@@ -228,6 +228,87 @@ def test_kron_error_equals_the_error_of_the_formed_products():
     assert sign_invariant_error(Q, Q[:, ::-1]) > 0.1
 
 
+# ---------------------------------------------------------------------------- what the failures say
+def test_a_different_theta_layout_names_the_tensor_and_both_shapes(paper_q):
+    """A bias written as (5, 1) instead of (5,): the same offsets, another shape."""
+    layout = [dict(name=f"{t['layer']}.{t['name']}", shape=t["shape"] + [1] if t["name"] == "bias" else t["shape"], offset=t["offset"]) for t in paper_q.manifest["theta_layout"]]
+    cand = Trajectory(dict(paper_q.manifest, theta_layout=layout), paper_q.steps)
+    expected = "tensor 1: '0.bias' shape (5, 1) at offset 30 in the candidate, 'bias' of layer 0 shape (5,) at offset 30 in the reference"
+    with pytest.raises(AssertionError, match=re.escape(f"quantity 'theta layout': relative error inf > rtol 1e-08 ({expected})")):
+        assert_trajectory_close(paper_q, cand)
+    fewer = Trajectory(dict(paper_q.manifest, theta_layout=paper_q.manifest["theta_layout"][:3]), paper_q.steps)
+    assert compare(paper_q, fewer).rows[0].detail == "3 tensors in the candidate, 4 in the reference"
+
+
+def test_shape_mismatches_name_the_array_and_both_shapes(paper_q):
+    no_homogeneous = edited(paper_q, lambda k, step: [step.__setitem__(key, step[key][:-1, :-1]) for key in list(step) if key.endswith(".0.A")])
+    row = compare(paper_q, no_homogeneous).first_failure(1e-8)
+    assert (row.step, row.quantity, row.detail) == (0, "current G(x)A layer 0 weight", "current.0.A: shape (6, 6) in the candidate, (7, 7) in the reference")
+    column = edited(paper_q, lambda k, step: step.update(g=step["g"][:, None]))
+    row = compare(paper_q, column).first_failure(1e-8)
+    assert (row.step, row.quantity, row.detail) == (0, "g", "shape (59, 1) in the candidate, (59,) in the reference")
+    late = edited(paper_q, lambda k, step: step.pop("kl_clip_factor") if k == 2 else None)
+    row = compare(paper_q, late).first_failure(1e-8)
+    assert (row.step, row.quantity, row.detail) == (2, "kl_clip_factor", "recorded at this step by the reference only")
+    unrefreshed = edited(paper_q, lambda k, step: [step.pop(key) for key in list(step) if key.startswith("current.1")] if k == 2 else None)
+    row = compare(paper_q, unrefreshed).first_failure(1e-8)
+    assert (row.step, row.quantity, row.detail) == (2, "current G(x)A layer 1 weight", "the candidate does not record current.1.A and current.1.G at this step")
+    with pytest.raises(AssertionError, match=re.escape("(current.0.A: shape (6, 6) in the candidate, (7, 7) in the reference)")):
+        assert_trajectory_close(paper_q, no_homogeneous)
+
+
+def test_candidate_quantities_the_reference_lacks_are_reported_with_a_guess(paper_q, tmp_path, capsys):
+    renamed = edited(paper_q, lambda k, step: step.update(nu=step.pop("kl_clip_factor"), ghta=step["ghat"], eigen_values=np.ones(3)))
+    notes = compare(paper_q, renamed).not_compared
+    assert notes == (
+        "unknown quantity 'eigen_values' in the candidate (not compared)",
+        "unknown quantity 'ghta' in the candidate; did you mean 'ghat'? (not compared)",
+        "unknown quantity 'nu' in the candidate; did you mean 'kl_clip_factor'? (not compared)",
+    )
+    with pytest.warns(UserWarning) as caught:
+        assert_trajectory_close(paper_q, renamed)
+    assert [str(warning.message) for warning in caught] == list(notes)
+    with pytest.raises(AssertionError, match="unknown quantity 'nu'"):
+        assert_trajectory_close(paper_q, renamed, strict=True)
+    save(paper_q, tmp_path / "ref")
+    save(renamed, tmp_path / "cand")
+    assert kldwrm(["trajectory", "compare", str(tmp_path / "ref"), str(tmp_path / "cand")]) == 0
+    assert "warning: unknown quantity 'nu' in the candidate; did you mean 'kl_clip_factor'?" in capsys.readouterr().out
+    assert kldwrm(["trajectory", "compare", str(tmp_path / "ref"), str(tmp_path / "cand"), "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "error: unknown quantity 'nu'" in out and "FAIL (--strict)" in out
+    eigen_free, with_pi = recorded("kfac", steps=2)[1], recorded("kfac", steps=2, damping_style="factored")[1]
+    assert compare(eigen_free, with_pi).not_compared == ("quantity 'pi' of the candidate is not recorded by the reference (not compared)",)
+
+
+def test_the_average_holds_between_the_steps_that_record_it(paper_q):
+    """kldwrm_ref stores Mbar on refresh steps only; a candidate that writes it every step is
+    compared with the last stored one, and one whose average moves between refreshes fails there."""
+    assert "averaged.0.A" not in paper_q.steps[1] and "averaged.0.A" in paper_q.steps[2]
+    every_step = edited(paper_q, lambda k, step: step.update({key: value for key, value in paper_q.steps[k - k % 2].items() if key.startswith("averaged.")}))
+    assert all("averaged.0.A" in step for step in every_step.steps)
+    assert_trajectory_close(paper_q, every_step, rtol=0)
+    drifting = edited(every_step, lambda k, step: step.update({"averaged.1.G": 1.01 * step["averaged.1.G"]}) if k == 3 else None)
+    with pytest.raises(AssertionError, match=re.escape("at step 3, quantity 'averaged G(x)A layer 1 weight'")):
+        assert_trajectory_close(paper_q, drifting)
+
+
+def test_a_separately_recorded_bias_g_is_compared_when_present(paper_q):
+    """A dense layer's bias block is G (x) A[k, k]; a candidate may record its own G_bias (and A_bias)."""
+    def split(scale_g):
+        def edit(k, step):
+            for key in [key for key in step if key.endswith(".G") and key.startswith(("current.", "averaged."))]:
+                prefix = key[:-2]
+                step[f"{prefix}.G_bias"] = scale_g * 2.0 * step[key] * step[f"{prefix}.A"][-1, -1]
+                step[f"{prefix}.A_bias"] = np.array([[0.5]])
+        return edited(paper_q, edit)
+
+    comparison = compare(paper_q, split(1.0))
+    assert comparison.first_failure(1e-13) is None and comparison.not_compared == ()
+    with pytest.raises(AssertionError, match=re.escape("at step 0, quantity 'current G(x)A layer 0 bias'")):
+        assert_trajectory_close(paper_q, split(1.001))
+
+
 # ---------------------------------------------------------------------------- refusals
 def test_an_npz_holding_an_object_array_is_refused(paper_q, tmp_path, capsys):
     save(paper_q, tmp_path / "t")

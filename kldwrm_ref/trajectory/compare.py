@@ -211,7 +211,7 @@ def _not_compared(ref_keys: set[str], cand_keys: set[str], blocks: Sequence[Mapp
     bias_slots = {f"{prefix}.{b['factors']}.{field}" for b in blocks or () if b["G"] == "G" and b["name"].endswith(" bias") for prefix in FACTOR_PREFIXES for field in ("G_bias", "A_bias")}
     notes = []
     for key in sorted(cand_keys - ref_keys - bias_slots, key=_rank):
-        guess = SYNONYMS.get(key) or next(iter(difflib.get_close_matches(key, sorted(ref_keys | set(QUANTITIES)), n=1)), None)
+        guess = SYNONYMS.get(key) or next(iter(difflib.get_close_matches(key, sorted((ref_keys | set(QUANTITIES)) - {key}), n=1)), None)
         hint = f"; did you mean {guess!r}?" if guess else ""
         if family(key) in QUANTITIES:
             notes.append(f"quantity {key!r} of the candidate is not recorded by the reference{hint} (not compared)")
