@@ -89,9 +89,9 @@ def export(args: argparse.Namespace) -> int:
     data.update(order="step k takes rows indices[k]; epoch e (from 1) visits default_rng([seed, e]).permutation(n_train) in full batches", seed=args.seed, batch=args.batch, indices=[rows.tolist() for rows in indices])
     theta0, choice = net.init(args.seed), dict(eigen=args.eigen, only=args.only, skip=args.skip)
     compressed, uncompressed = expected_size(opt, theta0, X[indices[0]], y[indices[0]], args.steps, **choice)
-    print(f"expected size: about {compressed / 1e6:.1f} MB ({uncompressed / 1e6:.1f} MB uncompressed) in {args.steps} step files", flush=True)
+    print(f"expected size: about {compressed / 1e6:.3g} MB ({uncompressed / 1e6:.3g} MB uncompressed) in {args.steps} step files", flush=True)
     if compressed > args.max_size * 1e6:
-        raise ValueError(f"the export would take about {compressed / 1e6:.1f} MB, above --max-size {args.max_size:g} MB; record fewer --steps, fewer quantities (--only / --skip), or raise --max-size")
+        raise ValueError(f"the export would take about {compressed / 1e6:.3g} MB, above --max-size {args.max_size:g} MB; record fewer --steps, fewer quantities (--only / --skip), or raise --max-size")
     check_destination(args.out, "--out", probe=True)
     start = time.perf_counter()
     trajectory = record(opt, theta0, ((X[rows], y[rows]) for rows in indices), data=data, **choice)
@@ -100,7 +100,7 @@ def export(args: argparse.Namespace) -> int:
     except OSError as error:
         raise SaveError(f"--out {args.out!r}: writing the trajectory failed ({error.strerror or error})") from None
     size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
-    print(f"{args.optimizer} ({args.preset}, {args.platform}) on {arch_label(args.architecture)} ({net.n_params} parameters): {args.steps} steps in {time.perf_counter() - start:.1f} s, {size / 1e6:.1f} MB in {folder}")
+    print(f"{args.optimizer} ({args.preset}, {args.platform}) on {arch_label(args.architecture)} ({net.n_params} parameters): {args.steps} steps in {time.perf_counter() - start:.1f} s, {size / 1e6:.3g} MB in {folder}")
     return 0
 
 
