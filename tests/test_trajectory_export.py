@@ -142,3 +142,20 @@ def test_the_manifest_lists_as_ignored_exactly_the_hyperparameters_without_effec
         if np.array_equal(other, steps) != (field in ignored):
             wrong.append(f"{field}: {current!r} -> {changed[field]!r} {'changed' if field in ignored else 'did not change'} the steps")
     assert wrong == []
+
+
+@pytest.mark.parametrize("name", ["kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"])
+def test_what_each_method_records_under_the_paper_preset(name):
+    """The table of docs/trajectory-format.md, "What each method records", under preset paper."""
+    X, y = synthetic_classification(64, 6, 4, seed=3)
+    net = MLP([6, 5, 4], "tanh")
+    trajectory = record(optim.make(name, net, platform="kfac", preset="paper", backend="numpy", period=2), net.init(1), [(X[16 * k : 16 * k + 16], y[16 * k : 16 * k + 16]) for k in range(4)])
+    always = {"X", "y", "theta", "alpha", "loss", "g", "refreshed", "damping", "ghat", "d", "v_unclipped", "kl_clip_factor", "v", "s"}
+    for k, step in enumerate(trajectory.steps):
+        families = {key.split(".")[0] for key in step}
+        expected = always | ({"current", "averaged"} if k % 2 == 0 else set())
+        expected |= {"rms_clip_factors"} if name in ("q-kld-wrm", "qe-kld-wrm") else set()
+        expected |= {"s_q", "inner_steps"} if name == "qe-kld-wrm" and k >= 2 else set()  # once the wake holds m = 3 iterates
+        assert families == expected, k
+        if name == "kfac":
+            np.testing.assert_array_equal(step["ghat"], step["g"])
