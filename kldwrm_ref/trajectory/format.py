@@ -122,7 +122,7 @@ def save(trajectory: Trajectory, directory: str | os.PathLike) -> Path:
     directory beside it, which then replaces ``directory`` (new, empty, or an older trajectory,
     :func:`check_destination`), so no step file of an older trajectory survives beside the new ones.
     Each step is a compressed ``.npz`` written without pickle."""
-    folder = check_destination(directory)
+    folder = Path(os.path.abspath(check_destination(directory)))  # "." too has a parent to stage in
     check_trajectory(trajectory)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".staging"))
