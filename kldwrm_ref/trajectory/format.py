@@ -103,7 +103,7 @@ def check_destination(directory: str | os.PathLike, name: str = "directory", pro
     :func:`save` replaces); anything else in it is refused, so that no other file is overwritten.
     ``probe``: also create its parent and a staging directory there (removed again), so that a
     place that cannot be written is refused before a long run rather than after it."""
-    folder = check_output_dir(directory, name)
+    folder = Path(os.path.abspath(check_output_dir(directory, name)))  # "." too has a parent to stage in
     if folder.is_dir():
         foreign = sorted(entry.name for entry in folder.iterdir() if not _TRAJECTORY_ENTRY.match(entry.name))
         if foreign:
@@ -122,7 +122,7 @@ def save(trajectory: Trajectory, directory: str | os.PathLike) -> Path:
     directory beside it, which then replaces ``directory`` (new, empty, or an older trajectory,
     :func:`check_destination`), so no step file of an older trajectory survives beside the new ones.
     Each step is a compressed ``.npz`` written without pickle."""
-    folder = Path(os.path.abspath(check_destination(directory)))  # "." too has a parent to stage in
+    folder = check_destination(directory)
     check_trajectory(trajectory)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".staging"))
@@ -139,7 +139,7 @@ def save(trajectory: Trajectory, directory: str | os.PathLike) -> Path:
 def _replace_directory(new: Path, folder: Path) -> None:
     """Move ``new`` to ``folder``: one rename when ``folder`` is absent or empty; otherwise the old
     one is first renamed aside (``.NAME.<pid>.old``) and removed after, so an interrupt leaves the
-    old trajectory or the new one, never a mix."""
+    old trajectory (in ``folder``, or aside) or the new one, never a mix."""
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
     if not folder.exists():
