@@ -3,6 +3,7 @@ quantities against independent recomputations, the invariant comparison, refusal
 ``kldwrm trajectory`` command lines."""
 
 import dataclasses
+import itertools
 import json
 import re
 from pathlib import Path
@@ -14,9 +15,12 @@ from kldwrm_ref import MLP, optim
 from kldwrm_ref.cli import main as kldwrm
 from kldwrm_ref.data import load_mnist, synthetic_classification
 from kldwrm_ref.experiments.runner import load_data
+from kldwrm_ref.model import paper_cnn
 from kldwrm_ref.optim.hyper import FIELDS
 from kldwrm_ref.testing import assert_trajectory_close
 from kldwrm_ref.trajectory import Trajectory, TrajectoryError, compare, kron_error, load, record, save, sign_invariant_error
+
+import reference_net as ref
 
 FORCED_CLIPS = dict(period=2, kl_clip=1e-3, rms_clip=0.1, step_size=0.05)  # every clip active, stale steps between refreshes
 
@@ -106,10 +110,10 @@ def test_kfac_quantities_equal_an_independent_dense_replay():
             np.testing.assert_allclose(step["current.1.G"], G, rtol=1e-12, atol=1e-15)
             current = [step[f"current.{p}.{f}"] for p in (0, 1) for f in "AG"]
             average = current if average is None else [rho * a + (1 - rho) * c for a, c in zip(average, current)]
-        else:
-            assert not any(key.startswith("current.") for key in step)
-        for recorded_factor, expected in zip([step[f"averaged.{p}.{f}"] for p in (0, 1) for f in "AG"], average):
-            np.testing.assert_allclose(recorded_factor, expected, rtol=1e-13, atol=1e-16)
+            for recorded_factor, expected in zip([step[f"averaged.{p}.{f}"] for p in (0, 1) for f in "AG"], average):
+                np.testing.assert_allclose(recorded_factor, expected, rtol=1e-13, atol=1e-16)
+        else:  # no fresh estimate, and the average, unchanged, is not stored again
+            assert not any(key.startswith(("current.", "averaged.")) for key in step)
         d = step["g"] + hyper["weight_decay"] * step["theta"]
         np.testing.assert_allclose(step["d"], d, rtol=1e-14)
         matrix, start = np.zeros((55 + 4, 55 + 4)), 0
@@ -224,6 +228,87 @@ def test_kron_error_equals_the_error_of_the_formed_products():
     assert sign_invariant_error(Q, Q[:, ::-1]) > 0.1
 
 
+# ---------------------------------------------------------------------------- what the failures say
+def test_a_different_theta_layout_names_the_tensor_and_both_shapes(paper_q):
+    """A bias written as (5, 1) instead of (5,): the same offsets, another shape."""
+    layout = [dict(name=f"{t['layer']}.{t['name']}", shape=t["shape"] + [1] if t["name"] == "bias" else t["shape"], offset=t["offset"]) for t in paper_q.manifest["theta_layout"]]
+    cand = Trajectory(dict(paper_q.manifest, theta_layout=layout), paper_q.steps)
+    expected = "tensor 1: '0.bias' shape (5, 1) at offset 30 in the candidate, 'bias' of layer 0 shape (5,) at offset 30 in the reference"
+    with pytest.raises(AssertionError, match=re.escape(f"quantity 'theta layout': relative error inf > rtol 1e-08 ({expected})")):
+        assert_trajectory_close(paper_q, cand)
+    fewer = Trajectory(dict(paper_q.manifest, theta_layout=paper_q.manifest["theta_layout"][:3]), paper_q.steps)
+    assert compare(paper_q, fewer).rows[0].detail == "3 tensors in the candidate, 4 in the reference"
+
+
+def test_shape_mismatches_name_the_array_and_both_shapes(paper_q):
+    no_homogeneous = edited(paper_q, lambda k, step: [step.__setitem__(key, step[key][:-1, :-1]) for key in list(step) if key.endswith(".0.A")])
+    row = compare(paper_q, no_homogeneous).first_failure(1e-8)
+    assert (row.step, row.quantity, row.detail) == (0, "current G(x)A layer 0 weight", "current.0.A: shape (6, 6) in the candidate, (7, 7) in the reference")
+    column = edited(paper_q, lambda k, step: step.update(g=step["g"][:, None]))
+    row = compare(paper_q, column).first_failure(1e-8)
+    assert (row.step, row.quantity, row.detail) == (0, "g", "shape (59, 1) in the candidate, (59,) in the reference")
+    late = edited(paper_q, lambda k, step: step.pop("kl_clip_factor") if k == 2 else None)
+    row = compare(paper_q, late).first_failure(1e-8)
+    assert (row.step, row.quantity, row.detail) == (2, "kl_clip_factor", "recorded at this step by the reference only")
+    unrefreshed = edited(paper_q, lambda k, step: [step.pop(key) for key in list(step) if key.startswith("current.1")] if k == 2 else None)
+    row = compare(paper_q, unrefreshed).first_failure(1e-8)
+    assert (row.step, row.quantity, row.detail) == (2, "current G(x)A layer 1 weight", "the candidate does not record current.1.A and current.1.G at this step")
+    with pytest.raises(AssertionError, match=re.escape("(current.0.A: shape (6, 6) in the candidate, (7, 7) in the reference)")):
+        assert_trajectory_close(paper_q, no_homogeneous)
+
+
+def test_candidate_quantities_the_reference_lacks_are_reported_with_a_guess(paper_q, tmp_path, capsys):
+    renamed = edited(paper_q, lambda k, step: step.update(nu=step.pop("kl_clip_factor"), ghta=step["ghat"], eigen_values=np.ones(3)))
+    notes = compare(paper_q, renamed).not_compared
+    assert notes == (
+        "unknown quantity 'eigen_values' in the candidate (not compared)",
+        "unknown quantity 'ghta' in the candidate; did you mean 'ghat'? (not compared)",
+        "unknown quantity 'nu' in the candidate; did you mean 'kl_clip_factor'? (not compared)",
+    )
+    with pytest.warns(UserWarning) as caught:
+        assert_trajectory_close(paper_q, renamed)
+    assert [str(warning.message) for warning in caught] == list(notes)
+    with pytest.raises(AssertionError, match="unknown quantity 'nu'"):
+        assert_trajectory_close(paper_q, renamed, strict=True)
+    save(paper_q, tmp_path / "ref")
+    save(renamed, tmp_path / "cand")
+    assert kldwrm(["trajectory", "compare", str(tmp_path / "ref"), str(tmp_path / "cand")]) == 0
+    assert "warning: unknown quantity 'nu' in the candidate; did you mean 'kl_clip_factor'?" in capsys.readouterr().out
+    assert kldwrm(["trajectory", "compare", str(tmp_path / "ref"), str(tmp_path / "cand"), "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "error: unknown quantity 'nu'" in out and "FAIL (--strict)" in out
+    eigen_free, with_pi = recorded("kfac", steps=2)[1], recorded("kfac", steps=2, damping_style="factored")[1]
+    assert compare(eigen_free, with_pi).not_compared == ("quantity 'pi' of the candidate is not recorded by the reference (not compared)",)
+
+
+def test_the_average_holds_between_the_steps_that_record_it(paper_q):
+    """kldwrm_ref stores Mbar on refresh steps only; a candidate that writes it every step is
+    compared with the last stored one, and one whose average moves between refreshes fails there."""
+    assert "averaged.0.A" not in paper_q.steps[1] and "averaged.0.A" in paper_q.steps[2]
+    every_step = edited(paper_q, lambda k, step: step.update({key: value for key, value in paper_q.steps[k - k % 2].items() if key.startswith("averaged.")}))
+    assert all("averaged.0.A" in step for step in every_step.steps)
+    assert_trajectory_close(paper_q, every_step, rtol=0)
+    drifting = edited(every_step, lambda k, step: step.update({"averaged.1.G": 1.01 * step["averaged.1.G"]}) if k == 3 else None)
+    with pytest.raises(AssertionError, match=re.escape("at step 3, quantity 'averaged G(x)A layer 1 weight'")):
+        assert_trajectory_close(paper_q, drifting)
+
+
+def test_a_separately_recorded_bias_g_is_compared_when_present(paper_q):
+    """A dense layer's bias block is G (x) A[k, k]; a candidate may record its own G_bias (and A_bias)."""
+    def split(scale_g):
+        def edit(k, step):
+            for key in [key for key in step if key.endswith(".G") and key.startswith(("current.", "averaged."))]:
+                prefix = key[:-2]
+                step[f"{prefix}.G_bias"] = scale_g * 2.0 * step[key] * step[f"{prefix}.A"][-1, -1]
+                step[f"{prefix}.A_bias"] = np.array([[0.5]])
+        return edited(paper_q, edit)
+
+    comparison = compare(paper_q, split(1.0))
+    assert comparison.first_failure(1e-13) is None and comparison.not_compared == ()
+    with pytest.raises(AssertionError, match=re.escape("at step 0, quantity 'current G(x)A layer 0 bias'")):
+        assert_trajectory_close(paper_q, split(1.001))
+
+
 # ---------------------------------------------------------------------------- refusals
 def test_an_npz_holding_an_object_array_is_refused(paper_q, tmp_path, capsys):
     save(paper_q, tmp_path / "t")
@@ -276,28 +361,155 @@ def test_export_refuses_bad_arguments(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- command line
-@pytest.mark.parametrize("name, architecture, preset, steps", [
-    ("kfac", "20-8-10", "paper", 3), ("so-kld-wrm", "20-8-10", "paper", 3), ("q-kld-wrm", "20-8-10", "theory", 3), ("qe-kld-wrm", "20-8-10", "theory", 3),
-    ("kfac", "paper-cnn", "paper", 2), ("qe-kld-wrm", "paper-cnn", "theory", 2),
-])
-def test_cli_export_with_synthetic_data(tmp_path, name, architecture, preset, steps):
+def _mlp_pass(sizes, theta, X, y, fisher):
+    """Loss, gradient and every layer's K-FAC factors (A, G) of a ReLU MLP in plain numpy (§1.1,
+    §5.1): A = mean [a; 1][a; 1]^T, G = mean delta delta^T over the per-sample pre-activation
+    cotangents delta of the output cotangent pi - e_y (empirical), or sum_c pi_c delta_c delta_c^T
+    over every class c (exact)."""
+    layers, pos = [], 0
+    for n_in, n_out in itertools.pairwise(sizes):
+        layers.append((theta[pos : pos + n_in * n_out].reshape(n_out, n_in), theta[pos + n_in * n_out : pos + n_in * n_out + n_out]))
+        pos += n_in * n_out + n_out
+    a, inputs, preacts = X, [], []
+    for l, (W, b) in enumerate(layers):
+        inputs.append(a)
+        preacts.append(a @ W.T + b)
+        a = np.maximum(preacts[-1], 0.0) if l + 1 < len(layers) else preacts[-1]
+    pi = np.exp(a - a.max(axis=1, keepdims=True))
+    pi /= pi.sum(axis=1, keepdims=True)
+    n, eye = len(y), np.eye(sizes[-1])
+
+    def cotangents(top):  # per layer, the per-sample d loss_i / d u_l of the output cotangent ``top``
+        deltas, delta = [], top
+        for l in reversed(range(len(layers))):
+            deltas.insert(0, delta)
+            delta = (delta @ layers[l][0]) * (preacts[l - 1] > 0) if l else None
+        return deltas
+
+    empirical = cotangents(pi - eye[y])
+    g = np.concatenate([part for d, x in zip(empirical, inputs) for part in ((d.T @ x).ravel() / n, d.sum(axis=0) / n)])
+    factors = []
+    for l, x in enumerate(inputs):
+        xbar = np.hstack([x, np.ones((n, 1))])
+        if fisher == "empirical":
+            G = empirical[l].T @ empirical[l] / n
+        else:
+            G = sum((pi[:, c, None] * cotangents(pi - eye[c])[l]).T @ cotangents(pi - eye[c])[l] for c in range(sizes[-1])) / n
+        factors.append((xbar.T @ xbar / n, G))
+    return -np.mean(np.log(pi[np.arange(n), y])), g, factors
+
+
+def _paper_cnn_spec(mask):
+    return [("conv", 1, 5, 5, 1, 0), ("pool", 2), ("relu",), ("conv", 5, 7, 5, 1, 0), ("pool", 2), ("relu",), ("flatten",), ("dense", 112, 30), ("relu",), ("dropout", mask), ("dense", 30, 10)]
+
+
+def _paper_cnn_pass(theta, X, y, mask, fisher, rng):
+    """The paper CNN through tests/reference_net.py (its own convolution, pooling and unpacking):
+    loss, three directional derivatives g.u by complex step, and the last layer's (A, G)."""
+    spec = _paper_cnn_spec(mask)
+    X = X.reshape(len(X), 1, 28, 28)
+    loss = float(ref.cnn_mean_loss(spec, theta.astype(complex), X, y).real)
+    directions = rng.standard_normal((3, theta.size))
+    slopes = [ref.cnn_mean_loss(spec, theta + 1j * ref.H * u, X, y).imag / ref.H for u in directions]
+    hidden = ref.cnn_logits(spec[:-1], theta[: theta.size - 310], X).real  # the last Dense(30, 10) takes 310 parameters
+    z = hidden @ theta[-310:-10].reshape(10, 30).T + theta[-10:]
+    pi = np.exp(z - z.max(axis=1, keepdims=True))
+    pi /= pi.sum(axis=1, keepdims=True)
+    n, eye = len(y), np.eye(10)
+    hbar = np.hstack([hidden, np.ones((n, 1))])
+    if fisher == "empirical":
+        G = (pi - eye[y]).T @ (pi - eye[y]) / n
+    else:
+        G = sum((pi[:, c, None] * (pi - eye[c])).T @ (pi - eye[c]) for c in range(10)) / n
+    return loss, directions, np.array(slopes), (hbar.T @ hbar / n, G)
+
+
+def _dense_kfac_solve(factors, d, eta, floor):
+    """(blockdiag of the separate-bias blocks + eta I)^{-1} d with dense matrices (§5.2, §5.3): per
+    layer W's block G (x) A[:k, :k] and b's G A[k, k], the factors' eigenvalues <= floor set to 0."""
+    blocks = []
+    for A, G in factors:
+        A, G = _floored(A, floor), _floored(G, floor)
+        blocks += [np.kron(G, A[:-1, :-1]), G * A[-1, -1]]
+    size = sum(len(m) for m in blocks)
+    matrix, start = np.zeros((size, size)), 0
+    for m in blocks:
+        matrix[start : start + len(m), start : start + len(m)] = m
+        start += len(m)
+    return np.linalg.solve(matrix + eta * np.eye(size), d)
+
+
+EXPORTS = [
+    ("kfac", "20-8-10", "paper", 4), ("so-kld-wrm", "20-8-10", "paper", 4), ("q-kld-wrm", "20-8-10", "paper", 4), ("qe-kld-wrm", "20-8-10", "paper", 4),
+    ("q-kld-wrm", "20-8-10", "theory", 3), ("qe-kld-wrm", "20-8-10", "theory", 3), ("kfac", "paper-cnn", "paper", 2), ("qe-kld-wrm", "paper-cnn", "theory", 2),
+]
+
+
+@pytest.mark.parametrize("name, architecture, preset, steps", EXPORTS)
+def test_cli_exports_hold_the_values_of_an_independent_recomputation(tmp_path, name, architecture, preset, steps):
+    """Every export's loss, g and s against a recomputation from theta_k and the recorded batch
+    (plain numpy, or tests/reference_net.py for the CNN); the fresh and averaged factors of the
+    last layer; d, the clips and s from the recorded directions; SO's ghat from the recorded g;
+    for K-FAC and SO the whole preconditioned direction, replayed with dense matrices."""
     out = tmp_path / "t"
-    assert kldwrm(["trajectory", "export", "--optimizer", name, "--architecture", architecture, "--preset", preset, "--steps", str(steps), "--batch", "24", "--synthetic", "--hyper", "inner_steps=2", "--out", str(out)]) == 0
+    hyper = ["inner_steps=2", "period=2", "kl_clip=1e-3", "step_size=0.05"] + (["rms_clip=0.05"] if preset == "paper" else [])
+    assert kldwrm(["trajectory", "export", "--optimizer", name, "--architecture", architecture, "--preset", preset, "--steps", str(steps), "--batch", "24", "--synthetic", "--hyper", *hyper, "--out", str(out)]) == 0
     trajectory = load(out)
-    manifest = trajectory.manifest
+    manifest, h = trajectory.manifest, trajectory.manifest["hyper"]
     assert manifest["steps"] == steps and manifest["optimizer"] == name and manifest["preset"] == preset
-    assert set(FIELDS) <= set(manifest["hyper"]) and manifest["hyper"]["inner_steps"] == 2
-    assert manifest["network"]["architecture"] == (architecture if architecture == "paper-cnn" else [20, 8, 10])
-    assert [t["offset"] for t in manifest["theta_layout"]] == sorted(t["offset"] for t in manifest["theta_layout"])
-    blocks = manifest["blocks"]
-    for step in trajectory.steps:
-        assert {"theta", "loss", "g", "ghat", "d", "v_unclipped", "v", "s", "damping"} <= set(step)
-        assert all(f"averaged.{b['factors']}.{b['A']}" in step and f"averaged.{b['factors']}.{b['G']}" in step for b in blocks)
-        assert ("inner_steps" in step) == (name == "qe-kld-wrm")
-    if architecture == "paper-cnn":
-        assert {"averaged.0.G_bias", "averaged.0.A_bias", "dropout.9"} <= set(trajectory.steps[0])
-        mask = trajectory.steps[0]["dropout.9"]
-        assert mask.shape == (24, 30) and set(np.unique(mask)) <= {0.0, 2.0}
+    assert set(h) - {"platform", "preset", "backend"} | set(manifest["hyper_ignored"]) == set(FIELDS) and not set(h) & set(manifest["hyper_ignored"])
+    cnn = architecture == "paper-cnn"
+    rho, wd, alpha, fisher = h["rho"], h["weight_decay"], h["step_size"], h["fisher_type"]
+    last = 3 if cnn else 1  # the last Dense layer among the parametrised layers
+    rng = np.random.default_rng(0)
+    assert np.array_equal(trajectory.steps[0]["theta"], (paper_cnn() if cnn else MLP([20, 8, 10])).init(0))
+    average = None
+    for k, step in enumerate(trajectory.steps):
+        theta, X, y = step["theta"], step["X"], step["y"]
+        if cnn:
+            loss, directions, slopes, factors = _paper_cnn_pass(theta, X, y, step["dropout.9"], fisher, rng)
+            np.testing.assert_allclose(directions @ step["g"], slopes, rtol=1e-11, atol=1e-15)
+            current = factors
+        else:
+            loss, g, layers = _mlp_pass([20, 8, 10], theta, X, y, fisher)
+            np.testing.assert_allclose(step["g"], g, rtol=1e-12, atol=1e-16)
+            current = layers[last]
+        assert float(step["loss"]) == pytest.approx(loss, rel=1e-13)
+        assert bool(step["refreshed"]) == (k % 2 == 0)
+        if k % 2 == 0:  # refresh: the fresh estimate, and the average Mbar = rho Mbar + (1 - rho) M_k (§2.1)
+            for f, expected in zip("AG", current):
+                np.testing.assert_allclose(step[f"current.{last}.{f}"], expected, rtol=1e-11, atol=1e-15)
+            if not cnn:
+                average = layers if average is None else [(rho * A + (1 - rho) * Ac, rho * G + (1 - rho) * Gc) for (A, G), (Ac, Gc) in zip(average, layers)]
+                for p, pair in enumerate(average):
+                    for f, expected in zip("AG", pair):
+                        np.testing.assert_allclose(step[f"averaged.{p}.{f}"], expected, rtol=1e-11, atol=1e-15)
+        else:
+            assert not any(key.startswith(("current.", "averaged.")) for key in step)
+        if name == "so-kld-wrm":  # ghat_k = g_k - rho g_{k-1} (constant alpha, §4.2)
+            np.testing.assert_allclose(step["ghat"], step["g"] - (rho * trajectory.steps[k - 1]["g"] if k else 0), rtol=1e-13, atol=1e-17)
+        elif name == "kfac":
+            np.testing.assert_array_equal(step["ghat"], step["g"])
+        np.testing.assert_allclose(step["d"], step["ghat"] + wd * theta, rtol=1e-14, atol=1e-18)
+        if name in ("kfac", "so-kld-wrm") and not cnn:
+            assert h["bias"] == "separate"
+            np.testing.assert_allclose(step["v_unclipped"], _dense_kfac_solve(average, step["d"], h["damping"] + wd, h["eig_floor"]), rtol=1e-9)
+        v = step["v_unclipped"].copy()
+        if "rms_clip_factors" in step:
+            for factor, (a, b) in zip(step["rms_clip_factors"], manifest["rms_clip_groups"]):
+                assert factor == pytest.approx(min(1.0, 0.05 / (np.linalg.norm(v[a:b]) / np.sqrt(b - a))), rel=1e-12)
+                v[a:b] *= factor
+        np.testing.assert_allclose(step["v"], v * float(step.get("kl_clip_factor", 1.0)), rtol=1e-14, atol=1e-18)
+        q_step = -alpha * step["v"]
+        if "inner_steps" in step:
+            np.testing.assert_allclose(step["s_q"], q_step, rtol=1e-14, atol=1e-18)
+            np.testing.assert_array_equal(step["s"], step["inner_steps"][-1])
+        else:
+            np.testing.assert_allclose(step["s"], q_step, rtol=1e-14, atol=1e-18)
+        if k + 1 < steps:
+            np.testing.assert_allclose(step["s"], trajectory.steps[k + 1]["theta"] - theta, rtol=0, atol=4e-16 * np.abs(theta).max())
+    assert ("inner_steps" in trajectory.steps[-1]) == (name == "qe-kld-wrm")
+    assert max(float(step["kl_clip_factor"]) for step in trajectory.steps) < 1  # the clip was active
 
 
 def test_the_docs_show_the_worked_example_verbatim():

@@ -84,3 +84,71 @@ def test_paper_cnn_round_trips_in_pytorch_layout():
 def test_bad_state_dicts_are_refused_naming_the_tensor(state, match):
     with pytest.raises(ValueError, match=match):
         theta_from_torch_state_dict(MLP([5, 4, 3]), state)
+
+
+# ---------------------------------------------------------------- named layers
+def _relu_mlp(params, X):
+    """y = W2 relu(W1 x + b1) + b2 written from a named {layer: (W (out, in), b)} mapping."""
+    (W1, b1), (W2, b2) = params["fc1"], params["fc2"]
+    return np.maximum(X @ W1.T + b1, 0.0) @ W2.T + b2
+
+
+def test_named_torch_state_dict_loads_by_key_in_any_order_and_round_trips():
+    """A module with named layers (self.fc1, self.fc2): keys 'fc1.weight', ..., here listed in an
+    order other than parameters()', are read by name."""
+    rng = np.random.default_rng(4)
+    params = {"fc1": (rng.standard_normal((4, 5)), rng.standard_normal(4)), "fc2": (rng.standard_normal((3, 4)), rng.standard_normal(3))}
+    state = {"fc2.bias": params["fc2"][1], "fc1.weight": params["fc1"][0], "fc2.weight": params["fc2"][0], "fc1.bias": params["fc1"][1]}
+    mlp, X = MLP([5, 4, 3]), rng.standard_normal((6, 5))
+    theta = theta_from_torch_state_dict(mlp, state, names=["fc1", "fc2"])
+    np.testing.assert_allclose(mlp.logits(theta, X), _relu_mlp(params, X), rtol=1e-14)
+    back = theta_to_torch_state_dict(mlp, theta, names=["fc1", "fc2"])
+    assert list(back) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert all(np.array_equal(back[key], state[key]) for key in state)
+    prefixed = theta_to_torch_state_dict(mlp, theta, names=["model.fc1", "model.fc2"])  # a prefix scheme is a list of names
+    assert list(prefixed) == ["model.fc1.weight", "model.fc1.bias", "model.fc2.weight", "model.fc2.bias"]
+    np.testing.assert_array_equal(theta_from_torch_state_dict(mlp, prefixed, names=["model.fc1", "model.fc2"]), theta)
+
+
+def test_named_flax_tree_loads_by_name_and_round_trips():
+    """A flax module with submodules named 'encoder' and 'head': kernels (in, out)."""
+    rng = np.random.default_rng(5)
+    params = {"fc1": (rng.standard_normal((4, 5)), rng.standard_normal(4)), "fc2": (rng.standard_normal((3, 4)), rng.standard_normal(3))}
+    tree = {"head": {"bias": params["fc2"][1], "kernel": params["fc2"][0].T.copy()}, "encoder": {"kernel": params["fc1"][0].T.copy(), "bias": params["fc1"][1]}}
+    mlp, X = MLP([5, 4, 3]), rng.standard_normal((6, 5))
+    theta = theta_from_flax_params(mlp, tree, names=["encoder", "head"])
+    np.testing.assert_allclose(mlp.logits(theta, X), _relu_mlp(params, X), rtol=1e-14)
+    back = theta_to_flax_params(mlp, theta, names=["encoder", "head"])
+    assert list(back) == ["encoder", "head"]
+    for name in tree:
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_array_equal(back[name][leaf], tree[name][leaf])
+
+
+def test_named_paper_cnn_round_trips_in_both_layouts():
+    net, names = paper_cnn(), ["conv1", "conv2", "fc1", "fc2"]
+    theta = net.init(1)
+    state = theta_to_torch_state_dict(net, theta, names=names)
+    assert [(k, v.shape) for k, v in state.items()] == [
+        ("conv1.weight", (5, 1, 5, 5)), ("conv1.bias", (5,)), ("conv2.weight", (7, 5, 5, 5)), ("conv2.bias", (7,)),
+        ("fc1.weight", (30, 112)), ("fc1.bias", (30,)), ("fc2.weight", (10, 30)), ("fc2.bias", (10,)),
+    ]
+    np.testing.assert_array_equal(theta_from_torch_state_dict(net, dict(reversed(state.items())), names=names), theta)
+    tree = theta_to_flax_params(net, theta, names=names)
+    assert tree["conv2"]["kernel"].shape == (5, 5, 5, 7) and tree["fc1"]["kernel"].shape == (112, 30)
+    np.testing.assert_array_equal(theta_from_flax_params(net, tree, names=names), theta)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda mlp: theta_from_torch_state_dict(mlp, {"fc1.weight": np.zeros((4, 5)), "fc1.bias": np.zeros(4), "fc2.weight": np.zeros((3, 4)), "fc3.bias": np.zeros(3)}, names=["fc1", "fc2"]), "missing fc2.bias; unexpected fc3.bias"),
+        (lambda mlp: theta_from_torch_state_dict(mlp, {"fc1.weight": np.zeros((5, 4)), "fc1.bias": np.zeros(4), "fc2.weight": np.zeros((3, 4)), "fc2.bias": np.zeros(3)}, names=["fc1", "fc2"]), r"fc1.weight: expected shape \(4, 5\)"),
+        (lambda mlp: theta_to_torch_state_dict(mlp, mlp.init(0), names=["fc1"]), "names must be 2 distinct non-empty strings"),
+        (lambda mlp: theta_to_flax_params(mlp, mlp.init(0), names=["a", "a"]), "names must be 2 distinct"),
+        (lambda mlp: theta_from_flax_params(mlp, {"encoder": {"kernel": np.zeros((5, 4)), "bias": np.zeros(4)}}, names=["encoder", "head"]), "params does not match the network: missing head"),
+    ],
+)
+def test_named_layers_that_do_not_match_are_refused_by_name(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(MLP([5, 4, 3]))

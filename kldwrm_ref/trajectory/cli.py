@@ -2,8 +2,10 @@
 
 ``export`` runs the first K steps of a ``kldwrm mnist`` run - theta_0 = ``init(seed)``, the batches of
 epoch e drawn by ``default_rng([seed, e]).permutation(n)`` (docs/conventions.md, "Data and
-batches") - on MNIST or the synthetic problem, and saves the recorded trajectory.  ``compare`` prints
-every step's relative errors and exits 1 at the first one above ``--rtol``.
+batches") - on MNIST or the synthetic problem, and saves the recorded trajectory; it prints the
+expected size first and refuses one above ``--max-size``.  ``compare`` prints every step's relative
+errors and exits 1 at the first one above ``--rtol`` (or, with ``--strict``, when a candidate
+quantity is not compared).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from kldwrm_ref.data import MNIST_MEAN, MNIST_STD, MnistDataError, load_mnist, s
 from kldwrm_ref.model.zoo import NAMED_NETWORKS, arch_label, build_network
 from kldwrm_ref.optim import SPECS
 from kldwrm_ref.trajectory.compare import DEFAULT_RTOL, compare
-from kldwrm_ref.trajectory.format import TrajectoryError, load, save
-from kldwrm_ref.trajectory.record import record
-from kldwrm_ref.validation import check_output_dir
+from kldwrm_ref.trajectory.format import QUANTITIES, TrajectoryError, check_destination, load, save
+from kldwrm_ref.trajectory.record import expected_size, record, select
 
+DEFAULT_MAX_SIZE_MB = 500
 SYNTHETIC = dict(n_train=2000, n_test=500, n_classes=10, generator_seed=1234)  # ``kldwrm mnist --synthetic``: the first n_train rows train
 
 
@@ -85,18 +87,31 @@ def export(args: argparse.Namespace) -> int:
     opt = optim.make(args.optimizer, net, platform=args.platform, preset=args.preset, backend="numpy", **{"seed": args.seed, **_hyper(args.hyper)})
     indices = step_indices(len(y), args.batch, args.seed, args.steps)
     data.update(order="step k takes rows indices[k]; epoch e (from 1) visits default_rng([seed, e]).permutation(n_train) in full batches", seed=args.seed, batch=args.batch, indices=[rows.tolist() for rows in indices])
+    theta0, choice = net.init(args.seed), dict(eigen=args.eigen, only=args.only, skip=args.skip)
+    compressed, uncompressed = expected_size(opt, theta0, X[indices[0]], y[indices[0]], args.steps, **choice)
+    print(f"expected size: about {compressed / 1e6:.3g} MB ({uncompressed / 1e6:.3g} MB uncompressed) in {args.steps} step files", flush=True)
+    if compressed > args.max_size * 1e6:
+        raise ValueError(f"the export would take about {compressed / 1e6:.3g} MB, above --max-size {args.max_size:g} MB; record fewer --steps, fewer quantities (--only / --skip), or raise --max-size")
+    check_destination(args.out, "--out", probe=True)
     start = time.perf_counter()
-    trajectory = record(opt, net.init(args.seed), ((X[rows], y[rows]) for rows in indices), data=data, eigen=args.eigen)
-    folder = save(trajectory, args.out)
+    trajectory = record(opt, theta0, ((X[rows], y[rows]) for rows in indices), data=data, **choice)
+    try:
+        folder = save(trajectory, args.out)
+    except OSError as error:
+        raise SaveError(f"--out {args.out!r}: writing the trajectory failed ({error.strerror or error})") from None
     size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
-    print(f"{args.optimizer} ({args.preset}, {args.platform}) on {arch_label(args.architecture)} ({net.n_params} parameters): {args.steps} steps in {time.perf_counter() - start:.1f} s, {size / 1e6:.1f} MB in {folder}")
+    print(f"{args.optimizer} ({args.preset}, {args.platform}) on {arch_label(args.architecture)} ({net.n_params} parameters): {args.steps} steps in {time.perf_counter() - start:.1f} s, {size / 1e6:.3g} MB in {folder}")
     return 0
+
+
+class SaveError(Exception):
+    """The run succeeded but its trajectory could not be written (exit status 1)."""
 
 
 def compare_main(args: argparse.Namespace) -> int:
     comparison = compare(load(args.ref), load(args.cand))
-    print(comparison.report(args.rtol))
-    return 0 if comparison.first_failure(args.rtol) is None else 1
+    print(comparison.report(args.rtol, args.strict))
+    return 0 if comparison.passed(args.rtol, args.strict) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,11 +130,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex.add_argument("--activation", choices=("relu", "tanh"), default="relu", help="MLP hidden activation (default relu)")
     ex.add_argument("--synthetic", action="store_true", help="the synthetic problem of kldwrm mnist --synthetic instead of MNIST")
     ex.add_argument("--eigen", action="store_true", help="also record the eigenpairs the K-FAC inverse is applied in")
-    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--only", nargs="+", metavar="QUANTITY", help=f"record only these quantities (theta, loss, g and s always): {', '.join(QUANTITIES)}")
+    ex.add_argument("--skip", nargs="+", default=[], metavar="QUANTITY", help="do not record these quantities")
+    ex.add_argument("--max-size", type=float, default=DEFAULT_MAX_SIZE_MB, metavar="MB", help=f"refuse an export expected above this size (default {DEFAULT_MAX_SIZE_MB} MB)")
+    ex.add_argument("--out", required=True, help="output directory: new, empty, or a trajectory (replaced)")
     cmp = commands.add_parser("compare", help="relative errors per step and quantity; exit 1 at the first above --rtol")
     cmp.add_argument("ref", help="reference trajectory directory")
     cmp.add_argument("cand", help="candidate trajectory directory")
     cmp.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL:g})")
+    cmp.add_argument("--strict", action="store_true", help="fail (exit 1) when a candidate quantity is not compared, instead of warning")
     args = parser.parse_args(argv)
     if args.command == "compare":
         if not args.rtol >= 0:
@@ -133,8 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name} must be an integer >= 1, got {getattr(args, name)}")
     if args.seed < 0:
         parser.error(f"--seed must be an integer >= 0, got {args.seed}")
+    if not args.max_size > 0:
+        parser.error(f"--max-size must be a number of MB > 0, got {args.max_size}")
     try:
-        check_output_dir(args.out, "--out")
+        check_destination(args.out, "--out")
+        select(args.only, args.skip)
         return export(args)
     except (ValueError, MnistDataError, optim.DivergenceError) as error:
         parser.exit(2, f"kldwrm trajectory export: error: {error}\n")
+    except SaveError as error:
+        parser.exit(1, f"kldwrm trajectory export: error: {error}\n")
