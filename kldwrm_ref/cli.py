@@ -9,25 +9,23 @@ with one line, ``kldwrm COMMAND: error: MESSAGE``, and exit status 1 (with the e
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import kldwrm_ref
 from kldwrm_ref.allocator import reuse_freed_memory
-from kldwrm_ref.bench import cli as bench_cli
 from kldwrm_ref.data import MnistDataError
-from kldwrm_ref.experiments import cli as experiments_cli
-from kldwrm_ref.theory import verify
-from kldwrm_ref.trajectory import cli as trajectory_cli
 
-COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
-    "verify": (verify.main, "run the paper's claims as numerical checks"),
-    "mnist": (experiments_cli.main, "resumable multi-seed MNIST experiments, summary table and plots"),
-    "tune": (experiments_cli.tune_main, "the tuned comparison protocol: grid on a validation split, selection, final seeds"),
-    "train": (experiments_cli.train_main, "short single-seed MNIST comparison of optimisers"),
-    "bench": (bench_cli.main, "benchmarks that print numbers (curvature, kernels, step)"),
-    "trajectory": (trajectory_cli.main, "export per-step reference trajectories, compare two (docs/trajectory-format.md)"),
+# command: (module, function, help); a command's module is imported only when it runs.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "verify": ("kldwrm_ref.theory.verify", "main", "run the paper's claims as numerical checks"),
+    "mnist": ("kldwrm_ref.experiments.cli", "main", "resumable multi-seed MNIST experiments, summary table and plots"),
+    "tune": ("kldwrm_ref.experiments.cli", "tune_main", "the tuned comparison protocol: grid on a validation split, selection, final seeds"),
+    "train": ("kldwrm_ref.experiments.cli", "train_main", "short single-seed MNIST comparison of optimisers"),
+    "bench": ("kldwrm_ref.bench.cli", "main", "benchmarks that print numbers (curvature, kernels, step)"),
+    "trajectory": ("kldwrm_ref.trajectory.cli", "main", "export per-step reference trajectories, compare two (docs/trajectory-format.md)"),
 }
 
 
@@ -45,12 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kldwrm: error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (see kldwrm --help)", file=sys.stderr)
             return 2
         lines = ["usage: kldwrm COMMAND [options]   (kldwrm COMMAND --help for its options; kldwrm --version)", "", "commands:"]
-        lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
         print("\n".join(lines))
         return 0
     reuse_freed_memory()
+    module, function, _ = COMMANDS[argv[0]]
     try:
-        return COMMANDS[argv[0]][0](argv[1:])
+        return getattr(importlib.import_module(module), function)(argv[1:])
     except LATE_ERRORS as error:
         if os.environ.get("KLDWRM_TRACEBACK"):
             raise
