@@ -64,7 +64,7 @@ def check_plot(root, monkeypatch, tmp_path):
     by_epoch_acc, by_time_acc, by_epoch_loss, by_time_loss = fig.axes
     for name in TINY["optimizers"]:
         rows = [read_csv(root / f"12-8-10/{name}/seed-{seed}/metrics.csv") for seed in TINY["seeds"]]
-        column = lambda key: np.mean([[float(r[key]) for r in run] for run in rows], axis=0)  # noqa: E731
+        column = lambda key, rows=rows: np.mean([[float(r[key]) for r in run] for run in rows], axis=0)  # noqa: E731
         expected = {
             by_epoch_acc: ([1, 2], 100 * column("test_accuracy")), by_time_acc: (column("wall_time"), 100 * column("test_accuracy")),
             by_epoch_loss: ([1, 2], column("train_loss")), by_time_loss: (column("wall_time"), column("train_loss")),
