@@ -166,6 +166,37 @@ def test_changed_run_in_the_same_folder_is_refused(tmp_path):
         run_experiment({**cfg, "batch": 20}, tmp_path, progress=False, log=lambda *_: None)
 
 
+def test_a_run_that_never_finished_an_epoch_is_replaced_by_a_changed_command(tmp_path, monkeypatch):
+    """A run stopped in its first epoch (status running, no epoch) holds nothing worth keeping: the
+    corrected command (another batch) replaces it without asking anyone to delete it."""
+    cfg = {**TINY, "optimizers": ["kfac"], "seeds": [0], "epochs": 1}
+
+    class Stopped(Exception):
+        pass
+
+    class StopsInFirstEpoch:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self, *args):
+            pass
+
+        def run_epoch(self, *args):
+            raise Stopped
+
+    monkeypatch.setattr(experiment, "make_trainer", StopsInFirstEpoch)
+    with pytest.raises(Stopped):
+        run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
+    run_dir = tmp_path / "tiny/12-8-10/kfac/seed-0"
+    assert read_json(run_dir / "status.json") == dict(state="running", epochs_completed=0)
+    monkeypatch.undo()
+    messages = []
+    run_experiment({**cfg, "batch": 20}, tmp_path, progress=False, log=messages.append)
+    assert read_json(run_dir / "status.json") == dict(state="finished", epochs_completed=1)
+    assert read_json(run_dir / "config.json")["run"]["batch"] == 20 and int(read_csv(run_dir / "metrics.csv")[0]["steps"]) == 320 // 20
+    assert any("replacing a run of different batch that had not finished an epoch" in m for m in messages)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path):
     cfg = {**TINY, "optimizers": ["sgd", "kfac"], "seeds": [0], "hyper": {"sgd": {"step_size": 1e200}}}
