@@ -279,17 +279,18 @@ def run_tasks(tasks: list[tuple[RunSpec, Path]], progress: bool = True, log=prin
 
 
 def check_ready(specs: list[RunSpec], jobs: int = 1, scheduler: str | None = None) -> None:
-    """Before a sweep writes anything: the data of every run can be loaded (MNIST found and
-    verified; a serial sweep keeps it cached for its runs) and the Dask ``scheduler`` answers."""
+    """Before a sweep writes anything: the Dask ``scheduler`` answers, or else the data of every
+    run can be loaded here (MNIST found and verified; a serial sweep keeps it cached for its runs;
+    the workers of a cluster read the data of their own machines)."""
     if scheduler is not None:
         from kldwrm_ref.experiments.parallel import check_scheduler
 
         check_scheduler(scheduler)
-    if scheduler is None and min(jobs, len(specs)) <= 1:
+    elif min(jobs, len(specs)) <= 1:
         for spec in specs:
             _cached_data(json.dumps(spec.data, sort_keys=True), input_size(spec.architecture), spec.dtype)
     elif any(spec.data["source"] == "mnist" for spec in specs):
-        raw_mnist()  # the workers load their own copies
+        raw_mnist()  # local workers load their own copies
 
 
 def run_experiment(cfg: dict, out: str | Path, progress: bool = True, log=print, jobs: int = 1, scheduler: str | None = None) -> Path:
