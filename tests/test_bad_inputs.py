@@ -133,6 +133,7 @@ TUNE_CASES = [
     Case("tune-config-missing", [*TUNE, "missing.json"], 2, "missing.json: no such configuration file"),
     Case("tune-jobs-above-cores", [*TUNE, "good.json", "--jobs", "999"], 2, "--jobs must be an integer in [1,"),
     Case("tune-scheduler-not-an-address", [*TUNE, "good.json", "--scheduler", "host:port"], 2, "--scheduler must be a Dask scheduler address"),
+    Case("tune-summary-before-a-run", [*TUNE, "good.json", "--stage", "summary"], 2, "--stage summary: out/tp holds no protocol run (no protocol.json)"),
     Case("tune-out-in-proc", [*TUNE, "good.json", "--out", "/proc/x"], 2, "--out '/proc/x': cannot write in '/proc'"),
 ]
 

@@ -166,6 +166,9 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = tune.validate_protocol(read_config(args.config))
         check_output_dir(args.out, "--out")
+        root = Path(args.out) / cfg["name"]
+        if args.stage == "summary" and not (root / "protocol.json").is_file():
+            raise ValueError(f"--stage summary: {root} holds no protocol run (no protocol.json); run a stage first, or give its --out")
     except ValueError as error:
         print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
