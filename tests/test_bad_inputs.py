@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import pytest
 
+from kldwrm_ref.experiments.parallel import max_jobs
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # a loaded machine; unloaded, each bad case takes about a second and each corrected command a few
 
@@ -74,7 +76,7 @@ MNIST_CASES = [
     Case("name-escapes-out", mnist("--name", "../../escape"), 2, "name must be a plain folder name"),
     Case("name-empty", mnist("--name", ""), 2, "name must be a plain folder name"),
     Case("name-dot-dot", mnist("--name", ".."), 2, "name must be a plain folder name"),
-    Case("jobs-above-cores", mnist("--jobs", "999"), 2, f"--jobs must be an integer in [1, {len(os.sched_getaffinity(0))}] (the CPU cores of this machine), got 999"),
+    Case("jobs-above-cores", mnist("--jobs", "999"), 2, f"--jobs must be an integer in [1, {max_jobs()}] (the CPU cores of this machine), got 999"),
     Case("jobs-zero", mnist("--jobs", "0"), 2, "--jobs must be an integer in [1,"),
     Case("scheduler-not-an-address", mnist("--scheduler", "notanaddress"), 2, "--scheduler must be a Dask scheduler address [tcp://]HOST:PORT"),
     Case("scheduler-port-out-of-range", mnist("--scheduler", "tcp://127.0.0.1:70000"), 2, "--scheduler must be a Dask scheduler address"),
@@ -210,7 +212,7 @@ def test_each_bad_input_is_one_line_writes_nothing_and_the_corrected_command_the
     if any(case.id == "scheduler-unreachable" for case in cases):
         pytest.importorskip("distributed")
     before = tree(folder)
-    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+    with ThreadPoolExecutor(max_workers=max_jobs()) as pool:
         results = list(pool.map(lambda case: kldwrm(case.argv, folder, case.env), cases))
     for case, done in zip(cases, results):
         check(case, done)
