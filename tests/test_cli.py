@@ -77,9 +77,11 @@ def test_bad_output_paths_fail_before_any_work_with_one_line(command, tmp_path, 
         assert len(err) == 1 and err[0].startswith(f"kldwrm {command}: error: {option} ") and repr(path) in err[0], (label, err)
 
 
-def test_verify_reports_claims_on_how_steps_combine_as_not_checked_on_one_step(tmp_path, capsys):
+def test_verify_reports_claims_on_how_steps_combine_as_not_checked_on_one_step(tmp_path, capsys, monkeypatch):
     """With --steps 1 the theorems on the real trajectories (and the EA-of-factors gap, exactly 0
-    for one factor) cannot fail: they are NOT CHECKED, never PASS; the single-step claims still run."""
+    for one factor) cannot fail: they are NOT CHECKED, never PASS; the single-step claims still run.
+    (The random-history checks, whose length --steps does not set, are left out to keep this quick.)"""
+    monkeypatch.setattr(verify, "synthetic_checks", lambda seed: [])
     out = tmp_path / "verify.json"
     assert verify.main(["--synthetic", "--steps", "1", "--batch", "8", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
@@ -87,5 +89,4 @@ def test_verify_reports_claims_on_how_steps_combine_as_not_checked_on_one_step(t
     assert unchecked == {(claim, on) for claim in ("Theorem 1", "Theorem 2", "Theorem 3") for on in ("MLP 49-16-10", "CNN 1x7x7 conv3/2-tanh-27-10")} | {("K-FAC", "MLP 49-16-10")}
     trajectory = [r for r in rows if r["steps"] == 1]
     assert all(r["status"] != "PASS" or r["min_steps"] == 1 for r in trajectory)
-    assert {r["status"] for r in rows if r["claim"].startswith("Theorem") and r["on"].startswith("synthetic")} == {"PASS"}  # the 12-step random histories
     assert "7 not checked" in capsys.readouterr().out
