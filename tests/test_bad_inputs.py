@@ -36,6 +36,7 @@ class Case(NamedTuple):
 def kldwrm(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     environment = {key: value for key, value in os.environ.items() if key not in ("KLDWRM_DATA", "KLDWRM_TRACEBACK")}
     environment.update(PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(cwd / ".cache-never-written"), **(env or {}))
+    environment.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # cases run side by side; BLAS threads on shared cores slow verify 15x
     return subprocess.run([sys.executable, "-m", "kldwrm_ref.cli", *argv], cwd=cwd, env=environment, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
