@@ -1,43 +1,68 @@
-"""The ``kldwrm`` command: ``verify``, ``mnist``, ``tune``, ``train``, ``bench``, ``trajectory``."""
+"""The ``kldwrm`` command: ``verify``, ``mnist``, ``tune``, ``train``, ``bench``, ``trajectory``.
+
+Every command checks its arguments before it writes or computes anything (one line on stderr,
+exit status 2).  Errors found later - a data directory without MNIST, an unwritable or full file
+system, a scheduler that does not answer, a run folder holding another run - end the command here
+with one line, ``kldwrm COMMAND: error: MESSAGE``, and exit status 1 (with the environment variable
+``KLDWRM_TRACEBACK=1`` the traceback is shown instead); ``backend="cuda"`` without what it needs
+(docs/gpu.md) is one such line with exit status 2.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+import kldwrm_ref
 from kldwrm_ref.allocator import reuse_freed_memory
 from kldwrm_ref.backends.probe import GPUUnavailableError
-from kldwrm_ref.bench import cli as bench_cli
-from kldwrm_ref.experiments import cli as experiments_cli
-from kldwrm_ref.theory import verify
-from kldwrm_ref.trajectory import cli as trajectory_cli
+from kldwrm_ref.data import MnistDataError
 
-COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
-    "verify": (verify.main, "run the paper's claims as numerical checks"),
-    "mnist": (experiments_cli.main, "resumable multi-seed MNIST experiments, summary table and plots"),
-    "tune": (experiments_cli.tune_main, "the tuned comparison protocol: grid on a validation split, selection, final seeds"),
-    "train": (experiments_cli.train_main, "short single-seed MNIST comparison of optimisers"),
-    "bench": (bench_cli.main, "benchmarks that print numbers (curvature, kernels, step)"),
-    "trajectory": (trajectory_cli.main, "export per-step reference trajectories, compare two (docs/trajectory-format.md)"),
+# command: (module, function, help); a command's module is imported only when it runs.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "verify": ("kldwrm_ref.theory.verify", "main", "run the paper's claims as numerical checks"),
+    "mnist": ("kldwrm_ref.experiments.cli", "main", "resumable multi-seed MNIST experiments, summary table and plots"),
+    "tune": ("kldwrm_ref.experiments.cli", "tune_main", "the tuned comparison protocol: grid on a validation split, selection, final seeds"),
+    "train": ("kldwrm_ref.experiments.cli", "train_main", "short single-seed MNIST comparison of optimisers"),
+    "bench": ("kldwrm_ref.bench.cli", "main", "benchmarks that print numbers (curvature, kernels, step)"),
+    "trajectory": ("kldwrm_ref.trajectory.cli", "main", "export per-step reference trajectories, compare two (docs/trajectory-format.md)"),
 }
+
+
+# Errors a command may meet after its arguments were checked, reported in one line at the boundary.
+LATE_ERRORS = (OSError, ValueError, MnistDataError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--version":
+        print(f"kldwrm_ref {kldwrm_ref.__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = ["usage: kldwrm COMMAND [options]", "", "commands:"]
-        lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nkldwrm: unknown command {argv[0]!r}", file=sys.stderr)
+            print(f"kldwrm: error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (see kldwrm --help)", file=sys.stderr)
             return 2
+        lines = ["usage: kldwrm COMMAND [options]   (kldwrm COMMAND --help for its options; kldwrm --version)", "", "commands:"]
+        lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+        print("\n".join(lines))
         return 0
     reuse_freed_memory()
+    module, function, _ = COMMANDS[argv[0]]
     try:
-        return COMMANDS[argv[0]][0](argv[1:])
-    except GPUUnavailableError as error:  # backend "cuda" without what it needs: one line, no traceback
-        print(f"kldwrm: {error}", file=sys.stderr)
+        return getattr(importlib.import_module(module), function)(argv[1:])
+    except GPUUnavailableError as error:  # backend "cuda" without CuPy, a device or a working numba-cuda
+        print(f"kldwrm {argv[0]}: error: {error}", file=sys.stderr)
         return 2
+    except LATE_ERRORS as error:
+        if os.environ.get("KLDWRM_TRACEBACK"):
+            raise
+        print(f"kldwrm {argv[0]}: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"kldwrm {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

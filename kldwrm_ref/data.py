@@ -128,17 +128,27 @@ def read_idx(path: str | os.PathLike, *, dtype: DTypeLike | None = None, shape: 
     return np.frombuffer(raw, dtype=element, offset=header).reshape(dims).astype(element.newbyteorder("="))
 
 
-def _find_idx(directory: Path, stem: str) -> Path:
+def _find_idx(directory: Path, stem: str) -> Path | None:
     for candidate in (directory / stem, directory / (stem + ".gz")):
-        if candidate.exists():
+        if candidate.is_file():
             return candidate
-    raise MnistDataError(f"{directory} has no {stem} (or {stem}.gz)")
+    return None
 
 
-def load_idx_directory(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read and verify the four standard MNIST IDX files in ``directory`` (uint8 images, int64 labels)."""
+def load_idx_directory(directory: str | os.PathLike, name: str = "data_dir") -> dict[str, np.ndarray]:
+    """Read and verify the four standard MNIST IDX files in ``directory`` (uint8 images, int64 labels);
+    a one-line :class:`MnistDataError` naming ``name`` (where the directory was given) when it is
+    missing, not a directory, lacks a file, or a file is damaged or not MNIST."""
     directory = Path(directory)
-    paths = {key: _find_idx(directory, stem) for key, stem in IDX_FILES.items()}
+    if not directory.exists():
+        raise MnistDataError(f"{name}={str(directory)!r}: no such directory; give a directory holding the four MNIST IDX files ({', '.join(IDX_FILES.values())}, plain or .gz)")
+    if not directory.is_dir():
+        raise MnistDataError(f"{name}={str(directory)!r} is not a directory; give a directory holding the four MNIST IDX files ({', '.join(IDX_FILES.values())}, plain or .gz)")
+    found = {key: _find_idx(directory, stem) for key, stem in IDX_FILES.items()}
+    missing = [IDX_FILES[key] for key, path in found.items() if path is None]
+    if missing:
+        raise MnistDataError(f"{name}={str(directory)!r} lacks {', '.join(missing)} (plain or .gz) of the four MNIST IDX files")
+    paths = {key: path for key, path in found.items() if path is not None}
     raw = {key: read_idx(path, dtype=np.uint8, shape=_IDX_DIMS[key]) for key, path in paths.items()}
     arrays = {key: raw[key].reshape(MNIST_SHAPES[key]).astype(MNIST_DTYPES[key]) for key in IDX_FILES}
     verify_mnist(arrays, {key: str(path) for key, path in paths.items()})
@@ -315,9 +325,10 @@ def read_cache(path: Path) -> dict[str, np.ndarray] | None:
 
 def raw_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """uint8 images and int64 labels from the first source that works (module docstring)."""
-    data_dir = data_dir or os.environ.get("KLDWRM_DATA")
     if data_dir:
         return load_idx_directory(data_dir)
+    if os.environ.get("KLDWRM_DATA"):
+        return load_idx_directory(os.environ["KLDWRM_DATA"], "KLDWRM_DATA")
     path = cache_path()
     arrays = read_cache(path)
     if arrays is None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import numbers
 import os
+import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -58,6 +61,27 @@ def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_folder_name(value: str, name: str) -> str:
+    """A plain folder name: non-empty, no path separator, not ``.`` or ``..`` (so it stays inside ``--out``)."""
+    if not isinstance(value, str) or value in ("", ".", "..") or any(c in value for c in "/\\\0") or value != value.strip():
+        raise ValueError(f"{name} must be a plain folder name (non-empty, no '/', '\\', '.' or '..', no leading or trailing spaces), got {value!r}")
+    return value
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr, ``PROG: error: MESSAGE``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _probe_directory(folder: Path, path, name: str) -> None:
+    """Create and remove an empty folder in ``folder``: the only sure test that files can be written there."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".kldwrm-probe-", dir=folder))
+    except OSError as error:
+        raise ValueError(f"{name} {str(path)!r}: cannot write in {str(folder)!r} ({error.strerror or error})") from None
+
 
 def check_output_file(path: str | os.PathLike, name: str) -> Path:
     """A file path that can be written: not a directory, in an existing writable directory."""
@@ -69,13 +93,15 @@ def check_output_file(path: str | os.PathLike, name: str) -> Path:
         raise ValueError(f"{name} {str(path)!r}: the directory {str(folder)!r} does not exist")
     if not folder.is_dir():
         raise ValueError(f"{name} {str(path)!r}: {str(folder)!r} is not a directory")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{name} {str(path)!r}: the directory {str(folder)!r} is not writable")
+    _probe_directory(folder, path, name)
     return target
 
 
 def check_output_dir(path: str | os.PathLike, name: str) -> Path:
-    """A directory that exists and is writable, or can be created below a writable directory."""
+    """A directory that exists and is writable, or can be created below a writable directory.
+
+    Writability is tried (an empty folder is created and removed), so a read-only or virtual file
+    system (``/proc``) is refused here, before any work, and nothing is left behind."""
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise ValueError(f"{name} {str(path)!r} exists and is not a directory")
@@ -84,6 +110,5 @@ def check_output_dir(path: str | os.PathLike, name: str) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise ValueError(f"{name} {str(path)!r}: {str(existing)!r} is not a directory")
-    if not os.access(existing, os.W_OK):
-        raise ValueError(f"{name} {str(path)!r}: {str(existing)!r} is not writable")
+    _probe_directory(existing, path, name)
     return target

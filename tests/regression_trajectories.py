@@ -3,9 +3,19 @@
 ``tests/data/trajectories.npz`` holds the iterates computed by the code as it was before the
 package was reorganised into model / curvature / optim (and after the paper-preset fidelity fix);
 ``test_regression.py`` recomputes them through the public API and requires agreement to 1e-12.
-Run ``python tests/regression_trajectories.py`` only when a change of numerics is intended.
+
+The store says how it was made: its ``provenance`` entry (a JSON string) names the commit whose
+code computed the arrays, the command and the reason.  Regenerating is a deliberate act that a
+test run cannot do: only ``python tests/regression_trajectories.py --regenerate "REASON"`` writes
+the store, and only from a clean working tree, so that the commit it records is the code that
+computed the arrays.  Do it only when a change of numerics is intended, and say why.
 """
 
+import argparse
+import datetime
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +24,7 @@ from kldwrm_ref import MLP, optim
 from kldwrm_ref.data import synthetic_classification
 
 STORE = Path(__file__).parent / "data" / "trajectories.npz"
+PROVENANCE = "provenance"  # the store's entry saying how it was made (a JSON object as a string)
 STEPS = 8
 FORCED_CLIPS = dict(period=3, kl_clip=1e-3, rms_clip=0.1, step_size=0.05)
 
@@ -59,7 +70,32 @@ def all_trajectories() -> dict[str, np.ndarray]:
     return {key: trajectory(name, platform, preset, overrides) for key, name, platform, preset, overrides in CASES}
 
 
-if __name__ == "__main__":
+def read_provenance(path: Path = STORE) -> dict:
+    with np.load(path, allow_pickle=False) as stored:
+        return json.loads(str(stored[PROVENANCE]))
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def regenerate(reason: str) -> dict:
+    """Recompute every trajectory with the code of the current commit and write the store with its provenance."""
+    if _git("status", "--porcelain", "--untracked-files=no"):
+        raise SystemExit("regression_trajectories: commit your changes first: the store records the commit whose code computed it")
+    provenance = dict(
+        commit=_git("rev-parse", "HEAD"), command=f"python tests/regression_trajectories.py --regenerate {reason!r}", reason=reason,
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), numpy=np.__version__,
+    )
     STORE.parent.mkdir(exist_ok=True)
-    np.savez(STORE, **all_trajectories())
-    print(f"wrote {STORE}")
+    np.savez(STORE, **all_trajectories(), **{PROVENANCE: np.array(json.dumps(provenance))})
+    return provenance
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--regenerate", metavar="REASON", required=True, help="why the numerics changed on purpose (recorded in the store)")
+    args = parser.parse_args()
+    if not args.regenerate.strip():
+        parser.error("--regenerate needs a reason")
+    print(f"wrote {STORE}: {regenerate(args.regenerate)}", file=sys.stderr)

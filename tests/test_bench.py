@@ -1,10 +1,29 @@
-"""The benchmarks run and their bookkeeping is right (timings themselves are not asserted)."""
+"""The benchmarks run and their bookkeeping is right.
+
+Timings are asserted only through delays planted in one phase: a sleep of DELAY seconds is a
+lower bound that holds on a loaded machine, and a tiny network's other phases stay far below it.
+"""
+
+import time
 
 import numpy as np
+import pytest
 
 from kldwrm_ref import MLP
 from kldwrm_ref.bench import cli as bench
 from kldwrm_ref.bench import step as step_bench
+from kldwrm_ref.curvature.estimators import KFACEstimator
+from kldwrm_ref.optim import curvature_method
+
+DELAY = 0.05  # seconds planted in one phase; a 6-5-3 network's own phases take well under a millisecond
+
+
+def delayed(function):
+    def slow(*args, **kwargs):
+        time.sleep(DELAY)
+        return function(*args, **kwargs)
+
+    return slow
 
 
 def test_growth_exponent_recovers_a_power_law():
@@ -12,9 +31,20 @@ def test_growth_exponent_recovers_a_power_law():
     assert abs(step_bench.growth_exponent(x, 3e-6 * x**2.0) - 2.0) < 1e-12
 
 
-def test_time_steps_phases_add_up_and_flops_grow_with_inner_steps():
+@pytest.mark.parametrize("phase, module, name", [("precondition", curvature_method, "clip_direction"), ("inverse", curvature_method, "_refreshed_inverse")])
+def test_a_delay_planted_in_one_phase_shows_in_that_phase_only(phase, module, name, monkeypatch):
+    """Every step sleeps DELAY inside ``phase``: its mean time is at least DELAY, and the delay is
+    not counted in any other phase nor in the rest (each far below DELAY)."""
+    monkeypatch.setattr(module, name, delayed(getattr(module, name)))
+    result = step_bench.time_steps("kfac", "kfac", "paper", np.float64, "numpy", (6, 5, 3), 8, period=2)
+    phases = result["phases_s"]
+    assert phases[phase] >= DELAY and result["median_s"] >= DELAY, phases
+    for other in set(phases) - {phase}:
+        assert phases[other] < DELAY / 2, (other, phases)
+
+
+def test_qe_inner_phase_is_timed_and_flops_grow_with_inner_steps():
     result = step_bench.time_steps("qe-kld-wrm", "kfac", "paper", np.float64, "numpy", (6, 5, 3), 8, trace_memory=True, period=2, inner_steps=1)
-    assert abs(sum(result["phases_s"].values()) - result["mean_s"]) < 1e-9
     assert result["peak_bytes"] > 0 and result["phases_s"]["inner"] > 0
     mlp = MLP([6, 5, 3])
     hyper = dict(result, period=2, platform="kfac", fisher_type="empirical", bias="separate", damping_style="eigen", m=3)
@@ -35,17 +65,21 @@ def test_step_bench_times_the_paper_cnn(capsys):
     """``kldwrm bench step --architectures paper-cnn`` (the phases of CNN steps; FLOPs are not counted)."""
     result = step_bench.time_steps("kfac", "kfac", "paper", np.float32, "numpy", "paper-cnn", 16, period=2)
     assert result["architecture"] == "paper-cnn" and result["median_s"] > 0 and np.isnan(result["flops"])
-    assert abs(sum(result["phases_s"].values()) - result["mean_s"]) < 1e-9
+    assert result["phases_s"]["forward_backward"] > 0 and result["phases_s"]["curvature"] > 0
     print(step_bench.format_breakdown([result], {"float32": 1e11}))
     assert "paper-cnn" in capsys.readouterr().out
 
 
-def test_step_bench_separates_refresh_steps_from_the_others():
-    """With period 3 over 10 timed steps, refresh and non-refresh times come from their own steps."""
-    result = step_bench.time_steps("kfac", "kfac", "theory", np.float64, "numpy", (100, 60, 10), 64, period=3)
-    assert result["period"] == 3 and result["refresh_s"] > 0 and result["median_non_refresh_s"] > 0
-    assert result["refresh_phases_s"]["inverse"] > 0  # the eigendecompositions happen on refresh steps
-    assert result["refresh_s"] > result["median_non_refresh_s"]  # a refresh adds factor statistics and eigendecompositions
+def test_step_bench_separates_refresh_steps_from_the_others(monkeypatch):
+    """With period 3 over the 10 timed steps (k = 3..12, refreshes at k = 3, 6, 9, 12), a delay
+    planted in the factor statistics of refresh steps shows in the refresh step and its curvature
+    phase, in a third or more of the mean curvature phase, and not in the other steps."""
+    monkeypatch.setattr(KFACEstimator, "compute", delayed(KFACEstimator.compute))
+    result = step_bench.time_steps("kfac", "kfac", "theory", np.float64, "numpy", (6, 5, 3), 8, period=3)
+    assert result["period"] == 3
+    assert result["refresh_s"] >= DELAY and result["refresh_phases_s"]["curvature"] >= DELAY
+    assert result["phases_s"]["curvature"] >= DELAY * 4 / 10
+    assert result["median_non_refresh_s"] < DELAY / 2
 
 
 def test_step_bench_times_the_device_resident_step(capsys):
@@ -55,7 +89,7 @@ def test_step_bench_times_the_device_resident_step(capsys):
 
     result = step_bench.time_steps("q-kld-wrm", "kfac", "paper", np.float64, "cuda", (4, 3, 3), 4, period=2)
     assert result["backend"] == "cuda" and result["refresh_s"] > 0 and result["median_non_refresh_s"] > 0
-    assert abs(sum(result["phases_s"].values()) - result["mean_s"]) < 1e-9 and result["phases_s"]["inverse"] > 0
+    assert result["phases_s"]["inverse"] > 0
     peak = device_gemm_throughput(np.float64, repeats=1)
     print(step_bench.format_breakdown([result], {"cuda-float64": peak}))
     assert "cuda" in capsys.readouterr().out

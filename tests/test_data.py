@@ -79,7 +79,7 @@ def test_idx_directory_is_loaded_and_normalised_with_training_statistics(tmp_pat
 
 
 def test_missing_idx_file_tells_how_to_supply(tmp_path):
-    with pytest.raises(data.MnistDataError, match="has no train-images-idx3-ubyte"):
+    with pytest.raises(data.MnistDataError, match="lacks train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"):
         data.load_mnist(tmp_path)
 
 

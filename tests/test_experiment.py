@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from kldwrm_ref import optim
+from kldwrm_ref.experiments import report
 from kldwrm_ref.experiments import runner as experiment
 from kldwrm_ref.experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kldwrm_ref.experiments.cli import main
@@ -30,7 +31,7 @@ def run_files(root, cfg):
     return [root / spec.label for spec in expand(validate_config(cfg))]
 
 
-def test_tiny_end_to_end_writes_every_file(tmp_path):
+def test_tiny_end_to_end_writes_every_file(tmp_path, monkeypatch):
     root = run_experiment(TINY, tmp_path, progress=False, log=lambda *_: None)
     runs = run_files(root, TINY)
     assert len(runs) == 4
@@ -47,8 +48,37 @@ def test_tiny_end_to_end_writes_every_file(tmp_path):
         assert scalars["epoch"] == 2 and state.step == 16 and state.inverse is None
         assert not (run_dir / "checkpoint.pkl").exists()
     summary = (root / "summary.md").read_text()
-    assert "| 12-8-10 | kfac | 2/2 |" in summary and "qe-kld-wrm" in summary
-    assert (root / "12-8-10.png").stat().st_size > 10000
+    assert "| 12-8-10 | kfac | 2/2 |" in summary and "qe-kld-wrm" in summary and "![12-8-10](12-8-10.png)" in summary
+    assert (root / "12-8-10.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check_plot(root, monkeypatch, tmp_path)
+
+
+def check_plot(root, monkeypatch, tmp_path):
+    """What the summary plot draws, read from its matplotlib objects: per optimiser, the mean over
+    seeds of each run's metrics.csv (test accuracy in %, training loss) against epochs and
+    against the mean training wall time; labels, axes and scales."""
+    figures = []
+    monkeypatch.setattr(report, "write_figure", lambda path, fig: figures.append(fig))
+    assert report.plot(collect(root, validate_config(TINY)), "12-8-10", tmp_path / "plot.png", "tiny") is not None
+    (fig,) = figures
+    by_epoch_acc, by_time_acc, by_epoch_loss, by_time_loss = fig.axes
+    for name in TINY["optimizers"]:
+        rows = [read_csv(root / f"12-8-10/{name}/seed-{seed}/metrics.csv") for seed in TINY["seeds"]]
+        column = lambda key, rows=rows: np.mean([[float(r[key]) for r in run] for run in rows], axis=0)  # noqa: E731
+        expected = {
+            by_epoch_acc: ([1, 2], 100 * column("test_accuracy")), by_time_acc: (column("wall_time"), 100 * column("test_accuracy")),
+            by_epoch_loss: ([1, 2], column("train_loss")), by_time_loss: (column("wall_time"), column("train_loss")),
+        }
+        for ax, (x, y) in expected.items():
+            (line,) = [line for line in ax.get_lines() if line.get_label() == f"{name} (n=2 seeds)"]
+            np.testing.assert_allclose(line.get_xdata(), x, rtol=1e-12)
+            np.testing.assert_allclose(line.get_ydata(), y, rtol=1e-12)
+    for ax in (by_epoch_acc, by_time_acc):
+        assert ax.get_ylabel() == "test accuracy (%)" and ax.get_ylim()[1] <= 100.0
+        assert sorted(line.get_ydata()[0] for line in ax.get_lines() if line.get_label().startswith("_")) == [97.0, 98.0]  # the dotted thresholds
+    for ax in (by_epoch_loss, by_time_loss):
+        assert ax.get_ylabel() == "training loss (full training set)" and ax.get_yscale() == "log"
+    assert [ax.get_xlabel() for ax in fig.axes] == ["epoch", "training wall time (s)"] * 2
 
 
 def test_evaluation_matches_the_model(tmp_path):
@@ -134,6 +164,37 @@ def test_changed_run_in_the_same_folder_is_refused(tmp_path):
     run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
     with pytest.raises(ValueError, match="different batch"):
         run_experiment({**cfg, "batch": 20}, tmp_path, progress=False, log=lambda *_: None)
+
+
+def test_a_run_that_never_finished_an_epoch_is_replaced_by_a_changed_command(tmp_path, monkeypatch):
+    """A run stopped in its first epoch (status running, no epoch) holds nothing worth keeping: the
+    corrected command (another batch) replaces it without asking anyone to delete it."""
+    cfg = {**TINY, "optimizers": ["kfac"], "seeds": [0], "epochs": 1}
+
+    class Stopped(Exception):
+        pass
+
+    class StopsInFirstEpoch:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self, *args):
+            pass
+
+        def run_epoch(self, *args):
+            raise Stopped
+
+    monkeypatch.setattr(experiment, "make_trainer", StopsInFirstEpoch)
+    with pytest.raises(Stopped):
+        run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
+    run_dir = tmp_path / "tiny/12-8-10/kfac/seed-0"
+    assert read_json(run_dir / "status.json") == dict(state="running", epochs_completed=0)
+    monkeypatch.undo()
+    messages = []
+    run_experiment({**cfg, "batch": 20}, tmp_path, progress=False, log=messages.append)
+    assert read_json(run_dir / "status.json") == dict(state="finished", epochs_completed=1)
+    assert read_json(run_dir / "config.json")["run"]["batch"] == 20 and int(read_csv(run_dir / "metrics.csv")[0]["steps"]) == 320 // 20
+    assert any("replacing a run of different batch that had not finished an epoch" in m for m in messages)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -5,6 +5,8 @@ The kill campaign (``tests/kill_campaign.py``) runs small in CI; the full campai
 truncation at any byte and a flipped bit anywhere.
 """
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 
 from kldwrm_ref.experiments.checkpoint import CheckpointError, load_checkpoint
 from kldwrm_ref.experiments.cli import main as mnist_main
-from kldwrm_ref.experiments.config import expand, validate_config
+from kldwrm_ref.experiments.config import check_fields, expand, read_config, validate_config
 from kldwrm_ref.experiments.lock import LOCK_NAME, LockHeld, acquire_run_lock
 from kldwrm_ref.experiments.report import collect
 from kldwrm_ref.experiments.run_folder import EXPORTS, RunFolderError, read_metrics, read_status, restore
@@ -362,31 +364,45 @@ def test_damaged_published_results_are_refused_by_the_summary_and_restarted_by_t
 
 
 # ------------------------------------------------------------------------------- experiment configurations
+def refusal(argv: list[str]) -> list[str]:
+    """The stderr lines of ``kldwrm mnist ARGV``, which must exit with status 2."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        mnist_main(argv)
+    assert exit_.value.code == 2
+    return err.getvalue().splitlines()
+
+
 @settings(max_examples=25)
 @given(where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
 def test_a_damaged_experiment_config_is_refused_in_one_line_or_still_valid(tmp_path_factory, where, bit):
+    """A bit flipped anywhere: the command refuses it in exactly one line, the configuration's own
+    error (as reading and validating the file directly gives it), no traceback; a flip that leaves
+    a valid configuration is refused only because its --out holds no experiment (--summary-only)."""
     folder = tmp_path_factory.mktemp("config")
     data = bytearray(json.dumps(TINY).encode())
     data[int(where * len(data))] ^= 1 << bit
     path = folder / "cfg.json"
     path.write_bytes(bytes(data))
     try:
-        code = mnist_main(["--config", str(path), "--out", str(folder / "out"), "--summary-only"])
-    except SystemExit as exit_:
-        assert exit_.code == 2
-        return
-    assert code == 0  # the flip left a valid configuration (e.g. another name or seed): it is used as written
+        cfg = validate_config(check_fields(read_config(path)))
+        expected = f"--summary-only: {folder / 'out' / cfg['name']} holds no experiment"
+    except ValueError as error:
+        expected = " ".join(str(error).split())
+    lines = refusal(["--config", str(path), "--out", str(folder / "out"), "--summary-only"])
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert lines[0].startswith(f"kldwrm mnist: error: {expected}"), (lines[0], expected)
+    assert not (folder / "out").exists()
 
 
 @pytest.mark.parametrize("text, message", [
     ("{", "not a readable JSON configuration"), ("[1]", "must hold a JSON object"), ('{"epochs": "5"}', "epochs must be a JSON int"),
     ('{"data": 3}', "data must be a JSON dict"), ('{"hyper": {"*": 1}}', "hyper must map"), ('{"seeds": [0, -1]}', "seeds must be"),
+    ('{"seeds": [2, 2]}', "seeds must be distinct"), ('{"name": "../up"}', "name must be a plain folder name"),
 ])
-def test_a_bad_experiment_config_is_refused_with_exit_status_2(tmp_path, capsys, text, message):
+def test_a_bad_experiment_config_is_refused_with_exit_status_2(tmp_path, text, message):
     path = tmp_path / "cfg.json"
     path.write_text(text)
-    with pytest.raises(SystemExit) as exit_:
-        mnist_main(["--config", str(path), "--out", str(tmp_path)])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message in err and "Traceback" not in err
+    lines = refusal(["--config", str(path), "--out", str(tmp_path / "out")])
+    assert len(lines) == 1 and lines[0].startswith("kldwrm mnist: error: ") and message in lines[0], lines
+    assert not (tmp_path / "out").exists() and not (tmp_path / "up").exists()

@@ -114,7 +114,7 @@ def test_the_command_says_what_is_missing_in_one_line(tmp_path, command):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("kldwrm: backend 'cuda'")
+    assert lines[0].startswith(f"kldwrm {command[0]}: error: backend 'cuda'"), lines[0]
     assert not (tmp_path / "out").exists()
 
 

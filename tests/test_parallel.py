@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kldwrm_ref.experiments import runner
+from kldwrm_ref.experiments import parallel, runner
 from kldwrm_ref.experiments.cli import main
 from kldwrm_ref.experiments.config import expand, validate_config
 from kldwrm_ref.storage import read_csv, read_json
@@ -74,18 +74,48 @@ def test_missing_extra_gives_one_clear_line(tmp_path, monkeypatch, capsys):
         main([*ARGV, "--out", str(tmp_path), "--jobs", "2"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err == "kldwrm mnist: error: --jobs needs the optional package joblib: pip install 'kldwrm_ref[parallel]'\n"
+    assert err == "kldwrm mnist: error: --jobs needs the optional package joblib: pip install 'kldwrm_ref[parallel]' (see kldwrm mnist --help)\n"
     assert not (tmp_path / "quick").exists()
 
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--jobs", "0"], "--jobs must be an integer >= 1"), (["--jobs", "2", "--scheduler", "tcp://127.0.0.1:1"], "exclude each other")],
+    [
+        (["--jobs", "0"], "--jobs must be an integer in [1, "), (["--jobs", str(parallel.max_jobs() + 1)], f"in [1, {parallel.max_jobs()}] (the CPU cores of this machine)"),
+        (["--jobs", "2", "--scheduler", "tcp://127.0.0.1:1"], "exclude each other"), (["--scheduler", "10.0.0.5"], "[tcp://]HOST:PORT"),
+    ],
 )
 def test_bad_parallel_options(extra, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*ARGV, "--out", str(tmp_path), *extra])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0]
+    assert not tmp_path.joinpath("quick").exists()
+
+
+@pytest.mark.parametrize("jobs, runs, workers", [(2, 1, None), (2, 3, 2), (8, 3, 3)])
+def test_never_more_workers_than_runs(jobs, runs, workers, monkeypatch, tmp_path):
+    """--jobs N with R runs starts min(N, R) workers; one worker is the serial sweep in this process."""
+    calls = []
+
+    def fake_parallel_map(function, arguments, n_jobs, scheduler):
+        calls.append(n_jobs)
+        return iter([(run_dir, dict(state="finished", epochs_completed=1)) for _, run_dir in arguments])
+
+    monkeypatch.setattr(parallel, "parallel_map", fake_parallel_map)
+    monkeypatch.setattr(runner, "run_one", lambda spec, data, run_dir, progress, log: dict(state="finished", epochs_completed=1))
+    specs = expand(validate_config(dict(name="w", optimizers=["sgd"], architectures=[[12, 8, 10]], seeds=list(range(runs)), data=dict(source="synthetic"), batch=40)))
+    runner.run_tasks([(spec, tmp_path / spec.label) for spec in specs], progress=False, log=lambda *_: None, jobs=jobs)
+    assert calls == ([] if workers is None else [workers])
+
+
+def test_an_unreachable_scheduler_is_one_line_within_the_timeout_and_writes_nothing(tmp_path):
+    pytest.importorskip("distributed")
+    start = time.perf_counter()
+    with pytest.raises(OSError, match=f"no Dask scheduler answered within {parallel.CONNECT_TIMEOUT_S} s"):
+        runner.run_experiment(dict(name="u", optimizers=["sgd"], architectures=[[12, 8, 10]], seeds=[0], data=dict(source="synthetic"), batch=40), tmp_path, scheduler="tcp://127.0.0.1:1")
+    assert time.perf_counter() - start >= parallel.CONNECT_TIMEOUT_S - 1  # it waited for the answer (a lower bound holds under load)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

@@ -88,12 +88,52 @@ def test_final_stage_runs_the_selected_settings_on_the_full_training_set(protoco
             run = read_json(run_dir / "config.json")["run"]
             assert run["hyper"] == selected[name]["hyper"] and "validation" not in run["data"]
             assert "val_accuracy" not in read_metrics(run_dir / "metrics.csv")
-    summary = (root / "summary.md").read_text()
-    assert "so-kld-wrm" in summary and ("does not differ significantly from kfac" in summary or "beats kfac" in summary or "is beaten by kfac" in summary)
-    assert (root / "sensitivity-20-16-10.png").stat().st_size > 0
+    assert (root / "sensitivity-20-16-10.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     final_summary = (protocol_run / "tiny-final-20-16-10" / "summary.md").read_text()
     assert "final test acc %" in final_summary and "final acc - kfac" in final_summary
     assert "best test acc" not in final_summary and "best acc -" not in final_summary  # no best-epoch-on-test column
+
+
+def test_the_verdict_is_the_paired_t_test_of_the_final_accuracies(protocol_run):
+    """The summary's sentence for so-kld-wrm, recomputed from the final runs' metrics.csv: mean
+    paired difference in points, its 95% t interval, the paired t p (one comparison: Holm leaves
+    it as it is), and the outcome the p and the sign of the mean give."""
+    final = protocol_run / "tiny-final-20-16-10" / "20-16-10"
+    accuracy = {name: np.array([100 * read_metrics(final / name / f"seed-{seed}" / "metrics.csv")["test_accuracy"][-1] for seed in (0, 1, 2)]) for name in ("kfac", "so-kld-wrm")}
+    d = accuracy["so-kld-wrm"] - accuracy["kfac"]
+    half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    p = stats.ttest_rel(accuracy["so-kld-wrm"], accuracy["kfac"]).pvalue if d.std() > 0 else np.nan
+    outcome = ("beats" if d.mean() > 0 else "is beaten by") if p < 0.05 else "does not differ significantly from"
+    p_text = "-" if np.isnan(p) else f"{p:.3f}" if p >= 0.001 else f"{p:.0e}"
+    expected = f"- so-kld-wrm {outcome} kfac: {d.mean():+.2f} points [95% CI {d.mean() - half:+.2f}, {d.mean() + half:+.2f}], Holm-adjusted paired t p = {p_text} over 3 seeds."
+    assert expected in (protocol_run / "tiny" / "summary.md").read_text().splitlines()
+
+
+def test_the_sensitivity_plot_draws_the_mean_validation_accuracy_per_grid_point(protocol_run, monkeypatch):
+    """Read from the figure's matplotlib objects: one panel per optimiser, one line per damping,
+    x the step sizes, y the mean over the tuning seeds of the final validation accuracy in %
+    (read here from each run's metrics.csv), a log step-size axis and its labels."""
+    cfg = tune.validate_protocol(PROTOCOL)
+    root = protocol_run / "tiny"
+    figures = []
+    monkeypatch.setattr(tune, "write_figure", lambda path, fig: figures.append(fig))
+    tune.sensitivity_plot(cfg, tune.tuning_table(cfg, root), "20-16-10", root / "unused.png")
+    (fig,) = figures
+    assert [ax.get_title() for ax in fig.axes] == ["kfac", "so-kld-wrm"]
+    assert fig.axes[0].get_ylabel() == "validation accuracy after 2 epochs (%)"
+    steps = [0.003, 0.03, 0.3]
+    for ax, name in zip(fig.axes, ("kfac", "so-kld-wrm")):
+        assert ax.get_xscale() == "log" and ax.get_xlabel() == "step size"
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"damping=0.01", "damping=0.1"}
+        for damping in (0.01, 0.1):
+            mean = []
+            for step in steps:
+                point = root / "tune" / "20-16-10" / name / tune.point_label(dict(step_size=step, damping=damping))
+                finals = [0.0 if read_json(point / f"seed-{seed}" / "status.json")["state"] == "diverged" else 100 * read_metrics(point / f"seed-{seed}" / "metrics.csv")["val_accuracy"][-1] for seed in (7, 8)]
+                mean.append(np.mean(finals))
+            np.testing.assert_allclose(lines[f"damping={damping:g}"].get_xdata(), steps)
+            np.testing.assert_allclose(lines[f"damping={damping:g}"].get_ydata(), mean, rtol=1e-12)
 
 
 def test_rerun_skips_finished_runs(protocol_run, tmp_path):

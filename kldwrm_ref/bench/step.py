@@ -32,7 +32,7 @@ from kldwrm_ref.data import synthetic_classification
 from kldwrm_ref.model import MLP
 from kldwrm_ref.model.zoo import NAMED_NETWORKS, arch_label, build_network, input_size
 from kldwrm_ref.storage import write_json
-from kldwrm_ref.validation import check_output_file
+from kldwrm_ref.validation import CommandParser, check_output_file
 
 PHASES = ("forward_backward", "curvature", "inverse", "precondition", "inner")
 BREAKDOWN_OPTIMIZERS = (
@@ -235,15 +235,28 @@ def targets(results: list[dict], peaks: dict) -> str:
     return "\n".join(lines)
 
 
+def _architecture(text: str) -> tuple[int, ...] | str:
+    """``--architectures`` item: a named network, or MLP sizes of >= 2 layers, each >= 1."""
+    if text in NAMED_NETWORKS:
+        return text
+    try:
+        sizes = tuple(int(part) for part in text.split("-"))
+    except ValueError:
+        sizes = ()
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"must be MLP sizes like 784-256-10 (>= 2 layers, each >= 1) or one of {', '.join(NAMED_NETWORKS)}, got {text!r}")
+    return sizes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kldwrm bench step", description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", choices=optim.PRESETS, default=list(optim.PRESETS))
-    parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"])
-    parser.add_argument("--backends", nargs="+", choices=["numpy", "numba", "auto", "cuda"], default=["numpy", "numba"], help="cuda: every array on the GPU (CuPy + numba-cuda; docs/gpu.md)")
-    parser.add_argument("--damping-style", choices=["eigen", "factored", "factored-explicit"], help="override the K-FAC damping style")
-    parser.add_argument("--architectures", nargs="+", default=["784-256-10"], metavar="ARCH", help="MLP sizes like 784-256-10, or paper-cnn (default: 784-256-10)")
+    parser = CommandParser(prog="kldwrm bench step", description="Where each optimiser step's time goes (per phase), how it scales with width and batch, and how close it is to the machine's matrix-product throughput.")
+    parser.add_argument("--presets", nargs="+", choices=optim.PRESETS, default=list(optim.PRESETS), help=f"presets to time (default: {' '.join(optim.PRESETS)})")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"], help="floating-point types (default: float32 float64)")
+    parser.add_argument("--backends", nargs="+", choices=["numpy", "numba", "auto", "cuda"], default=["numpy", "numba"], help="array backends; cuda: every array on the GPU, CuPy + numba-cuda (docs/gpu.md) (default: numpy numba)")
+    parser.add_argument("--damping-style", choices=["eigen", "factored", "factored-explicit"], help="override the K-FAC damping style (default: the preset's)")
+    parser.add_argument("--architectures", nargs="+", default=["784-256-10"], type=_architecture, metavar="ARCH", help=f"MLP sizes like 784-256-10 (>= 2 layers, each >= 1), or one of {', '.join(NAMED_NETWORKS)} (default: 784-256-10)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling tables")
-    parser.add_argument("--json", metavar="PATH", help="also write every number to PATH")
+    parser.add_argument("--json", metavar="PATH", help="also write every number to PATH (default: none)")
     args = parser.parse_args(argv)
     if args.json:
         try:
@@ -257,11 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         peaks.update({f"cuda-{name}": device_gemm_throughput(np.dtype(name).type) for name in ("float32", "float64")})
     print("GEMM throughput (n^3 product; cuda: the tiled kernel): " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
-    try:
-        architectures = [a if a in NAMED_NETWORKS else tuple(int(s) for s in a.split("-")) for a in args.architectures]
-    except ValueError:
-        parser.error(f"--architectures takes MLP sizes like 784-256-10 or one of {', '.join(NAMED_NETWORKS)}")
-    results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, architectures, **overrides)
+    results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, args.architectures, **overrides)
     print("\nper-step breakdown (ms; non-refr = median step between refreshes, refresh = mean refresh step, mean = amortised over 2 refresh periods; % GEMM = step FLOPs / mean time / GEMM throughput)")
     print(format_breakdown(results, peaks))
     print("\ntargets (amortised mean step):")

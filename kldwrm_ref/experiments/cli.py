@@ -21,7 +21,7 @@ from kldwrm_ref.experiments.config import DTYPES, NAMED_NETWORKS, QUICK, check_f
 from kldwrm_ref.experiments.report import write_summary
 from kldwrm_ref.experiments.runner import run_experiment
 from kldwrm_ref.model import ACTIVATIONS
-from kldwrm_ref.validation import check_output_dir
+from kldwrm_ref.validation import CommandParser, check_output_dir
 
 
 def _parse_value(text: str):
@@ -78,47 +78,70 @@ def config_from_args(args: argparse.Namespace) -> dict:
     return cfg
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kldwrm mnist", description="Resumable multi-seed MNIST experiments; prints and saves a summary table and plots.")
-    parser.add_argument("--config", help="experiment JSON (e.g. experiments/paper.json); without it the quick K-FAC vs KLD-WRM comparison")
-    parser.add_argument("--name", help="experiment name (output sub-folder)")
-    parser.add_argument("--optimizers", nargs="+", choices=optim.NAMES)
-    parser.add_argument("--architectures", nargs="+", type=_parse_architecture, metavar="SIZES", help="e.g. 784-256-10 784-32-10 paper-cnn")
-    parser.add_argument("--activation", choices=ACTIVATIONS)
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--platform", choices=optim.PLATFORMS)
-    parser.add_argument("--preset", choices=optim.PRESETS)
-    parser.add_argument("--backend", choices=BACKENDS)
-    parser.add_argument("--dtype", choices=DTYPES)
-    parser.add_argument("--pool", type=int, help="average-pool MNIST by this factor (4: 7x7 inputs)")
-    parser.add_argument("--subset", type=int, help="train on this many random training images")
-    parser.add_argument("--synthetic", action="store_true", help="synthetic data instead of MNIST (no download)")
-    parser.add_argument("--hyper", action="append", default=[], metavar="[OPT.]KEY=VALUE", help="hyperparameter override, repeatable")
-    parser.add_argument("--out", default="runs", help="output folder (default: runs)")
-    parser.add_argument("--summary-only", action="store_true", help="rebuild the summary and plots from existing runs")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="run N runs at a time in worker processes (default 1: serially); needs the 'parallel' extra")
-    parser.add_argument("--scheduler", metavar="ADDRESS", help="run the runs on the Dask distributed cluster at ADDRESS (e.g. tcp://host:8786); needs the 'parallel' extra")
-    args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs must be an integer >= 1, got {args.jobs}")
-    if args.scheduler and args.jobs > 1:
-        parser.error("--jobs and --scheduler exclude each other: the cluster's workers set how many runs run at a time")
+JOBS_HELP = (
+    "run up to N runs at a time, in min(N, number of runs) local worker processes; N in [1, {cores}] (the CPU cores here; "
+    "default 1: serially, in this process); needs the 'parallel' extra"
+)
+SCHEDULER_HELP = (
+    "run the runs on the Dask distributed cluster whose scheduler is at ADDRESS, [tcp://]HOST:PORT (e.g. tcp://10.0.0.5:8786); "
+    f"it must answer within {parallel.CONNECT_TIMEOUT_S} s, before anything is written; needs the 'parallel' extra"
+)
+
+
+def _check_parallel(parser: argparse.ArgumentParser, jobs: int, scheduler: str | None) -> None:
+    """--jobs and --scheduler: in range, not both, the address well formed, the extra installed (else one line, exit 2)."""
     try:
-        check_output_dir(args.out, "--out")
+        parallel.check_jobs(jobs)
+        if scheduler is not None:
+            parallel.check_address(scheduler)
+            if jobs > 1:
+                raise ValueError("--jobs and --scheduler exclude each other: the cluster's workers set how many runs run at a time")
+        if jobs > 1 or scheduler is not None:
+            parallel.require(scheduler)
+    except (ValueError, ImportError) as error:
+        parser.error(str(error))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = CommandParser(
+        prog="kldwrm mnist",
+        description="Resumable multi-seed MNIST experiments; prints and saves a summary table and plots. "
+        "Options override the configuration (--config, else the quick comparison: " + ", ".join(f"{key} {QUICK[key]}" for key in ("epochs", "seeds", "batch")) + ").",
+    )
+    parser.add_argument("--config", help="experiment JSON (e.g. experiments/paper.json); without it the quick K-FAC vs KLD-WRM comparison")
+    parser.add_argument("--name", help=f"experiment name: the plain folder name of its results under --out (default: the configuration's; quick: {QUICK['name']})")
+    parser.add_argument("--optimizers", nargs="+", choices=optim.NAMES, metavar="NAME", help=f"distinct optimisers, of {', '.join(optim.NAMES)} (default: the configuration's)")
+    parser.add_argument("--architectures", nargs="+", type=_parse_architecture, metavar="SIZES", help="distinct networks, e.g. 784-256-10 784-32-10 paper-cnn (default: the configuration's; quick: 784-256-10)")
+    parser.add_argument("--activation", choices=ACTIVATIONS, help=f"MLP hidden activation (default: the configuration's; quick: {QUICK['activation']})")
+    parser.add_argument("--epochs", type=int, metavar="N", help=f"epochs per run, >= 1 (default: the configuration's; quick: {QUICK['epochs']})")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help=f"distinct seeds >= 0, one run per optimiser and architecture each (default: the configuration's; quick: {' '.join(map(str, QUICK['seeds']))})")
+    parser.add_argument("--batch", type=int, metavar="N", help=f"batch size, in [1, training examples] (default: the configuration's; quick: {QUICK['batch']})")
+    parser.add_argument("--platform", choices=optim.PLATFORMS, help=f"curvature platform (default: the configuration's; quick: {QUICK['platform']})")
+    parser.add_argument("--preset", choices=optim.PRESETS, help=f"hyperparameter preset (default: the configuration's; quick: {QUICK['preset']})")
+    parser.add_argument("--backend", choices=BACKENDS, help=f"array backend (default: the configuration's; quick: {QUICK['backend']})")
+    parser.add_argument("--dtype", choices=DTYPES, help=f"floating-point type (default: the configuration's; quick: {QUICK['dtype']})")
+    parser.add_argument("--pool", type=int, metavar="K", help="MNIST only: average-pool the images by K, which must divide 28 (4: 7x7 inputs; default: the configuration's; quick: 1)")
+    parser.add_argument("--subset", type=int, metavar="N", help="MNIST only: train on N random training images, N in [1, 60000] (default: all)")
+    parser.add_argument("--synthetic", action="store_true", help="the synthetic problem (2000 training, 500 test examples) instead of MNIST (no download)")
+    parser.add_argument("--hyper", action="append", default=[], metavar="[OPT.]KEY=VALUE", help="hyperparameter override, repeatable (default: none)")
+    parser.add_argument("--out", default="runs", help="output folder; the results go to OUT/NAME (default: runs)")
+    parser.add_argument("--summary-only", action="store_true", help="rebuild the summary and plots from the runs already in OUT/NAME (which must hold an experiment)")
+    parser.add_argument("--no-progress", action="store_true", help="one line per finished epoch instead of progress bars")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help=JOBS_HELP.format(cores=parallel.max_jobs()))
+    parser.add_argument("--scheduler", metavar="ADDRESS", help=SCHEDULER_HELP)
+    args = parser.parse_args(argv)
+    _check_parallel(parser, args.jobs, args.scheduler)
+    try:
         cfg = validate_config(config_from_args(args))
+        check_output_dir(args.out, "--out")
+        root = Path(args.out) / cfg["name"]
+        if args.summary_only and not (root / "experiment.json").is_file():
+            raise ValueError(f"--summary-only: {root} holds no experiment (no experiment.json); run the experiment first, or give its --out and --name")
     except (ValueError, OSError) as error:
         parser.error(str(error))
     if args.summary_only:
-        print(write_summary(Path(args.out) / cfg["name"], cfg))
+        print(write_summary(root, cfg))
         return 0
-    if args.jobs > 1 or args.scheduler:
-        try:
-            parallel.require(args.scheduler)
-        except ImportError as error:
-            parser.exit(2, f"kldwrm mnist: error: {error}\n")
     run_experiment(cfg, args.out, progress=not args.no_progress, jobs=args.jobs, scheduler=args.scheduler)
     return 0
 
@@ -131,25 +154,23 @@ STAGE_HELP = (
 
 def tune_main(argv: Sequence[str] | None = None) -> int:
     """``kldwrm tune --config experiments/tune-paper.json``: the tuned comparison protocol (docs/protocol.md)."""
-    parser = argparse.ArgumentParser(prog="kldwrm tune", description="Tune every optimiser on a validation split with the same grid budget, select, then run the selected settings with many seeds (docs/protocol.md).")
+    parser = CommandParser(prog="kldwrm tune", description="Tune every optimiser on a validation split with the same grid budget, select, then run the selected settings with many seeds (docs/protocol.md).")
     parser.add_argument("--config", required=True, help="protocol JSON (e.g. experiments/tune-paper.json)")
     parser.add_argument("--out", default="runs", help="output folder (default: runs)")
     parser.add_argument("--stage", choices=tune.STAGES, default="all", help=STAGE_HELP)
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine (joblib; needs the 'parallel' extra)")
-    parser.add_argument("--scheduler", metavar="ADDRESS", help="run the runs on the Dask distributed cluster at ADDRESS; needs the 'parallel' extra")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help=JOBS_HELP.format(cores=parallel.max_jobs()))
+    parser.add_argument("--scheduler", metavar="ADDRESS", help=SCHEDULER_HELP)
+    parser.add_argument("--no-progress", action="store_true", help="one line per finished epoch instead of progress bars")
     args = parser.parse_args(argv)
-    if args.scheduler and args.jobs > 1:
-        parser.error("--jobs and --scheduler exclude each other: the cluster's workers set how many runs run at a time")
-    if args.jobs < 1:
-        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    _check_parallel(parser, args.jobs, args.scheduler)
     try:
         cfg = tune.validate_protocol(read_config(args.config))
         check_output_dir(args.out, "--out")
-        if args.jobs > 1 or args.scheduler:
-            parallel.require(args.scheduler)
-    except (ValueError, ImportError) as error:
-        print(f"kldwrm tune: {error}", file=sys.stderr)
+        root = Path(args.out) / cfg["name"]
+        if args.stage == "summary" and not (root / "protocol.json").is_file():
+            raise ValueError(f"--stage summary: {root} holds no protocol run (no protocol.json); run a stage first, or give its --out")
+    except ValueError as error:
+        print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     tune.run_protocol(cfg, args.out, args.stage, progress=not args.no_progress, jobs=args.jobs, scheduler=args.scheduler)
     return 0
@@ -157,30 +178,33 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``kldwrm train``: one seed, a few epochs, the optimisers side by side (784-H-10 MLP)."""
-    parser = argparse.ArgumentParser(prog="kldwrm train", description="Short single-seed MNIST comparison of optimisers (784-H-10 MLP, K-FAC platform); runs under OUT/train.")
-    parser.add_argument("--optimizers", nargs="+", default=["kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"], choices=optim.NAMES)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--platform", choices=optim.PLATFORMS, default="kfac")
-    parser.add_argument("--preset", choices=optim.PRESETS, default="paper")
-    parser.add_argument("--synthetic", action="store_true", help="synthetic data instead of MNIST (no download)")
-    parser.add_argument("--out", default="runs", help="output folder (default: runs)")
+    parser = CommandParser(prog="kldwrm train", description="Short single-seed MNIST comparison of optimisers (784-H-10 MLP, K-FAC platform); runs under OUT/train.")
+    default_optimizers = ["kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"]
+    parser.add_argument(
+        "--optimizers", nargs="+", default=default_optimizers, choices=optim.NAMES, metavar="NAME",
+        help=f"distinct optimisers, of {', '.join(optim.NAMES)} (default: {' '.join(default_optimizers)})",
+    )
+    parser.add_argument("--epochs", type=int, default=2, metavar="N", help="epochs, >= 1 (default: 2)")
+    parser.add_argument("--batch", type=int, default=512, metavar="N", help="batch size, in [1, training examples] (default: 512)")
+    parser.add_argument("--hidden", type=int, default=256, metavar="H", help="hidden width, >= 1 (default: 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed, >= 0 (default: 0)")
+    parser.add_argument("--platform", choices=optim.PLATFORMS, default="kfac", help="curvature platform (default: kfac)")
+    parser.add_argument("--preset", choices=optim.PRESETS, default="paper", help="hyperparameter preset (default: paper)")
+    parser.add_argument("--synthetic", action="store_true", help="the synthetic problem (2000 training examples) instead of MNIST (no download)")
+    parser.add_argument("--out", default="runs", help="output folder; the runs go to OUT/train (default: runs)")
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.batch < 1 or args.hidden < 1:
-        parser.error("--epochs, --batch and --hidden must be >= 1")
-    try:
-        check_output_dir(args.out, "--out")
-    except ValueError as error:
-        parser.error(str(error))
     cfg = dict(
         name="train", description=f"single-seed comparison, MLP 784-{args.hidden}-10", optimizers=args.optimizers,
         architectures=[[784, args.hidden, 10]], epochs=args.epochs, seeds=[args.seed], batch=args.batch,
         platform=args.platform, preset=args.preset, data=dict(source="synthetic" if args.synthetic else "mnist"),
     )
     try:
+        if args.hidden < 1:
+            raise ValueError(f"--hidden must be an integer >= 1, got {args.hidden}")
+        if args.seed < 0:
+            raise ValueError(f"--seed must be an integer >= 0, got {args.seed}")
         cfg = validate_config(cfg)
+        check_output_dir(args.out, "--out")
     except ValueError as error:
         parser.error(str(error))
     run_experiment(cfg, args.out, progress=True)

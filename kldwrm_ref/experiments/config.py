@@ -16,10 +16,12 @@ from kldwrm_ref import optim
 from kldwrm_ref.backends import BACKENDS, get_backend
 from kldwrm_ref.model import ACTIVATIONS
 from kldwrm_ref.model.zoo import NAMED_NETWORKS, arch_label, build_network, input_size
-from kldwrm_ref.validation import check_choice, check_positive_int
+from kldwrm_ref.validation import check_choice, check_folder_name, check_positive_int
 
 DTYPES = ("float32", "float64")
 DATA_SOURCES = ("mnist", "synthetic")
+MNIST_TRAIN, MNIST_SIDE = 60000, 28
+SYNTHETIC_SIZES = dict(n_train=2000, n_test=500)  # the synthetic problem's defaults (data.n_train, data.n_test)
 # The README's main job: K-FAC against the three KLD-WRM methods, paper preset, 2 seeds, 5 epochs.
 QUICK: dict[str, Any] = dict(
     name="quick",
@@ -105,6 +107,11 @@ def validate_config(config: dict) -> dict:
         raise ValueError("optimizers must name at least one of " + ", ".join(optim.NAMES))
     for name in cfg["optimizers"]:
         check_choice(name, "optimizers", optim.NAMES)
+    if not cfg["architectures"]:
+        raise ValueError(f"architectures must name at least one network: MLP layer sizes or one of {', '.join(NAMED_NETWORKS)}")
+    for field in ("optimizers", "architectures"):
+        if len(set(map(json.dumps, cfg[field]))) != len(cfg[field]):
+            raise ValueError(f"{field} must be distinct (a repeated entry would be the same runs twice), got {cfg[field]!r}")
     check_choice(cfg["activation"], "activation", ACTIVATIONS)
     check_choice(cfg["platform"], "platform", optim.PLATFORMS)
     check_choice(cfg["preset"], "preset", optim.PRESETS)
@@ -112,19 +119,9 @@ def validate_config(config: dict) -> dict:
     check_choice(cfg["dtype"], "dtype", DTYPES)
     check_positive_int(cfg["epochs"], "epochs")
     check_positive_int(cfg["batch"], "batch")
-    if not cfg["seeds"] or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in cfg["seeds"]):
-        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {cfg['seeds']!r}")
-    data = cfg["data"]
-    check_choice(data["source"], "data.source", DATA_SOURCES)
-    check_positive_int(data["pool"], "data.pool")
-    unknown_data = set(data) - set(QUICK["data"]) - {"validation"}
-    if unknown_data:
-        raise ValueError(f"data: unknown field(s) {sorted(unknown_data)}; accepted: {sorted(set(QUICK['data']) | {'validation'})}")
-    validation = data.pop("validation", 0)  # absent when 0, so runs without a split keep their identity
-    if isinstance(validation, bool) or not isinstance(validation, int) or not 0 <= validation < 60000:
-        raise ValueError(f"data.validation must be an integer in [0, 60000) (training examples held out for selection), got {validation!r}")
-    if validation:
-        data["validation"] = validation
+    check_folder_name(cfg["name"], "name")
+    check_seeds(cfg["seeds"], "seeds")
+    data = cfg["data"] = check_data(cfg["data"], cfg["batch"])
     n_inputs = 784 // data["pool"] ** 2 if data["source"] == "mnist" else None
     for sizes in cfg["architectures"]:
         if isinstance(sizes, str):
@@ -144,6 +141,61 @@ def validate_config(config: dict) -> dict:
     for name in cfg["optimizers"]:  # builds each optimiser once: rejects unknown or out-of-range hyperparameters
         optim.make(name, build_network(cfg["architectures"][0], cfg["activation"]), platform=cfg["platform"], preset=cfg["preset"], backend="numpy", **_overrides(cfg, name))
     return cfg
+
+
+def check_seeds(seeds, name: str) -> list[int]:
+    """A non-empty list of distinct integers >= 0 (a repeated seed would be one run counted twice)."""
+    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"{name} must be a non-empty list of integers >= 0, got {seeds!r}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"{name} must be distinct, got {seeds!r} (repeated: {', '.join(map(str, repeated))})")
+    return seeds
+
+
+def _optional_positive_int(value, name: str) -> int | None:
+    return None if value is None else check_positive_int(value, name)
+
+
+def check_data(data: dict, batch: int) -> dict:
+    """The ``data`` field, checked against the sizes it gives: ``batch`` must fit in the training
+    examples left after the validation split and the subset.  Returns it without a zero ``validation``."""
+    data = dict(data)
+    unknown = set(data) - set(QUICK["data"]) - {"validation"}
+    if unknown:
+        raise ValueError(f"data: unknown field(s) {sorted(unknown)}; accepted: {sorted(set(QUICK['data']) | {'validation'})}")
+    check_choice(data["source"], "data.source", DATA_SOURCES)
+    check_positive_int(data["pool"], "data.pool (--pool)")
+    subset = _optional_positive_int(data["subset"], "data.subset (--subset)")
+    validation = data.pop("validation", 0)  # absent when 0, so runs without a split keep their identity
+    if isinstance(validation, bool) or not isinstance(validation, int) or validation < 0:
+        raise ValueError(f"data.validation must be an integer >= 0 (training examples held out for selection), got {validation!r}")
+    if data["source"] == "synthetic":
+        for field, value, unset in (("pool", data["pool"], 1), ("subset", subset, None)):
+            if value != unset:
+                raise ValueError(f"data.{field} (--{field}) applies to MNIST only, not to the synthetic problem (--synthetic; sized by data.n_train and data.n_test), got {value}")
+        n_train = _optional_positive_int(data["n_train"], "data.n_train") or SYNTHETIC_SIZES["n_train"]
+        _optional_positive_int(data["n_test"], "data.n_test")
+        where = f"{n_train} synthetic training examples"
+    else:
+        if data["n_train"] is not None or data["n_test"] is not None:
+            raise ValueError(f"data.n_train and data.n_test size the synthetic problem only; MNIST takes data.subset, got n_train {data['n_train']}, n_test {data['n_test']}")
+        if MNIST_SIDE % data["pool"]:
+            raise ValueError(f"data.pool (--pool) must divide the MNIST image side {MNIST_SIDE} (1, 2, 4, 7, 14 or 28), got {data['pool']}")
+        n_train, where = MNIST_TRAIN, f"{MNIST_TRAIN} MNIST training images"
+    if not validation < n_train:
+        raise ValueError(f"data.validation must be in [0, {n_train}) (of the {where}), got {validation}")
+    left = n_train - validation
+    if validation:
+        where += f" minus {validation} held out for validation"
+    if subset is not None and subset > left:
+        raise ValueError(f"data.subset (--subset) must be in [1, {left}] (the {where}), got {subset}")
+    if batch > (subset or left):
+        size = f"the --subset of {subset}" if subset else f"the {where}"
+        raise ValueError(f"batch must be in [1, {subset or left}], the training examples ({size}), got {batch}")
+    if validation:
+        data["validation"] = validation
+    return data
 
 
 def _overrides(cfg: dict, name: str) -> dict:

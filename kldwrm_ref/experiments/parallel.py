@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +27,41 @@ from kldwrm_ref.allocator import reuse_freed_memory
 from kldwrm_ref.storage import process_alive
 
 ORPHAN_POLL_SECONDS = 0.5
+CONNECT_TIMEOUT_S = 5  # how long to wait for the Dask scheduler to answer (--scheduler)
+_ADDRESS = re.compile(r"(?:(?:tcp|tls|ucx|ws|wss)://)?(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})")
 _watchdog_started = False
+
+
+def max_jobs() -> int:
+    """The most local worker processes a sweep may start: the CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_jobs(jobs: int, name: str = "--jobs") -> int:
+    """``jobs`` if it is an integer in [1, :func:`max_jobs`]; else ValueError naming ``name`` and the range."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= max_jobs():
+        raise ValueError(f"{name} must be an integer in [1, {max_jobs()}] (the CPU cores of this machine), got {jobs!r}")
+    return jobs
+
+
+def check_address(address: str, name: str = "--scheduler") -> str:
+    """A Dask scheduler address ``[PROTOCOL://]HOST:PORT`` (protocol tcp, tls, ucx, ws or wss; port 1-65535)."""
+    match = _ADDRESS.fullmatch(address)
+    if match is None or not 1 <= int(match.group(1)) <= 65535:
+        raise ValueError(f"{name} must be a Dask scheduler address [tcp://]HOST:PORT with PORT in [1, 65535] (e.g. tcp://10.0.0.5:8786), got {address!r}")
+    return address
+
+
+def check_scheduler(address: str) -> None:
+    """Connect to the scheduler at ``address`` and disconnect: an OSError naming it when none
+    answers within :data:`CONNECT_TIMEOUT_S` seconds (checked before a sweep writes anything)."""
+    from distributed import Client
+
+    try:
+        with Client(check_address(address), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as error:
+        raise OSError(f"--scheduler {address}: no Dask scheduler answered within {CONNECT_TIMEOUT_S} s ({error})") from None
 
 
 def require(scheduler: str | None) -> None:
@@ -77,6 +112,6 @@ def parallel_map(function: Callable, arguments: Sequence[tuple], jobs: int, sche
         return
     from distributed import Client, as_completed
 
-    with Client(scheduler) as client:
+    with Client(scheduler, timeout=CONNECT_TIMEOUT_S) as client:
         for future in as_completed(client.map(_single_threaded, [function] * len(arguments), *zip(*arguments), pure=False)):
             yield future.result()

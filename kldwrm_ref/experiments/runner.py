@@ -36,9 +36,9 @@ from tqdm import tqdm
 
 import kldwrm_ref
 from kldwrm_ref import optim
-from kldwrm_ref.data import load_mnist, synthetic_classification
+from kldwrm_ref.data import load_mnist, raw_mnist, synthetic_classification
 from kldwrm_ref.experiments.checkpoint import CheckpointError
-from kldwrm_ref.experiments.config import RunSpec, build_network, expand, input_size, validate_config
+from kldwrm_ref.experiments.config import SYNTHETIC_SIZES, RunSpec, build_network, expand, input_size, validate_config
 from kldwrm_ref.experiments.lock import LockHeld, acquire_run_lock
 from kldwrm_ref.experiments.report import write_summary
 from kldwrm_ref.experiments.run_folder import CHECKPOINT, EXPORTS, METRIC_FIELDS, Record, RunFolderError, read_exports, restore, save_record
@@ -46,7 +46,7 @@ from kldwrm_ref.experiments.trainers import Trainer
 from kldwrm_ref.storage import read_json, remove_stale_temporaries, write_json
 from kldwrm_ref.validation import check_positive_int
 
-__all__ = ["METRIC_FIELDS", "run_experiment", "run_one", "run_task", "run_tasks"]
+__all__ = ["METRIC_FIELDS", "check_ready", "run_experiment", "run_one", "run_task", "run_tasks"]
 # Fields whose change makes an existing run a different run (epochs may grow: the run is extended).
 IDENTITY = ("optimizer", "architecture", "activation", "seed", "batch", "platform", "preset", "backend", "dtype", "data", "hyper")
 
@@ -65,7 +65,7 @@ def load_data(data: dict, n_inputs: int, dtype: str) -> Dataset:
     ``data["validation"] = v > 0`` the last v training examples are held out as the validation split."""
     validation = data.get("validation", 0)
     if data["source"] == "synthetic":
-        n_train, n_test = data["n_train"] or 2000, data["n_test"] or 500
+        n_train, n_test = data["n_train"] or SYNTHETIC_SIZES["n_train"], data["n_test"] or SYNTHETIC_SIZES["n_test"]
         X, y = synthetic_classification(n_train + n_test, n_inputs, 10, seed=1234, dtype=dtype)
         if not validation < n_train:
             raise ValueError(f"data.validation must be below the {n_train} synthetic training examples, got {validation}")
@@ -115,8 +115,13 @@ class _EpochLog:
         self.bar.update(1)
 
 
+def _changed(old: dict, config: dict) -> list[str]:
+    """The identity fields in which the run of ``old`` differs from that of ``config``."""
+    return [key for key in IDENTITY if old.get("run", {}).get(key) != config["run"].get(key)]
+
+
 def _check_same_run(run_dir: Path, old: dict, config: dict) -> None:
-    changed = [key for key in IDENTITY if old.get("run", {}).get(key) != config["run"].get(key)]
+    changed = _changed(old, config)
     if changed:
         raise ValueError(f"{run_dir} holds a run with different {', '.join(changed)}; choose another --out or delete it")
 
@@ -134,9 +139,11 @@ def _published(run_dir: Path, spec: RunSpec, config: dict, log) -> dict | None:
                 os.replace(run_dir / name, run_dir / f"{name}.corrupt")
         log(f"{error}; renamed the run's files *.corrupt, the run starts again from scratch")
         return None
+    if status is None or (status["state"] == "running" and status["epochs_completed"] == 0):
+        return None  # nothing was trained: a run of another setting is replaced
     if (run_dir / "config.json").exists():
         _check_same_run(run_dir, read_json(run_dir / "config.json"), config)
-    if status is None or status["state"] == "running":
+    if status["state"] == "running":
         return None
     if status["state"] == "finished" and status["epochs_completed"] < spec.epochs:
         raise ValueError(f"{run_dir} holds {status['epochs_completed']} finished epochs but no checkpoint to extend them to {spec.epochs}")
@@ -163,6 +170,10 @@ def run_one(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool = True, 
 
 
 def _train(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool, log) -> dict:
+    n = len(data.y_train)
+    steps_per_epoch = n // spec.batch
+    if steps_per_epoch < 1:  # validate_config refuses such sizes; this guards direct callers, before any file is written
+        raise ValueError(f"batch ({spec.batch}) must not exceed the number of training examples ({n})")
     net = build_network(spec.architecture, spec.activation, spec.dtype)
     opt = optim.make(spec.optimizer, net, platform=spec.platform, preset=spec.preset, backend=spec.backend, **{"seed": spec.seed, **spec.hyper})
     config = resolved_config(spec, opt)
@@ -170,6 +181,9 @@ def _train(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool, log) -> 
     restored = restore(run_dir, log)
     if not had_checkpoint and (published := _published(run_dir, spec, config, log)) is not None:
         return published
+    if restored is not None and restored.epoch == 0 and restored.status["state"] == "running" and _changed(restored.config, config):
+        log(f"{run_dir}: replacing a run of different {', '.join(_changed(restored.config, config))} that had not finished an epoch")
+        restored = None
     if restored is not None:
         _check_same_run(run_dir, restored.config, config)
         if restored.status["state"] == "diverged" or (restored.status["state"] == "finished" and restored.epoch >= spec.epochs):
@@ -179,11 +193,6 @@ def _train(spec: RunSpec, data: Dataset, run_dir: Path, progress: bool, log) -> 
         theta = net.init(spec.seed)
         record = Record(theta, opt.init(theta), config, [], None, dict(state="running", epochs_completed=0), 0.0)
     save_record(run_dir, record)
-
-    n = len(data.y_train)
-    steps_per_epoch = n // spec.batch
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch ({spec.batch}) must not exceed the number of training examples ({n})")
     epoch = record.epoch
     trainer = Trainer(opt, net, spec.batch)
     trainer.start(record.theta, record.state, data.X_train, data.y_train)
@@ -248,17 +257,17 @@ def run_task(spec: RunSpec, run_dir: str) -> tuple[str, dict]:
 def run_tasks(tasks: list[tuple[RunSpec, Path]], progress: bool = True, log=print, jobs: int = 1, scheduler: str | None = None) -> dict[str, dict]:
     """Run (or resume, or skip) each (spec, run folder) of ``tasks``; returns each folder's final status.
 
-    ``jobs > 1`` or a Dask ``scheduler`` address runs them in parallel, as :func:`run_task`
-    (:mod:`kldwrm_ref.experiments.parallel`); runs keep all their state in their folders, so they
-    skip, resume and extend as in a serial run.
+    ``jobs > 1`` runs them in min(jobs, number of runs) local worker processes, a Dask ``scheduler``
+    address on that cluster, each as :func:`run_task` (:mod:`kldwrm_ref.experiments.parallel`);
+    runs keep all their state in their folders, so they skip, resume and extend as in a serial run.
     """
     check_positive_int(jobs, "jobs")
     statuses = {}
-    if jobs > 1 or scheduler is not None:
+    if scheduler is not None or min(jobs, len(tasks)) > 1:
         from kldwrm_ref.experiments.parallel import parallel_map
 
         labels = {str(run_dir): spec.label for spec, run_dir in tasks}
-        for run_dir, status in parallel_map(run_task, [(spec, str(run_dir)) for spec, run_dir in tasks], jobs, scheduler):
+        for run_dir, status in parallel_map(run_task, [(spec, str(run_dir)) for spec, run_dir in tasks], min(jobs, len(tasks)), scheduler):
             statuses[run_dir] = status
             log(status_line(labels[run_dir], status))
         return statuses
@@ -269,14 +278,32 @@ def run_tasks(tasks: list[tuple[RunSpec, Path]], progress: bool = True, log=prin
     return statuses
 
 
+def check_ready(specs: list[RunSpec], jobs: int = 1, scheduler: str | None = None) -> None:
+    """Before a sweep writes anything: the Dask ``scheduler`` answers, or else the data of every
+    run can be loaded here (MNIST found and verified; a serial sweep keeps it cached for its runs;
+    the workers of a cluster read the data of their own machines)."""
+    if scheduler is not None:
+        from kldwrm_ref.experiments.parallel import check_scheduler
+
+        check_scheduler(scheduler)
+    elif min(jobs, len(specs)) <= 1:
+        for spec in specs:
+            _cached_data(json.dumps(spec.data, sort_keys=True), input_size(spec.architecture), spec.dtype)
+    elif any(spec.data["source"] == "mnist" for spec in specs):
+        raw_mnist()  # local workers load their own copies
+
+
 def run_experiment(cfg: dict, out: str | Path, progress: bool = True, log=print, jobs: int = 1, scheduler: str | None = None) -> Path:
     """Run (or resume) every run of ``cfg`` under ``out/<name>`` (:func:`run_tasks`); writes the
-    summary; returns that folder."""
+    summary; returns that folder.  Nothing is written before the configuration, the data and the
+    scheduler have been checked (:func:`check_ready`)."""
     cfg = validate_config(cfg)
-    check_positive_int(jobs, "jobs")  # before any file is written
+    check_positive_int(jobs, "jobs")
+    specs = expand(cfg)
+    check_ready(specs, jobs, scheduler)
     root = Path(out) / cfg["name"]
     write_json(root / "experiment.json", cfg)
     remove_stale_temporaries(root)
-    run_tasks([(spec, root / spec.label) for spec in expand(cfg)], progress, log, jobs, scheduler)
+    run_tasks([(spec, root / spec.label) for spec in specs], progress, log, jobs, scheduler)
     log("\n" + write_summary(root, cfg))
     return root

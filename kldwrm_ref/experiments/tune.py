@@ -40,26 +40,20 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kldwrm_ref.experiments import report
-from kldwrm_ref.experiments.config import RunSpec, check_fields, expand, validate_config
+from kldwrm_ref.experiments.config import RunSpec, check_fields, check_seeds, expand, validate_config
 from kldwrm_ref.experiments.run_folder import RunFolderError, read_exports
-from kldwrm_ref.experiments.runner import run_experiment, run_tasks
+from kldwrm_ref.experiments.runner import check_ready, run_experiment, run_tasks
 from kldwrm_ref.experiments.statistics import holm, paired_comparison
 from kldwrm_ref.model.zoo import arch_label
 from kldwrm_ref.optim.hyper import FIELDS as HYPER_FIELDS
 from kldwrm_ref.storage import read_json, write_csv, write_figure, write_json, write_text
-from kldwrm_ref.validation import check_positive_int
+from kldwrm_ref.validation import check_folder_name, check_positive_int
 
 PROTOCOL_FIELDS = dict(name=str, description=str, experiment=dict, validation=int, grid=dict, tune=dict, confirm=dict, final=dict, published=str)
 STAGES = ("tune", "confirm", "final", "all", "summary")  # summary: rebuild tables and plots from the run folders only
 
 
 # ----------------------------------------------------------------------------- configuration
-def _seeds(value, field: str) -> list[int]:
-    if not isinstance(value, list) or not value or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in value):
-        raise ValueError(f"{field} must be a non-empty list of integers >= 0, got {value!r}")
-    return value
-
-
 def _stage(cfg: dict, field: str, extra: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> dict:
     stage = cfg[field]
     fields = {"epochs", "seeds", *extra}
@@ -68,7 +62,7 @@ def _stage(cfg: dict, field: str, extra: tuple[str, ...] = (), optional: tuple[s
         raise ValueError(f"{field} must be an object with exactly {allowed}, got {sorted(stage)}")
     for key in ("epochs", *extra):
         check_positive_int(stage[key], f"{field}.{key}")
-    return dict(stage, seeds=_seeds(stage["seeds"], f"{field}.seeds"))
+    return dict(stage, seeds=check_seeds(stage["seeds"], f"{field}.seeds"))
 
 
 def validate_protocol(cfg: dict) -> dict:
@@ -88,6 +82,9 @@ def validate_protocol(cfg: dict) -> dict:
     for field in ("name", "epochs", "seeds"):
         if field in experiment:
             raise ValueError(f"experiment.{field}: set by the protocol (name, tune and final), not by the experiment")
+    check_folder_name(cfg["name"], "name")
+    data = {**experiment.get("data", {}), "validation": cfg["validation"]}  # the tuning runs' training set must hold a batch
+    validate_config({**experiment, "data": data, "name": cfg["name"], "epochs": 1, "seeds": [0]})
     experiment = validate_config({**experiment, "name": cfg["name"], "epochs": 1, "seeds": [0]})
     for field in ("name", "epochs", "seeds"):  # the stages set them
         del experiment[field]
@@ -113,8 +110,8 @@ def validate_protocol(cfg: dict) -> dict:
             if not isinstance(include, list) or any(not isinstance(point, dict) or point_label(point) not in labels for point in include):
                 raise ValueError(f"confirm.include must be a list of grid points of every optimiser (as objects, e.g. the authors' setting), got {confirm['include']!r:.120}; {name}'s grid: {', '.join(labels)}")
     for name in experiment["optimizers"]:
-        if not grid_points(out, name):
-            raise ValueError(f"grid: no axes for optimiser {name!r} (give them under '*' or {name!r})")
+        if not grid_axes(out, name):
+            raise ValueError(f"grid: no axes for optimiser {name!r}: give it at least one hyperparameter with a list of values, under '*' or {name!r}, got {grid!r:.120}")
         for point in grid_points(out, name):  # every point must make a valid optimiser
             validate_config({**experiment, "name": cfg["name"], "optimizers": [name], "hyper": {name: _point_hyper(out, name, point)}})
     return out
@@ -463,6 +460,7 @@ def run_protocol(cfg: dict, out: str | Path, stage: str = "all", progress: bool 
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     out = Path(out)
     root = out / cfg["name"]
+    check_ready([spec for spec, _, _, _ in tuning_runs(cfg, root)], jobs, scheduler)  # data and scheduler, before anything is written
     write_json(root / "protocol.json", cfg)
     if stage in ("tune", "all"):
         run_tasks([(spec, run_dir) for spec, run_dir, _, _ in tuning_runs(cfg, root)], progress, log, jobs, scheduler)
