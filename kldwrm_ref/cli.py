@@ -1,4 +1,4 @@
-"""The ``kldwrm`` command: ``verify``, ``mnist``, ``tune``, ``train``, ``bench``, ``trajectory``."""
+"""The ``kldwrm`` command: ``verify``, ``mnist``, ``tune``, ``robustness``, ``train``, ``bench``, ``trajectory``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "verify": (verify.main, "run the paper's claims as numerical checks"),
     "mnist": (experiments_cli.main, "resumable multi-seed MNIST experiments, summary table and plots"),
     "tune": (experiments_cli.tune_main, "the tuned comparison protocol: grid on a validation split, selection, final seeds"),
+    "robustness": (experiments_cli.robustness_main, "the robustness study: success regions on a step size x damping grid, paired tests"),
     "train": (experiments_cli.train_main, "short single-seed MNIST comparison of optimisers"),
     "bench": (bench_cli.main, "benchmarks that print numbers (curvature, kernels, step)"),
     "trajectory": (trajectory_cli.main, "export per-step reference trajectories, compare two (docs/trajectory-format.md)"),

@@ -187,5 +187,30 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def robustness_main(argv: Sequence[str] | None = None) -> int:
+    """``kldwrm robustness --config experiments/robustness.json``: the robustness study (docs/protocol.md §9)."""
+    from kldwrm_ref.experiments import robustness
+
+    parser = argparse.ArgumentParser(prog="kldwrm robustness", description="Run the robustness sweeps (reusing identical earlier runs) and rebuild the study's summary and heat maps from the files (docs/protocol.md §9).")
+    parser.add_argument("--config", required=True, help="study JSON (e.g. experiments/robustness.json)")
+    parser.add_argument("--out", default="runs", help="output folder (default: runs)")
+    parser.add_argument("--stage", choices=robustness.STAGES, default="run", help="run: reuse identical earlier runs, then train the sweeps in order")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine (joblib; needs the 'parallel' extra)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be an integer >= 1, got {args.jobs}")
+        study, sweeps = robustness.read_study(args.config)
+        check_output_dir(args.out, "--out")
+        if args.jobs > 1:
+            parallel.require(None)
+    except (ValueError, ImportError) as error:
+        print(f"kldwrm robustness: {error}", file=sys.stderr)
+        return 2
+    robustness.run_study(study, sweeps, args.out, args.stage, progress=not args.no_progress, jobs=args.jobs)
+    return 0
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
