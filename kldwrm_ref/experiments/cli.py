@@ -194,7 +194,7 @@ def robustness_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kldwrm robustness", description="Run the robustness sweeps (reusing identical earlier runs) and rebuild the study's summary and heat maps from the files (docs/protocol.md §9).")
     parser.add_argument("--config", required=True, help="study JSON (e.g. experiments/robustness.json)")
     parser.add_argument("--out", default="runs", help="output folder (default: runs)")
-    parser.add_argument("--stage", choices=robustness.STAGES, default="run", help="run: reuse identical earlier runs, then train the sweeps in order")
+    parser.add_argument("--stage", choices=robustness.STAGES, default="summary", help="run: reuse identical earlier runs, train the sweeps in order, then summarise; summary: only rebuild the summary and heat maps from the files (default)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel on this machine (joblib; needs the 'parallel' extra)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
