@@ -1,4 +1,4 @@
-"""The ``kldwrm`` command: ``verify``, ``mnist``, ``tune``, ``train``, ``bench``, ``trajectory``.
+"""The ``kldwrm`` command: ``verify``, ``mnist``, ``tune``, ``robustness``, ``train``, ``bench``, ``trajectory``.
 
 Every command checks its arguments before it writes or computes anything (one line on stderr,
 exit status 2).  Errors found later - a data directory without MNIST, an unwritable or full file
@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "verify": ("kldwrm_ref.theory.verify", "main", "run the paper's claims as numerical checks"),
     "mnist": ("kldwrm_ref.experiments.cli", "main", "resumable multi-seed MNIST experiments, summary table and plots"),
     "tune": ("kldwrm_ref.experiments.cli", "tune_main", "the tuned comparison protocol: grid on a validation split, selection, final seeds"),
+    "robustness": ("kldwrm_ref.experiments.cli", "robustness_main", "the robustness study: success regions on a step size x damping grid, paired tests"),
     "train": ("kldwrm_ref.experiments.cli", "train_main", "short single-seed MNIST comparison of optimisers"),
     "bench": ("kldwrm_ref.bench.cli", "main", "benchmarks that print numbers (curvature, kernels, step)"),
     "trajectory": ("kldwrm_ref.trajectory.cli", "main", "export per-step reference trajectories, compare two (docs/trajectory-format.md)"),

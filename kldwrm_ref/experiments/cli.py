@@ -211,5 +211,26 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def robustness_main(argv: Sequence[str] | None = None) -> int:
+    """``kldwrm robustness --config experiments/robustness.json``: the robustness study (docs/protocol.md §9)."""
+    from kldwrm_ref.experiments import robustness
+
+    parser = CommandParser(prog="kldwrm robustness", description="Run the robustness sweeps (reusing identical earlier runs) and rebuild the study's summary and heat maps from the files (docs/protocol.md §9).")
+    parser.add_argument("--config", required=True, help="study JSON (e.g. experiments/robustness.json)")
+    parser.add_argument("--out", default="runs", help="output folder (default: runs)")
+    parser.add_argument("--stage", choices=robustness.STAGES, default="summary", help="run: reuse identical earlier runs, train the sweeps in order, then summarise; summary: only rebuild the summary and heat maps from the files (default)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help=JOBS_HELP.format(cores=parallel.max_jobs()))
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    _check_parallel(parser, args.jobs, None)
+    try:
+        study, sweeps = robustness.read_study(args.config)
+        check_output_dir(args.out, "--out")
+    except ValueError as error:
+        parser.error(str(error))
+    robustness.run_study(study, sweeps, args.out, args.stage, progress=not args.no_progress, jobs=args.jobs)
+    return 0
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
