@@ -184,7 +184,7 @@ def test_a_run_that_never_finished_an_epoch_is_replaced_by_a_changed_command(tmp
         def run_epoch(self, *args):
             raise Stopped
 
-    monkeypatch.setattr(experiment, "make_trainer", StopsInFirstEpoch)
+    monkeypatch.setattr(experiment, "Trainer", StopsInFirstEpoch)
     with pytest.raises(Stopped):
         run_experiment(cfg, tmp_path, progress=False, log=lambda *_: None)
     run_dir = tmp_path / "tiny/12-8-10/kfac/seed-0"

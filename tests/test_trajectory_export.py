@@ -26,7 +26,7 @@ def test_an_unwritable_out_is_one_line_before_the_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         export("/proc/x", 2)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err == "kldwrm trajectory export: error: --out '/proc/x' cannot be written (No such file or directory)\n"
+    assert exit_.value.code == 2 and err == "kldwrm trajectory export: error: --out '/proc/x': cannot write in '/proc' (No such file or directory)\n"
 
 
 def test_a_failed_write_after_the_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
