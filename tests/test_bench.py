@@ -82,8 +82,8 @@ def test_step_bench_separates_refresh_steps_from_the_others(monkeypatch):
     assert result["median_non_refresh_s"] < DELAY / 2
 
 
-def test_step_bench_times_the_device_resident_step(capsys):
-    """``kldwrm bench step --backends cuda`` times the device-resident step (simulator here: the
+def test_step_bench_times_the_cuda_backend(capsys):
+    """``kldwrm bench step --backends cuda`` times the step with every array on the device (simulator here: the
     numbers mean nothing, the bookkeeping is what is checked) against the device's GEMM rate."""
     from kldwrm_ref.bench.timing import device_gemm_throughput
 
