@@ -1,4 +1,6 @@
+from contextlib import contextmanager
 from typing import NamedTuple
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from kldwrm_ref.backends import NUMPY
 from kldwrm_ref.curvature.fisher import cotangent_rows, fisher, kl_divergence
 from kldwrm_ref.curvature.kfac import kfac_factors, kron_blocks, kron_dense
 from kldwrm_ref.model import Dense, Network, ReLU, losses
+from kldwrm_ref.model import conv as conv_module
 from kldwrm_ref.model.conv import KFAC_SCALINGS, Conv2d, Dropout, Flatten, MaxPool2d, paper_cnn
 
 import reference_net as ref
@@ -189,6 +192,55 @@ def test_dense_fisher_is_the_hessian_of_the_kl_and_matches_the_complex_step_jaco
     h = 1e-5
     columns = [(kl_divergence(net, theta0, theta0 + h * e, X)[1] - kl_divergence(net, theta0, theta0 - h * e, X)[1]) / (2 * h) for e in np.eye(net.n_params)]
     assert np.linalg.norm(np.array(columns).T - F) <= 1e-6 * max(np.linalg.norm(F), 1e-8)
+
+
+@contextmanager
+def chunked_patches(chunk_bytes):
+    """Every Conv2d recomputes its patches per chunk of samples of about ``chunk_bytes`` (1: one
+    sample per chunk) instead of keeping the batch's, as the CPU does for large batches."""
+    with mock.patch.object(conv_module, "PATCH_CACHE_BYTES", 0), mock.patch.object(conv_module, "PATCH_CHUNK_BYTES", chunk_bytes):
+        yield
+
+
+@given(cnns(dropout=True, max_batch=5), st.integers(1, 3))
+def test_chunked_patches_give_the_independent_gradients_jacobians_kfc_factors_and_rows(case, samples):
+    """With patches recomputed in chunks (uneven last chunk included): the gradients and input
+    gradient equal the complex-step reference network's, the jvp its Jacobians, the K-FAC factors of
+    the Fisher's C cotangents per sample the direct loops', and the per-sample rows sum to the gradient."""
+    net, spec, theta, X, y, rng, _ = case
+    first = net.layers[0]
+    per_sample = first.patch_size * int(np.prod(net.shapes[1][1:])) * X.itemsize
+    with chunked_patches(samples * per_sample):  # chunks of `samples` samples in the first convolution
+        assert (net.forward(theta, X).caches[0].patches is None) == (samples < len(X))
+        _, grad, _ = net.loss_grad_cache(theta, X, y, case.train_rng())
+        expected_theta, expected_X = ref.cnn_gradients(spec, theta, X, y)
+        assert np.linalg.norm(grad - expected_theta) <= 1e-10 * max(np.linalg.norm(expected_theta), 1e-12)
+        d_X = input_gradient(net, theta, X, y, case.train_rng())
+        assert np.linalg.norm(d_X - expected_X) <= 1e-10 * max(np.linalg.norm(expected_X), 1e-12)
+        cache = net.forward(theta, X, case.train_rng())
+        v = rng.standard_normal(net.n_params)
+        np.testing.assert_allclose(net.jvp(theta, cache, v), ref.cnn_jacobians(spec, theta, X) @ v, rtol=1e-10, atol=1e-12)
+        dlogits = cotangent_rows(net, cache, "exact")  # C rows per sample, rep-major
+        cotangents = net.backward(theta, cache, dlogits)
+        for i, conv in convs(net):
+            got = conv.kfac_factors(cache.caches[i], cotangents[i], len(X), NUMPY)
+            for name, value, expected in zip(got._fields, got, direct_kfc(conv, cache.inputs[i], cotangents[i], conv.kfac_scaling)):
+                assert np.linalg.norm(value - expected) <= 1e-12 * max(np.linalg.norm(expected), 1e-300), name
+        rows = net.per_sample_gradients(cache, cotangents)
+        summed = dlogits.reshape(-1, len(X), net.n_classes).sum(axis=0)
+        np.testing.assert_allclose(rows.sum(axis=0), net.vjp(theta, cache, summed), rtol=1e-12, atol=1e-13)
+
+
+def test_patches_are_kept_below_the_cache_size_and_chunked_above_it():
+    """The paper CNN at batch 512 in float32: conv1's 29.5 MB and conv2's 16.4 MB of patches are
+    never held (chunks of at most PATCH_CHUNK_BYTES); a small batch keeps its patches."""
+    net = paper_cnn(dtype=np.float32)
+    conv1, conv2 = net.layers[0], net.layers[3]
+    big = np.zeros((512, 1, 28, 28), dtype=np.float32)
+    assert conv1.prepare(big, NUMPY).patches is None
+    assert conv1._chunk_samples(big, NUMPY.xp) * 25 * 576 * 4 <= conv_module.PATCH_CHUNK_BYTES
+    assert conv2._chunk_samples(np.zeros((512, 5, 12, 12), dtype=np.float32), NUMPY.xp) * 125 * 64 * 4 <= conv_module.PATCH_CHUNK_BYTES
+    assert conv1.prepare(big[:4], NUMPY).patches.shape == (4, 25, 576)
 
 
 # ------------------------------------------------------------------ K-FAC (KFC)

@@ -12,8 +12,15 @@ the patch p_{n,t}.  Its K-FAC factors are those of Grosse & Martens (2016, "KFC"
 Every product is a stack of per-sample ``xp.matmul`` in the backend's namespace (the output, the
 weight gradient, the input cotangent, the G factor, per-sample gradient rows): in this layout none
 needs a transposing copy, and the output (out, T) per sample is already (N, C, H, W).  Only A, a
-Gram matrix over all (sample, position) pairs, copies the patches once into one (k, N T) operand.
+Gram matrix over all (sample, position) pairs, copies the patches into (k, N T) operands.
 Patches, pooling and their adjoints are the backend's kernels.
+
+Patches of a whole batch are k T times the input (the paper CNN's first convolution: 29.5 MB at
+batch 512 in float32).  On the CPU, a layer whose batch patches exceed :data:`PATCH_CACHE_BYTES`
+never holds them: each pass recomputes them in chunks of samples whose patches fit
+:data:`PATCH_CHUNK_BYTES` (they stay in cache between the copy and the product), and the forward
+cache keeps only the input.  Every result is the same sum of the same per-sample products
+(docs/performance.md has the measurement behind both sizes).  On a GPU the whole batch is one chunk.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from kldwrm_ref.arrays import is_numpy_namespace
 from kldwrm_ref.backends import Backend
 from kldwrm_ref.backends.reference import conv_out_hw
 from kldwrm_ref.model.layers import BlockSpec, Dense, Layer, ParameterFree, ReLU, affine_blocks, homogeneous_moment, host_float_dtype, per_sample
@@ -31,6 +39,8 @@ from kldwrm_ref.validation import check_choice, check_nonnegative_int, check_pos
 
 CONV_INITS = ("torch",)
 KFAC_SCALINGS = ("textbook", "authors")
+PATCH_CACHE_BYTES = 4 * 2**20  # CPU: a batch's patches up to this size are computed once per pass input and kept
+PATCH_CHUNK_BYTES = 2 * 2**20  # CPU: above it, patches are recomputed per chunk of samples of about this size
 
 
 def torch_uniform(W: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> None:
@@ -42,10 +52,11 @@ def torch_uniform(W: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> Non
 
 
 class ConvCache(NamedTuple):
-    """Conv2d's forward cache: the patches P (N, k, T) and the input's spatial size (H, W)."""
+    """Conv2d's prepared input and forward cache: the input x (N, in, H, W) and, when they are
+    kept (module docstring), its patches P (N, k, T); None where each use recomputes them in chunks."""
 
-    patches: Any
-    in_hw: tuple[int, int]
+    x: Any
+    patches: Any | None
 
 
 class ConvFactors(NamedTuple):
@@ -114,29 +125,70 @@ class Conv2d:
     def init(self, params, rng):
         torch_uniform(params[0], params[1], rng)
 
-    def _apply(self, xp: Any, patches: Any, W: Any, b: Any | None, out_hw) -> Any:
-        """W_mat P[n] + b per sample, as (N, out, H_out, W_out)."""
-        y = xp.matmul(xp.reshape(W, (self.out_channels, self.patch_size)), patches)
-        if b is not None:
-            y += b[:, None]
-        return xp.reshape(y, (patches.shape[0], self.out_channels, *out_hw))
+    def _chunk_samples(self, x: Any, xp: Any) -> int:
+        """Samples per chunk of patches: the whole batch on a GPU or when its patches fit
+        :data:`PATCH_CACHE_BYTES`, else as many as fit :data:`PATCH_CHUNK_BYTES` (at least one)."""
+        h, w = self._out_hw(x.shape[2:])
+        per_sample = self.patch_size * h * w * np.dtype(host_float_dtype(xp, x.dtype)).itemsize
+        n = x.shape[0]
+        if not is_numpy_namespace(xp) or n * per_sample <= PATCH_CACHE_BYTES:
+            return n
+        return max(1, PATCH_CHUNK_BYTES // per_sample)
+
+    def _patch_chunks(self, cache: ConvCache, backend: Backend):
+        """(samples, their patches) covering the batch: the kept patches once, or chunks recomputed."""
+        if cache.patches is not None:
+            yield slice(0, cache.x.shape[0]), cache.patches
+            return
+        n, step = cache.x.shape[0], self._chunk_samples(cache.x, backend.xp)
+        for start in range(0, n, step):
+            rows = slice(start, min(start + step, n))
+            yield rows, self.im2col(cache.x[rows, ...], backend)
+
+    def _all_patches(self, cache: ConvCache, backend: Backend) -> Any:
+        """The whole batch's patches (per-sample rows and jvp, which the dense platform uses)."""
+        return cache.patches if cache.patches is not None else self.im2col(cache.x, backend)
+
+    def _apply(self, backend: Backend, cache: ConvCache, W: Any, b: Any | None) -> Any:
+        """W_mat P[n] + b per sample, as (N, out, H_out, W_out); in chunks (NumPy only), each
+        chunk's product is written in place while its patches are in cache."""
+        xp = backend.xp
+        W_mat = xp.reshape(W, (self.out_channels, self.patch_size))
+        h, w = self._out_hw(cache.x.shape[2:])
+        if cache.patches is not None:
+            y = xp.matmul(W_mat, cache.patches)
+            if b is not None:
+                y += b[:, None]
+        else:
+            y = np.empty((cache.x.shape[0], self.out_channels, h * w), dtype=cache.x.dtype)
+            for rows, patches in self._patch_chunks(cache, backend):
+                np.matmul(W_mat, patches, out=y[rows])
+                if b is not None:
+                    y[rows] += b[:, None]
+        return xp.reshape(y, (y.shape[0], self.out_channels, h, w))
 
     def prepare(self, x, backend) -> ConvCache:
-        """The input-only part of :meth:`forward`: the patches of x (reused by passes on one batch)."""
-        return ConvCache(self.im2col(x, backend), x.shape[2:])
+        """The input-only part of :meth:`forward`: x with its patches when they are kept (reused by
+        passes on one batch)."""
+        keep = self._chunk_samples(x, backend.xp) >= x.shape[0]
+        return ConvCache(x, self.im2col(x, backend) if keep else None)
 
     def forward_prepared(self, params, prepared: ConvCache, backend):
-        return self._apply(backend.xp, prepared.patches, params[0], params[1], self._out_hw(prepared.in_hw)), prepared
+        return self._apply(backend, prepared, params[0], params[1]), prepared
 
     def forward(self, params, x, backend, rng):
         return self.forward_prepared(params, self.prepare(x, backend), backend)
 
     def backward(self, params, cache, dy, backend):
-        """dx = col2im of the patch cotangents W_mat^T delta_r (k, T) per row r."""
+        """dx = col2im of the patch cotangents W_mat^T delta_r (k, T) per row r (in chunks of rows
+        where the patches are chunked)."""
         xp = backend.xp
         deltas = xp.reshape(dy, (dy.shape[0], self.out_channels, -1))
-        dcols = xp.matmul(xp.reshape(params[0], (self.out_channels, self.patch_size)).T, deltas)
-        return backend.col2im(dcols, (self.in_channels, *cache.in_hw), self.kernel_size, self.stride, self.padding)
+        W_t = xp.reshape(params[0], (self.out_channels, self.patch_size)).T
+        in_shape = (self.in_channels, *cache.x.shape[2:])
+        step = dy.shape[0] if cache.patches is not None else self._chunk_samples(cache.x, xp)
+        parts = [backend.col2im(xp.matmul(W_t, deltas[start : start + step, ...]), in_shape, self.kernel_size, self.stride, self.padding) for start in range(0, dy.shape[0], step)]
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
     def param_gradients(self, params, cache, dy, backend):
         """dW_mat = sum_n delta_n P_n^T over samples, delta_n (out, T) the cotangent summed over the
@@ -144,33 +196,32 @@ class Conv2d:
         copy of the cotangents (twice as fast as one (out, N T) x (N T, k) product at the paper
         CNN's sizes); db = the cotangent summed over rows and positions."""
         xp = backend.xp
-        n, _, t = cache.patches.shape
+        n, t = cache.x.shape[0], dy.shape[2] * dy.shape[3]
         deltas = xp.reshape(dy, (-1, n, self.out_channels, t))
         summed = deltas[0, ...] if deltas.shape[0] == 1 else xp.sum(deltas, axis=0)
-        dW = xp.sum(xp.matmul(summed, xp.permute_dims(cache.patches, (0, 2, 1))), axis=0)
+        dW = sum(xp.sum(xp.matmul(summed[rows, ...], xp.permute_dims(patches, (0, 2, 1))), axis=0) for rows, patches in self._patch_chunks(cache, backend))
         return [xp.reshape(dW, params[0].shape), xp.sum(dy, axis=(0, 2, 3))]
 
     def jvp(self, params, cache, dparams, dx, backend):
-        xp = backend.xp
-        out_hw = self._out_hw(cache.in_hw)
-        dy = self._apply(xp, cache.patches, dparams[0], dparams[1], out_hw)
+        dy = self._apply(backend, cache, dparams[0], dparams[1])
         if dx is not None:
-            dy += self._apply(xp, self.im2col(dx, backend), params[0], None, out_hw)
+            dy += self._apply(backend, self.prepare(dx, backend), params[0], None)
         return dy
 
     def per_sample_rows(self, cache, dy, out, start, backend):
         """out[r, W's columns] = vec_r(sum_t delta_{r,t} p_{r mod N, t}^T), out[r, b's] = sum_t delta_{r,t}."""
         xp = backend.xp
-        n, _, t = cache.patches.shape
+        patches = self._all_patches(cache, backend)
+        n, _, t = patches.shape
         deltas = xp.reshape(dy, (-1, n, self.out_channels, t))
         n_w = self.out_channels * self.patch_size
-        out[:, start : start + n_w] = xp.reshape(xp.matmul(deltas, xp.permute_dims(cache.patches, (0, 2, 1))), (dy.shape[0], n_w))
+        out[:, start : start + n_w] = xp.reshape(xp.matmul(deltas, xp.permute_dims(patches, (0, 2, 1))), (dy.shape[0], n_w))
         out[:, start + n_w : start + n_w + self.out_channels] = xp.reshape(xp.sum(deltas, axis=3), (dy.shape[0], self.out_channels))
 
     def kfac_factors(self, cache, dy, n_samples, backend):
         xp = backend.xp
-        n, k, t = cache.patches.shape
-        A = homogeneous_moment(xp.reshape(xp.permute_dims(cache.patches, (1, 0, 2)), (k, n * t)).T, backend)  # one copy: (k, N T)
+        k, t = self.patch_size, dy.shape[2] * dy.shape[3]
+        A = sum(homogeneous_moment(xp.reshape(xp.permute_dims(patches, (1, 0, 2)), (k, -1)).T, backend) for _, patches in self._patch_chunks(cache, backend))  # a (k, n T) copy per chunk
         deltas = xp.reshape(dy, (dy.shape[0], self.out_channels, t))
         second_moment = xp.sum(xp.matmul(deltas, xp.permute_dims(deltas, (0, 2, 1))), axis=0)  # sum_r sum_t delta delta^T, per row
         sums = xp.sum(dy, axis=(2, 3))
