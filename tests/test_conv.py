@@ -224,7 +224,7 @@ def test_chunked_patches_give_the_independent_gradients_jacobians_kfc_factors_an
         cotangents = net.backward(theta, cache, dlogits)
         for i, conv in convs(net):
             got = conv.kfac_factors(cache.caches[i], cotangents[i], len(X), NUMPY)
-            for name, value, expected in zip(got._fields, got, direct_kfc(conv, cache.inputs[i], cotangents[i], conv.kfac_scaling)):
+            for name, value, expected in zip(got._fields, got, direct_kfc(conv, cache.caches[i].x, cotangents[i], conv.kfac_scaling)):
                 assert np.linalg.norm(value - expected) <= 1e-12 * max(np.linalg.norm(expected), 1e-300), name
         rows = net.per_sample_gradients(cache, cotangents)
         summed = dlogits.reshape(-1, len(X), net.n_classes).sum(axis=0)
@@ -280,7 +280,7 @@ def test_kfc_factors_equal_direct_loops_and_both_scalings_give_the_same_blocks(c
     for i, conv in convs(net):
         factors = {s: factors_of(conv, cache.caches[i], cotangents[i], len(X), s) for s in KFAC_SCALINGS}
         for scaling, got in factors.items():
-            for name, value, expected in zip(got._fields, got, direct_kfc(conv, cache.inputs[i], cotangents[i], scaling)):
+            for name, value, expected in zip(got._fields, got, direct_kfc(conv, cache.caches[i].x, cotangents[i], scaling)):
                 assert np.linalg.norm(value - expected) <= 1e-12 * max(np.linalg.norm(expected), 1e-300), (scaling, name)
         textbook, authors = factors["textbook"], factors["authors"]
         np.testing.assert_allclose(np.kron(authors.G, authors.A), np.kron(textbook.G, textbook.A), rtol=1e-12, atol=1e-15)

@@ -57,7 +57,7 @@ def test_flax_convolution_kernel_is_transposed_to_pytorch_layout():
         for i in range(2):
             for j in range(2):
                 direct[o, i, j] = np.sum(x[0, :, i : i + 3, j : j + 3].transpose(1, 2, 0) * K[:, :, :, o]) + b[o]
-    conv_out = net.forward(theta, x).inputs[1]  # the input of the ReLU = the convolution's output
+    conv_out, _ = net.layers[0].forward(net.params(theta)[0], x, net.backend, None)
     np.testing.assert_allclose(conv_out[0], direct, rtol=1e-13)
     for name, leaves in theta_to_flax_params(net, theta).items():
         original = tree["Conv_0" if name == "layer_0" else "Dense_0"]

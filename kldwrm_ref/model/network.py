@@ -47,9 +47,9 @@ class PreparedInput(NamedTuple):
 
 
 class NetworkCache(NamedTuple):
-    """A forward pass: each layer's input and backward cache, and the logits."""
+    """A forward pass: each layer's backward cache (only what its backward pass reads, so an
+    activation no later pass needs is freed at once) and the logits."""
 
-    inputs: list[Any]
     caches: list[Any]
     logits: Any
 
@@ -215,21 +215,20 @@ class Network:
         return PreparedInput(x, first.prepare(x, self.backend) if isinstance(first, PreparingLayer) else None)
 
     def forward(self, theta: Any, X: Any, rng: np.random.Generator | None = None) -> NetworkCache:
-        """Forward pass keeping each layer's input and backward cache (``rng``: training-mode
+        """Forward pass keeping each layer's backward cache (``rng``: training-mode
         randomness such as dropout masks; None evaluates); ``X`` may be :meth:`prepare`'s result."""
         prepared = X if isinstance(X, PreparedInput) else self.prepare(X)
         params = self.params(theta)
         self._check_finite("theta", theta)
         x = prepared.X
-        inputs, caches = [], []
+        caches = []
         for i, (layer, layer_params) in enumerate(zip(self.layers, params)):
-            inputs.append(x)
             if i == 0 and prepared.first is not None and isinstance(layer, PreparingLayer):
                 x, cache = layer.forward_prepared(layer_params, prepared.first, self.backend)
             else:
                 x, cache = layer.forward(layer_params, x, self.backend, rng)
             caches.append(cache)
-        return NetworkCache(inputs, caches, x)
+        return NetworkCache(caches, x)
 
     def logits(self, theta: Any, X: Any) -> Any:
         return self.forward(theta, X).logits
