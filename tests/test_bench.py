@@ -44,13 +44,50 @@ def test_a_delay_planted_in_one_phase_shows_in_that_phase_only(phase, module, na
 
 
 def test_qe_inner_phase_is_timed_and_flops_grow_with_inner_steps():
-    result = step_bench.time_steps("qe-kld-wrm", "kfac", "paper", np.float64, "numpy", (6, 5, 3), 8, trace_memory=True, period=2, inner_steps=1)
-    assert result["peak_bytes"] > 0 and result["phases_s"]["inner"] > 0
+    result = step_bench.time_steps("qe-kld-wrm", "kfac", "paper", np.float64, "numpy", (6, 5, 3), 8, period=2, inner_steps=1)
+    assert result["phases_s"]["inner"] > 0
     mlp = MLP([6, 5, 3])
     hyper = dict(result, period=2, platform="kfac", fisher_type="empirical", bias="separate", damping_style="eigen", m=3)
     one, two = (step_bench.step_flops("qe-kld-wrm", mlp, 8, dict(hyper, inner_steps=k)) for k in (1, 2))
     forward = 2 * 8 * (6 * 5 + 5 * 3)
     assert two - one > 2 * forward  # each inner step costs at least a forward and a backward
+
+
+PLANTED_BYTES = 8 * 2**20
+
+
+def allocating(function):
+    """``function`` after allocating and filling a PLANTED_BYTES array that is freed at once."""
+
+    def wasteful(*args, **kwargs):
+        np.ones(PLANTED_BYTES // 8).sum()
+        return function(*args, **kwargs)
+
+    return wasteful
+
+
+def test_the_memory_pass_sees_an_array_planted_in_the_step_and_only_on_the_steps_that_make_it(monkeypatch):
+    """A 6-5-3 step works in far less than a megabyte; an 8 MiB temporary planted in the
+    preconditioning phase (every step) or in the curvature refresh (refresh steps only) shows as
+    at least 8 MiB in exactly those steps' working memory."""
+    clean = step_bench.step_memory("kfac", "kfac", "paper", np.float64, "numpy", (6, 5, 3), 8, period=2)
+    assert clean["step_bytes"] < 2**20 and clean["refresh_step_bytes"] < 2**20 and clean["host_transfers"] == 0
+    monkeypatch.setattr(KFACEstimator, "compute", allocating(KFACEstimator.compute))
+    refresh_only = step_bench.step_memory("kfac", "kfac", "paper", np.float64, "numpy", (6, 5, 3), 8, period=2)
+    assert refresh_only["refresh_step_bytes"] >= PLANTED_BYTES and refresh_only["step_bytes"] < 2**20
+    monkeypatch.setattr(curvature_method, "clip_direction", allocating(curvature_method.clip_direction))
+    every = step_bench.step_memory("kfac", "kfac", "paper", np.float64, "numpy", (6, 5, 3), 8, period=2)
+    assert every["step_bytes"] >= PLANTED_BYTES
+
+
+def test_a_paper_cnn_step_never_holds_a_batch_of_patches():
+    """Memory discipline at the paper's sizes (batch 512, float32, default backend): a step between
+    refreshes works in under 20 MiB and a refresh step in under 40 MiB, though conv1's patches
+    alone would be 29.5 MB and conv2's 16.4 MB (they are recomputed per chunk, model/conv.py).
+    The step's own activations and cotangents (conv1's output and its cotangent are 5.9 MB each)
+    are what remains."""
+    memory = step_bench.step_memory("kfac", "kfac", "paper", np.float32, "auto", "paper-cnn", 512, period=2)
+    assert memory["step_bytes"] < 20 * 2**20 and memory["refresh_step_bytes"] < 40 * 2**20, memory
 
 
 def test_kernel_bench_times_every_operation_on_each_cpu_backend(capsys):

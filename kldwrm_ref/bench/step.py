@@ -6,8 +6,11 @@ is to the machine's matrix-product throughput.
    and backend: the median step between refreshes, the mean refresh step (with its own phase
    breakdown in the JSON) and the amortised mean step over ``2 T`` steps (T = refresh period, so
    eigendecompositions are amortised), split into forward/backward, curvature statistics,
-   inverse (eigendecompositions on refresh steps), preconditioning, QE inner solve and the rest;
-   peak traced memory (tracemalloc).
+   inverse (eigendecompositions on refresh steps), preconditioning, QE inner solve and the rest.
+   Timed with nothing else running; memory is a separate pass (:func:`step_memory`): the
+   working memory of a step between refreshes and of a refresh step (the high-water mark of
+   what the step allocates above what existed when it started, tracemalloc on the CPU, the memory
+   pool's growth on a GPU), and the host transfers of a step between refreshes.
 2. Limit: the throughput of a large GEMM in float32 and float64, the FLOPs of each step counted
    from the shapes (:func:`step_flops`), and the achieved fraction of that throughput.
 3. Scaling: K-FAC step time against hidden width and batch size, and the dense Fisher build
@@ -20,12 +23,13 @@ import argparse
 import time
 import tracemalloc
 from collections.abc import Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
 
 from kldwrm_ref import optim
-from kldwrm_ref.arrays import is_cupy_namespace
+from kldwrm_ref.arrays import counting_transfers, is_cupy_namespace
 from kldwrm_ref.bench.timing import gemm_throughput, median_time
 from kldwrm_ref.curvature.fisher import fisher
 from kldwrm_ref.data import synthetic_classification
@@ -82,29 +86,27 @@ def step_flops(name: str, mlp: MLP, batch: int, hyper: dict) -> float:
     return flops
 
 
-def time_steps(name: str, platform: str, preset: str, dtype, backend: str, architecture, batch: int, trace_memory: bool = False, **overrides) -> dict:
-    """Run 2 T + 3 steps (T the refresh period) and summarise the last 2 T (warm-up excluded).
-    ``architecture``: MLP sizes or a named network (``"paper-cnn"``); FLOPs are counted for MLPs."""
+def _setup(name: str, platform: str, preset: str, dtype, backend: str, architecture, batch: int, **overrides):
+    """(optimiser, network, step, theta, state, batch_rows, steps to run after 3 warm-up steps)."""
     net = build_network(architecture, dtype=np.dtype(dtype).name)
     opt = optim.make(name, net, platform=platform, preset=preset, backend=backend, **overrides)
     period = opt.hyper.period if name != "sgd" else 1
-    n_steps = 2 * max(period, 5)
     X, y = synthetic_classification(batch * 4, input_size(architecture), net.n_classes, seed=0, dtype=dtype)
-    theta = net.init(0)
-    step, theta, state, batch_rows = _stepper(opt, net, theta, X, y)
+    step, theta, state, batch_rows = _stepper(opt, net, net.init(0), X, y)
+    return opt, net, step, theta, state, lambda k: batch_rows((k % 4) * batch, batch), 2 * max(period, 5)
+
+
+def time_steps(name: str, platform: str, preset: str, dtype, backend: str, architecture, batch: int, **overrides) -> dict:
+    """Run 2 T + 3 steps (T the refresh period) and summarise the last 2 T (warm-up excluded).
+    ``architecture``: MLP sizes or a named network (``"paper-cnn"``); FLOPs are counted for MLPs."""
+    opt, net, step, theta, state, batch_k, n_steps = _setup(name, platform, preset, dtype, backend, architecture, batch, **overrides)
     rows = []
     for k in range(n_steps + 3):
-        if trace_memory and k == 3:
-            tracemalloc.start()
         start = time.perf_counter()
-        theta, state, info = step(theta, state, *batch_rows((k % 4) * batch, batch))
+        theta, state, info = step(theta, state, *batch_k(k))
         wall = time.perf_counter() - start
         if k >= 3:
             rows.append((wall, info["time"], bool(info.get("refreshed", False))))
-    peak = 0
-    if trace_memory:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
     walls = np.array([w for w, _, _ in rows])
     refreshed = np.array([r for _, _, r in rows])
     phases = {p: float(np.mean([t.get(p, 0.0) for _, t, _ in rows])) for p in PHASES}
@@ -113,12 +115,64 @@ def time_steps(name: str, platform: str, preset: str, dtype, backend: str, archi
     hyper = opt.describe()
     return dict(
         optimizer=name, platform=platform, preset=preset, dtype=np.dtype(dtype).name, backend=backend,
-        architecture=arch_label(architecture), batch=batch, period=period, median_s=float(np.median(walls)), mean_s=float(walls.mean()),
+        architecture=arch_label(architecture), batch=batch, period=opt.hyper.period if name != "sgd" else 1, median_s=float(np.median(walls)), mean_s=float(walls.mean()),
         median_non_refresh_s=float(np.median(walls[~refreshed])) if (~refreshed).any() else float("nan"),
         refresh_s=float(walls[refreshed].mean()) if refreshed.any() else float("nan"), refresh_phases_s=refresh_phases,
-        phases_s=phases, peak_bytes=int(peak), flops=step_flops(name, net, batch, hyper) if isinstance(net, MLP) else float("nan"),
+        phases_s=phases, flops=step_flops(name, net, batch, hyper) if isinstance(net, MLP) else float("nan"),
         inner_steps=hyper.get("inner_steps", 0) if name == "qe-kld-wrm" else 0,
     )
+
+
+def step_memory(name: str, platform: str, preset: str, dtype, backend: str, architecture, batch: int, **overrides) -> dict:
+    """The memory pass (separate from the timing, which it would slow): over the same 2 T steps after
+    3 warm-up steps, the largest working memory of a step between refreshes and of a refresh step
+    (bytes allocated above what existed when the step started, at its high-water mark: tracemalloc
+    on the host, which NumPy reports every array to; on a GPU the growth of CuPy's memory pool,
+    i.e. device memory the pool had to add), and the most host transfers of a step between
+    refreshes (:func:`kldwrm_ref.arrays.counting_transfers`; none on the CPU)."""
+    opt, net, step, theta, state, batch_k, n_steps = _setup(name, platform, preset, dtype, backend, architecture, batch, **overrides)
+    high_water = _high_water(opt.network.backend.xp if opt.network is not None else net.backend.xp)
+    worst = {True: 0, False: 0}
+    transfers = 0
+    for k in range(n_steps + 3):
+        with high_water() as used, counting_transfers() as log:
+            theta, state, info = step(theta, state, *batch_k(k))
+        if k >= 3:
+            refreshed = bool(info.get("refreshed", False))
+            worst[refreshed] = max(worst[refreshed], used())
+            transfers = transfers if refreshed else max(transfers, len(log))
+    return dict(step_bytes=worst[False], refresh_step_bytes=worst[True], host_transfers=transfers)
+
+
+def _high_water(xp):
+    """A context factory: ``with f() as used: ...`` then ``used()`` is the bytes the block allocated
+    above what existed at its start, at its high-water mark (module docstring)."""
+    if is_cupy_namespace(xp):
+        import cupy
+
+        pool = cupy.get_default_memory_pool()
+
+        @contextmanager
+        def pool_growth():
+            before = pool.total_bytes()
+            box = [0]
+            yield lambda: box[0]
+            box[0] = pool.total_bytes() - before
+
+        return pool_growth
+
+    @contextmanager
+    def traced():
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        box = [0]
+        try:
+            yield lambda: box[0]
+        finally:
+            box[0] = tracemalloc.get_traced_memory()[1] - before
+            tracemalloc.stop()
+
+    return traced
 
 
 def _stepper(opt: optim.Optimizer, net, theta, X, y):
@@ -147,9 +201,9 @@ def _synchroniser(xp):
     return lambda: None
 
 
-def breakdown(presets, dtypes, backends, architectures=((784, 256, 10),), trace_memory=True, **overrides) -> list[dict]:
+def breakdown(presets, dtypes, backends, architectures=((784, 256, 10),), **overrides) -> list[dict]:
     """Every optimiser of :data:`BREAKDOWN_OPTIMIZERS` per architecture (batch 512; EA-CM on the dense
-    platform always uses a 49-32-10 MLP at batch 256)."""
+    platform always uses a 49-32-10 MLP at batch 256): the timing pass, then the memory pass."""
     results = []
     for dtype in dtypes:
         for backend in backends:
@@ -157,7 +211,8 @@ def breakdown(presets, dtypes, backends, architectures=((784, 256, 10),), trace_
                 for architecture in architectures:
                     for name, platform in BREAKDOWN_OPTIMIZERS:
                         arch, batch = ((49, 32, 10), 256) if platform == "dense" else (architecture, 512)
-                        results.append(time_steps(name, platform, preset, dtype, backend, arch, batch, trace_memory, **overrides))
+                        timed = time_steps(name, platform, preset, dtype, backend, arch, batch, **overrides)
+                        results.append(dict(timed, **step_memory(name, platform, preset, dtype, backend, arch, batch, **overrides)))
     return results
 
 
@@ -184,14 +239,14 @@ def scaling(dtype, backend: str) -> dict:
 
 def format_breakdown(results: list[dict], peaks: dict) -> str:
     header = f"{'architecture':<12} {'optimizer':<12} {'preset':<6} {'dtype':<7} {'backend':<7}"
-    header += f" {'non-refr':>8} {'refresh':>8} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'peak MB':>8} {'GFLOP':>6} {'% GEMM':>7}"
+    header += f" {'non-refr':>8} {'refresh':>8} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'MB/step':>8} {'MB/refr':>8} {'GFLOP':>6} {'% GEMM':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
         fraction = r["flops"] / r["mean_s"] / peaks[peak_key(r)]
         line = f"{r['architecture']:<12} {r['optimizer']:<12} {r['preset']:<6} {r['dtype']:<7} {r['backend']:<7} {1e3 * r['median_non_refresh_s']:>8.2f} {1e3 * r['refresh_s']:>8.2f} {1e3 * r['mean_s']:>8.2f}"
         line += "".join(f" {1e3 * r['phases_s'][p]:>8.2f}" for p in PHASES) + f" {1e3 * r['phases_s']['rest']:>6.2f}"
         flops = f"{r['flops'] / 1e9:>6.2f} {100 * fraction:>6.1f}%" if np.isfinite(r["flops"]) else f"{'-':>6} {'-':>7}"
-        line += f" {r['peak_bytes'] / 2**20:>8.1f} {flops}"
+        line += f" {r.get('step_bytes', float('nan')) / 2**20:>8.2f} {r.get('refresh_step_bytes', float('nan')) / 2**20:>8.1f} {flops}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -271,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         peaks.update({f"cuda-{name}": device_gemm_throughput(np.dtype(name).type) for name in ("float32", "float64")})
     print("GEMM throughput (n^3 product; cuda: the tiled kernel): " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
     results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, args.architectures, **overrides)
-    print("\nper-step breakdown (ms; non-refr = median step between refreshes, refresh = mean refresh step, mean = amortised over 2 refresh periods; % GEMM = step FLOPs / mean time / GEMM throughput)")
+    print("\nper-step breakdown (ms; non-refr = median step between refreshes, refresh = mean refresh step, mean = amortised over 2 refresh periods;"
+          " MB/step, MB/refr = working memory of a step between refreshes / a refresh step, from a separate pass; % GEMM = step FLOPs / mean time / GEMM throughput)")
     print(format_breakdown(results, peaks))
     print("\ntargets (amortised mean step):")
     print(targets(results, peaks))
