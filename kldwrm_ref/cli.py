@@ -16,7 +16,6 @@ import sys
 from collections.abc import Sequence
 
 import kldwrm_ref
-from kldwrm_ref.allocator import reuse_freed_memory
 from kldwrm_ref.backends.probe import GPUUnavailableError
 from kldwrm_ref.data import MnistDataError
 
@@ -49,7 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
         print("\n".join(lines))
         return 0
-    reuse_freed_memory()
     module, function, _ = COMMANDS[argv[0]]
     try:
         return getattr(importlib.import_module(module), function)(argv[1:])

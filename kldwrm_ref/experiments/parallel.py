@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from kldwrm_ref.allocator import reuse_freed_memory
 from kldwrm_ref.storage import process_alive
 
 ORPHAN_POLL_SECONDS = 0.5
@@ -92,10 +91,9 @@ def _local_task(sweep_pid: int, function: Callable, *args):
 
 
 def _single_threaded(function: Callable, *args):
-    """``function(*args)`` with one BLAS/OpenMP thread, freed memory reused (:mod:`kldwrm_ref.allocator`)."""
+    """``function(*args)`` with one BLAS/OpenMP thread."""
     from threadpoolctl import threadpool_limits
 
-    reuse_freed_memory()
     with threadpool_limits(limits=1):
         return function(*args)
 
