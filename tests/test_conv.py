@@ -243,6 +243,25 @@ def test_patches_are_kept_below_the_cache_size_and_chunked_above_it():
     assert conv1.prepare(big[:4], NUMPY).patches.shape == (4, 25, 576)
 
 
+def test_chunked_and_kept_patches_promote_dtypes_alike():
+    """A float64 weight on float32 inputs: the chunked forward and backward return what the
+    whole-batch products return (NumPy's promotion to float64), not a result rounded to the input's type."""
+    conv = Conv2d(2, 3, 3, padding=1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 2, 5, 5)).astype(np.float32)
+    params = [rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(3)]
+    dy = rng.standard_normal((4, 3, 5, 5))
+    y_kept, cache_kept = conv.forward(params, x, NUMPY, None)
+    dx_kept = conv.backward(params, cache_kept, dy, NUMPY)
+    with chunked_patches(1):
+        y, cache = conv.forward(params, x, NUMPY, None)
+        dx = conv.backward(params, cache, dy, NUMPY)
+    assert cache.patches is None and cache_kept.patches is not None
+    assert y.dtype == y_kept.dtype == dx.dtype == dx_kept.dtype == np.float64
+    np.testing.assert_allclose(y, y_kept, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, dx_kept, rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------ K-FAC (KFC)
 def direct_kfc(conv, x, deltas, scaling):
     """(A, G, G_bias, A_bias) of one conv layer by loops over samples, positions and cotangent rows."""

@@ -163,14 +163,19 @@ def _high_water(xp):
 
     @contextmanager
     def traced():
-        tracemalloc.start()
+        already = tracemalloc.is_tracing()  # a caller's tracing is kept, not stopped
+        if already:
+            tracemalloc.reset_peak()
+        else:
+            tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
         box = [0]
         try:
             yield lambda: box[0]
         finally:
             box[0] = tracemalloc.get_traced_memory()[1] - before
-            tracemalloc.stop()
+            if not already:
+                tracemalloc.stop()
 
     return traced
 
@@ -239,7 +244,7 @@ def scaling(dtype, backend: str) -> dict:
 
 def format_breakdown(results: list[dict], peaks: dict) -> str:
     header = f"{'architecture':<12} {'optimizer':<12} {'preset':<6} {'dtype':<7} {'backend':<7}"
-    header += f" {'non-refr':>8} {'refresh':>8} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'MB/step':>8} {'MB/refr':>8} {'GFLOP':>6} {'% GEMM':>7}"
+    header += f" {'non-refr':>8} {'refresh':>8} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'MiB/step':>8} {'MiB/refr':>8} {'GFLOP':>6} {'% GEMM':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
         fraction = r["flops"] / r["mean_s"] / peaks[peak_key(r)]
@@ -327,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("GEMM throughput (n^3 product; cuda: the tiled kernel): " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
     results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, args.architectures, **overrides)
     print("\nper-step breakdown (ms; non-refr = median step between refreshes, refresh = mean refresh step, mean = amortised over 2 refresh periods;"
-          " MB/step, MB/refr = working memory of a step between refreshes / a refresh step, from a separate pass; % GEMM = step FLOPs / mean time / GEMM throughput)")
+          " MiB/step, MiB/refr = working memory of a step between refreshes / a refresh step, from a separate pass; % GEMM = step FLOPs / mean time / GEMM throughput)")
     print(format_breakdown(results, peaks))
     print("\ntargets (amortised mean step):")
     print(targets(results, peaks))

@@ -17,10 +17,12 @@ Patches, pooling and their adjoints are the backend's kernels.
 
 Patches of a whole batch are k T times the input (the paper CNN's first convolution: 29.5 MB at
 batch 512 in float32).  On the CPU, a layer whose batch patches exceed :data:`PATCH_CACHE_BYTES`
-never holds them: each pass recomputes them in chunks of samples whose patches fit
+holds them in no training pass: each pass recomputes them in chunks of samples whose patches fit
 :data:`PATCH_CHUNK_BYTES` (they stay in cache between the copy and the product), and the forward
 cache keeps only the input.  Every result is the same sum of the same per-sample products
 (docs/performance.md has the measurement behind both sizes).  On a GPU the whole batch is one chunk.
+The dense platform's per-sample rows and jvp still build the whole batch's patches: they are meant
+for small networks.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class Conv2d:
             if b is not None:
                 y += b[:, None]
         else:
-            y = np.empty((cache.x.shape[0], self.out_channels, h * w), dtype=cache.x.dtype)
+            y = np.empty((cache.x.shape[0], self.out_channels, h * w), dtype=np.result_type(W_mat, cache.x))  # matmul's promotion, as the kept path
             for rows, patches in self._patch_chunks(cache, backend):
                 np.matmul(W_mat, patches, out=y[rows])
                 if b is not None:
@@ -186,9 +188,13 @@ class Conv2d:
         deltas = xp.reshape(dy, (dy.shape[0], self.out_channels, -1))
         W_t = xp.reshape(params[0], (self.out_channels, self.patch_size)).T
         in_shape = (self.in_channels, *cache.x.shape[2:])
-        step = dy.shape[0] if cache.patches is not None else self._chunk_samples(cache.x, xp)
-        parts = [backend.col2im(xp.matmul(W_t, deltas[start : start + step, ...]), in_shape, self.kernel_size, self.stride, self.padding) for start in range(0, dy.shape[0], step)]
-        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+        if cache.patches is not None:
+            return backend.col2im(xp.matmul(W_t, deltas), in_shape, self.kernel_size, self.stride, self.padding)
+        step = self._chunk_samples(cache.x, xp)
+        dx = np.empty((dy.shape[0], *in_shape), dtype=np.result_type(W_t, deltas))
+        for start in range(0, dy.shape[0], step):
+            dx[start : start + step] = backend.col2im(xp.matmul(W_t, deltas[start : start + step, ...]), in_shape, self.kernel_size, self.stride, self.padding)
+        return dx
 
     def param_gradients(self, params, cache, dy, backend):
         """dW_mat = sum_n delta_n P_n^T over samples, delta_n (out, T) the cotangent summed over the

@@ -40,7 +40,7 @@ class ParamTensor(NamedTuple):
 
 class PreparedInput(NamedTuple):
     """A batch checked and cast once, with its first layer's input-only work done (a Conv2d's
-    patches), for passes that run many times on the same batch (:meth:`Network.prepare`)."""
+    patches, where the layer keeps them: on a GPU or below ``PATCH_CACHE_BYTES``), for passes that run many times on the same batch (:meth:`Network.prepare`)."""
 
     X: Any  # (N, *input_shape) in the backend's namespace and the network's dtype
     first: Any  # the first layer's ``prepare`` result, or None
@@ -209,7 +209,7 @@ class Network:
     # ------------------------------------------------------------------ passes
     def prepare(self, X: Any) -> PreparedInput:
         """X checked, cast and moved to the backend's namespace, with the first layer's input-only
-        work done once (a Conv2d's im2col): QE's inner solve runs a dozen passes on the same batch."""
+        work done once (a Conv2d's im2col where its patches are kept): QE's inner solve runs a dozen passes on the same batch."""
         x = self.check_X(X)
         first = self.layers[0]
         return PreparedInput(x, first.prepare(x, self.backend) if isinstance(first, PreparingLayer) else None)
