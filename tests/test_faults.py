@@ -286,6 +286,20 @@ def test_a_truncated_or_bit_flipped_checkpoint_is_refused_or_unchanged(finished_
     assert json.dumps({k: str(v) for k, v in scalars.items()}) == json.dumps({k: str(v) for k, v in scalars0.items()})
 
 
+def test_a_checkpoint_whose_header_names_an_unknown_compression_is_refused(tmp_path, finished_sweep):
+    """A flipped bit in the first entry's compression method (bytes 10-11 of the zip's first
+    central-directory header: 0, stored, becomes 1, which zipfile cannot read) is one clear line,
+    not a traceback."""
+    data = bytearray((finished_sweep / "tiny/12-8-10/kfac/seed-0/checkpoint.npz").read_bytes())
+    central = data.index(b"PK\x01\x02")
+    assert data[central + 10 : central + 12] == b"\x00\x00"
+    data[central + 10] ^= 1
+    path = tmp_path / "checkpoint.npz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{path}: not a readable checkpoint"):
+        load_checkpoint(path)
+
+
 def test_a_checkpoint_holding_an_object_array_is_refused(tmp_path, finished_sweep):
     source = finished_sweep / "tiny/12-8-10/kfac/seed-0/checkpoint.npz"
     path = tmp_path / "checkpoint.npz"

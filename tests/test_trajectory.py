@@ -337,6 +337,15 @@ def test_malformed_trajectories_are_refused(paper_q, tmp_path):
     (tmp_path / "t" / "manifest.json").write_text(json.dumps(dict(manifest, format="other-1")))
     with pytest.raises(TrajectoryError, match="format 'other-1' is not 'kldwrm-trajectory-1'"):
         load(tmp_path / "t")
+    save(paper_q, tmp_path / "v")
+    step_file = tmp_path / "v" / "step-00001.npz"
+    data = bytearray(step_file.read_bytes())
+    central = data.index(b"PK\x01\x02")  # the first central-directory header; bytes 10-11: compression
+    assert data[central + 10 : central + 12] == b"\x08\x00"
+    data[central + 10] ^= 1  # deflate (8) becomes deflate64 (9), which zipfile cannot read
+    step_file.write_bytes(bytes(data))
+    with pytest.raises(TrajectoryError, match=r"step-00001\.npz: not a readable \.npz file"):
+        load(tmp_path / "v")
 
 
 def test_record_refuses_what_it_cannot_record():

@@ -94,7 +94,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[np.ndarray, OptState, dict
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, NotImplementedError, zipfile.BadZipFile) as error:  # NotImplementedError: a damaged header naming an unknown compression
         raise CheckpointError(f"{path}: not a readable checkpoint ({error})") from None
     try:
         tree = json.loads(str(arrays.pop("__tree__")))

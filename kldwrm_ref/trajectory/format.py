@@ -175,7 +175,7 @@ def _read_step(path: Path) -> dict[str, np.ndarray]:
             return arrays
     except FileNotFoundError:
         raise TrajectoryError(f"{path} is missing") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, EOFError, NotImplementedError, zipfile.BadZipFile) as error:  # NotImplementedError: a damaged header naming an unknown compression
         raise TrajectoryError(f"{path}: not a readable .npz file ({error})") from None
 
 
