@@ -10,6 +10,7 @@ test can count.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, is_cupy_namespace, is_numpy_namespace
 
-__all__ = ["array_namespace", "counting_transfers", "from_numpy", "host_floats", "is_cupy_namespace", "is_numpy_namespace", "namespace_name", "to_numpy"]
+__all__ = ["array_namespace", "counting_transfers", "from_numpy", "host_arrays", "host_floats", "is_cupy_namespace", "is_numpy_namespace", "namespace_name", "to_numpy"]
 
 NUMPY_NAMESPACE = array_namespace(np.empty(0))
 _transfers: list[tuple[str, int]] | None = None
@@ -60,13 +61,25 @@ def from_numpy(xp: Any, x: Any, dtype: Any = None) -> Any:
     return xp.asarray(x, dtype=dtype)
 
 
-def host_floats(xp: Any, *scalars: Any) -> list[float]:
-    """Several 0-d arrays (or Python numbers) read to the host as floats in one transfer: on a GPU
-    each separate ``float(x)`` is a synchronisation, so a phase batches its reads into one."""
+def host_arrays(xp: Any, *arrays: Any) -> list[np.ndarray]:
+    """Arrays of any shape (or Python numbers) read to the host as float64 NumPy arrays in one
+    transfer: on a GPU each separate read is a synchronisation, so a step batches its reads."""
     if is_numpy_namespace(xp):
-        return [float(s) for s in scalars]
-    stacked = xp.stack([xp.asarray(float(s), dtype=xp.float64) if isinstance(s, int | float) else xp.astype(s, xp.float64) for s in scalars])
-    return [float(v) for v in to_numpy(stacked)]
+        return [np.asarray(a, dtype=np.float64) for a in arrays]
+    flat = [xp.asarray(float(a), dtype=xp.float64) if isinstance(a, int | float) else xp.astype(a, xp.float64) for a in arrays]
+    host = to_numpy(xp.concat([xp.reshape(a, (-1,)) for a in flat]))
+    out, start = [], 0
+    for a in flat:
+        size = math.prod(a.shape)
+        out.append(host[start : start + size].reshape(tuple(a.shape)))
+        start += size
+    return out
+
+
+def host_floats(xp: Any, *scalars: Any) -> list[float]:
+    """Several 0-d arrays (or Python numbers) read to the host as floats in one transfer
+    (:func:`host_arrays`)."""
+    return [float(a) for a in host_arrays(xp, *scalars)]
 
 
 def namespace_name(xp: Any) -> str:

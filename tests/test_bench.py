@@ -31,7 +31,7 @@ def test_growth_exponent_recovers_a_power_law():
     assert abs(step_bench.growth_exponent(x, 3e-6 * x**2.0) - 2.0) < 1e-12
 
 
-@pytest.mark.parametrize("phase, module, name", [("precondition", curvature_method, "clip_direction"), ("inverse", curvature_method, "_refreshed_inverse")])
+@pytest.mark.parametrize("phase, module, name", [("precondition", curvature_method, "clip_factors"), ("inverse", curvature_method, "_refreshed_inverse")])
 def test_a_delay_planted_in_one_phase_shows_in_that_phase_only(phase, module, name, monkeypatch):
     """Every step sleeps DELAY inside ``phase``: its mean time is at least DELAY, and the delay is
     not counted in any other phase nor in the rest (each far below DELAY)."""
@@ -75,7 +75,7 @@ def test_the_memory_pass_sees_an_array_planted_in_the_step_and_only_on_the_steps
     monkeypatch.setattr(KFACEstimator, "compute", allocating(KFACEstimator.compute))
     refresh_only = step_bench.step_memory("kfac", "kfac", "paper", np.float64, "numpy", (6, 5, 3), 8, period=2)
     assert refresh_only["refresh_step_bytes"] >= PLANTED_BYTES and refresh_only["step_bytes"] < 2**20
-    monkeypatch.setattr(curvature_method, "clip_direction", allocating(curvature_method.clip_direction))
+    monkeypatch.setattr(curvature_method, "clip_factors", allocating(curvature_method.clip_factors))
     every = step_bench.step_memory("kfac", "kfac", "paper", np.float64, "numpy", (6, 5, 3), 8, period=2)
     assert every["step_bytes"] >= PLANTED_BYTES
 

@@ -160,15 +160,15 @@ def test_bad_hyperparameters_are_rejected(kwargs, match):
 @pytest.mark.parametrize("name", ["sgd", "so-kld-wrm", "qe-kld-wrm"])
 def test_forced_divergence_raises_with_step_and_quantity(problem, name, monkeypatch):
     mlp, batches = problem
-    original = mlp.loss_grad_cache
+    original = mlp.training_pass  # the step's forward and backward pass
     calls = []
 
-    def nan_gradient_at_step_2(theta, X, y, rng=None):
-        loss, grad, cache = original(theta, X, y, rng)
+    def nan_gradient_at_step_2(theta, X, y, rng=None, **kwargs):
+        loss, grad, cache = original(theta, X, y, rng, **kwargs)
         calls.append(1)
         return (loss, np.full_like(grad, np.nan), cache) if len(calls) == 3 else (loss, grad, cache)
 
-    monkeypatch.setattr(mlp, "loss_grad_cache", nan_gradient_at_step_2)
+    monkeypatch.setattr(mlp, "training_pass", nan_gradient_at_step_2)
     opt = make(name, mlp, backend=mlp.backend.name, inner_steps=1)  # the same (patched) MLP object
     theta = mlp.init(0)
     state = opt.init(theta)

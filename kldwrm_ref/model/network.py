@@ -162,9 +162,10 @@ class Network:
             raise ValueError(f"theta must be a 1-D array of length {self.n_params} for {self!r}, got shape {tuple(theta.shape)}")
         return theta
 
-    def check_X(self, X: Any) -> Any:
+    def check_X(self, X: Any, *, values: bool = True) -> Any:
         """X (host data or an array of the namespace) as (N, *input_shape) in the network's dtype
-        and the backend's namespace; flat rows are reshaped."""
+        and the backend's namespace; flat rows are reshaped.  ``values=False`` skips the finiteness
+        check (a host read on a device), for callers that made it already."""
         xp = self.backend.xp
         X = self.backend.asarray(X, self.dtype)
         flat = int(np.prod(self.input_shape))
@@ -174,7 +175,8 @@ class Network:
             raise ValueError(f"X must have shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(X.shape)}")
         if X.shape[0] == 0:
             raise ValueError("X must hold at least one row")
-        self._check_finite("X", X)
+        if values:
+            self._check_finite("X", X)
         return X
 
     def _check_finite(self, name: str, x: Any) -> None:
@@ -183,43 +185,70 @@ class Network:
         if not bool(xp.all(finite)):
             raise ValueError(f"{name} must be finite; it has {x.size - int(xp.count_nonzero(finite))} non-finite entries")
 
-    def check_labels(self, y: Any, n_rows: int) -> Any:
+    def check_labels(self, y: Any, n_rows: int, *, values: bool = True) -> Any:
         """Integer class labels in [0, C), one per row, as int64 in the backend's namespace: host
-        labels are checked on the host, labels of the namespace in it."""
+        labels are checked on the host, labels of the namespace in it (``values=False`` skips their
+        range, a host read on a device, for callers that made it already)."""
         if isinstance(y, np.ndarray) or not self._in_namespace(y):
             y = np.asarray(y)
             if y.shape != (n_rows,):
                 raise ValueError(f"y must have shape ({n_rows},) to match X, got {y.shape}")
             if not np.issubdtype(y.dtype, np.integer):
                 raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-            if y.size and (y.min() < 0 or y.max() >= self.n_classes):
-                raise ValueError(f"y must hold labels in [0, {self.n_classes}), got range [{y.min()}, {y.max()}]")
+            if y.size:
+                self._check_label_range(int(y.min()), int(y.max()))
             return self.backend.asarray(y, np.int64)
         xp = self.backend.xp
         if tuple(y.shape) != (n_rows,):
             raise ValueError(f"y must have shape ({n_rows},) to match X, got {tuple(y.shape)}")
         if not xp.isdtype(y.dtype, "integral"):
             raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-        if n_rows:
-            low, high = (int(v) for v in host_floats(xp, xp.min(y), xp.max(y)))
-            if low < 0 or high >= self.n_classes:
-                raise ValueError(f"y must hold labels in [0, {self.n_classes}), got range [{low}, {high}]")
+        if n_rows and values:
+            self._check_label_range(*(int(v) for v in host_floats(xp, xp.min(y), xp.max(y))))
         return xp.astype(y, xp.int64)
 
+    def _check_label_range(self, low: int, high: int) -> None:
+        if low < 0 or high >= self.n_classes:
+            raise ValueError(f"y must hold labels in [0, {self.n_classes}), got range [{low}, {high}]")
+
+    def checked_batch(self, theta: Any, X: Any, y: Any) -> tuple[Any, Any, bool]:
+        """(X, y, whether X is finite) for a training step: X and y shaped, cast and moved as
+        :meth:`check_X` and :meth:`check_labels` do, theta finite and the labels in range, with
+        every check of values read to the host in one transfer (on a GPU each read is a
+        synchronisation).  The caller decides what a non-finite batch is (a step: a divergence)."""
+        xp = self.backend.xp
+        self.check_theta(theta)
+        X = self.check_X(X, values=False)
+        host_labels = isinstance(y, np.ndarray) or not self._in_namespace(y)
+        y = self.check_labels(y, X.shape[0], values=False)  # host labels are checked in full here
+        wanted = [xp.all(xp.isfinite(X)), xp.all(xp.isfinite(theta))]
+        if not host_labels:
+            wanted += [xp.min(y), xp.max(y)]
+        read = host_floats(xp, *wanted)
+        if not read[1]:
+            self._check_finite("theta", theta)
+        if not host_labels:
+            self._check_label_range(int(read[2]), int(read[3]))
+        return X, y, bool(read[0])
+
     # ------------------------------------------------------------------ passes
-    def prepare(self, X: Any) -> PreparedInput:
+    def prepare(self, X: Any, *, validate: bool = True) -> PreparedInput:
         """X checked, cast and moved to the backend's namespace, with the first layer's input-only
-        work done once (a Conv2d's im2col where its patches are kept): QE's inner solve runs a dozen passes on the same batch."""
-        x = self.check_X(X)
+        work done once (a Conv2d's im2col where its patches are kept): QE's inner solve runs a dozen passes on the same batch.
+        ``validate=False`` skips the checks of values (:meth:`checked_batch` made them)."""
+        x = self.check_X(X, values=validate)
         first = self.layers[0]
         return PreparedInput(x, first.prepare(x, self.backend) if isinstance(first, PreparingLayer) else None)
 
-    def forward(self, theta: Any, X: Any, rng: np.random.Generator | None = None) -> NetworkCache:
+    def forward(self, theta: Any, X: Any, rng: np.random.Generator | None = None, *, validate: bool = True) -> NetworkCache:
         """Forward pass keeping each layer's backward cache (``rng``: training-mode
-        randomness such as dropout masks; None evaluates); ``X`` may be :meth:`prepare`'s result."""
-        prepared = X if isinstance(X, PreparedInput) else self.prepare(X)
+        randomness such as dropout masks; None evaluates); ``X`` may be :meth:`prepare`'s result.
+        ``validate=False`` skips the checks of theta's and X's values (each a host read on a
+        device), for an optimiser's passes on a batch it checked once."""
+        prepared = X if isinstance(X, PreparedInput) else self.prepare(X, validate=validate)
         params = self.params(theta)
-        self._check_finite("theta", theta)
+        if validate:
+            self._check_finite("theta", theta)
         x = prepared.X
         caches = []
         for i, (layer, layer_params) in enumerate(zip(self.layers, params)):
@@ -280,13 +309,20 @@ class Network:
         return out
 
     # ------------------------------------------------------------------ loss
-    def loss_grad_cache(self, theta: Any, X: Any, y: Any, rng: np.random.Generator | None = None):
-        """Mean softmax cross-entropy, its gradient and the forward cache (for curvature reuse)."""
-        cache = self.forward(theta, X, rng)
-        y = self.check_labels(y, cache.logits.shape[0])
+    def training_pass(self, theta: Any, X: Any, y: Any, rng: np.random.Generator | None = None, *, validate: bool = True):
+        """(mean softmax cross-entropy as a 0-d array of the namespace, its gradient, the forward
+        cache): :meth:`loss_grad_cache` without reading the loss to the host; ``validate=False``
+        as in :meth:`forward` (the labels' range is not checked either)."""
+        cache = self.forward(theta, X, rng, validate=validate)
+        y = self.check_labels(y, cache.logits.shape[0], values=validate)
         per_sample_loss, dlogits = losses.cross_entropy(cache.logits, y, self.backend)
         grad = self.vjp(theta, cache, dlogits) / y.shape[0]
-        return float(self.backend.xp.mean(per_sample_loss)), grad, cache
+        return self.backend.xp.mean(per_sample_loss), grad, cache
+
+    def loss_grad_cache(self, theta: Any, X: Any, y: Any, rng: np.random.Generator | None = None):
+        """Mean softmax cross-entropy, its gradient and the forward cache (for curvature reuse)."""
+        loss, grad, cache = self.training_pass(theta, X, y, rng)
+        return float(loss), grad, cache
 
     def loss_and_grad(self, theta: Any, X: Any, y: Any) -> tuple[float, Any]:
         """Mean softmax cross-entropy L = mean_i -log p(y_i|x_i) and its gradient."""

@@ -33,11 +33,11 @@ from kldwrm_ref.curvature.estimators import DenseEstimator, Estimator, KFACEstim
 from kldwrm_ref.curvature.inverses import SingularCurvatureError
 from kldwrm_ref.curvature.linalg import CurvatureError
 from kldwrm_ref.model.network import Network
-from kldwrm_ref.optim.clipping import clip_direction
+from kldwrm_ref.optim.clipping import clip_factors, clip_info
 from kldwrm_ref.optim.correction import authors_corrected_gradient, wake_corrected_gradient
 from kldwrm_ref.optim.hyper import Hyper
 from kldwrm_ref.optim.qe import inner_solve
-from kldwrm_ref.optim.state import DivergenceError, Optimizer, OptState, Previous, StepTrace, check_batch, finite_or_raise, step_size_or_raise
+from kldwrm_ref.optim.state import DivergenceError, Optimizer, OptState, Previous, StepReadout, StepTrace, checked_batch, finite_or_raise, step_size_or_raise
 
 
 class MethodSpec(NamedTuple):
@@ -90,19 +90,21 @@ def make_curvature_method(name: str, net: Network, hyper: Hyper, platform: str) 
         timer, k = PhaseTimer(), state.step
         assert state.ea is not None, "state was not made by this optimiser's init"
         alpha = step_size_or_raise(hyper.step_size, k)
-        check_batch(k, X)
+        X, y = checked_batch(net, k, theta, X, y)  # the step's first host read
+        readout = StepReadout(k, net.backend.xp)  # its second, at the end: checks and info's scalars
 
         with timer("forward_backward"):  # 1. gradient
             masks = (hyper.seed, k, 1)  # dropout masks of this step: the same in every pass of the step
-            loss, g, cache = net.loss_grad_cache(theta, X, y, net.training_rng(masks))
-            finite_or_raise(k, "loss", loss)
-            finite_or_raise(k, "gradient", g)
+            loss, g, cache = net.training_pass(theta, X, y, net.training_rng(masks), validate=False)
+            readout.finite("loss", loss)
+            readout.finite("gradient", g)
 
         with timer("curvature"):  # 2. update curvature
             refresh = average.due(state.ea)
             current = state.current
             labels = (hyper.seed, k)  # Monte-Carlo labels of this step: default_rng([seed, k])
             if refresh:
+                readout.read_checks()  # no non-finite statistics reach the eigendecompositions
                 current = estimator.compute(theta, X, y, cache, np.random.default_rng(labels))
                 finite_or_raise(k, "curvature", current)
             ea = average.update(state.ea, current if refresh else None, net.backend)
@@ -118,17 +120,17 @@ def make_curvature_method(name: str, net: Network, hyper: Hyper, platform: str) 
             ghat = _corrected_gradient(spec, hyper, estimator, average, state, g, alpha, k)
             ghat_wd = ghat + hyper.weight_decay * theta
             unclipped = solver.matvec(ghat_wd)
-            v, info = clip_direction(net, unclipped, ghat_wd, alpha, hyper)
+            v, factors = clip_factors(net, unclipped, ghat_wd, alpha, hyper)
             s = q_step = -alpha * v
-            finite_or_raise(k, "step", s)
+            readout.finite("step", s)
 
         wake, inner_steps = state.wake, None
         if spec.inner_solve:  # 6. inner solve
             with timer("inner"):
                 wake = (wake + (theta,))[-hyper.m:]
                 if len(wake) == hyper.m or not hyper.inner_after_full_wake:
-                    s, inner_steps = inner_solve(net, estimator, hyper, theta, s, g, B, alpha, wake, X, k, masks)
-                    finite_or_raise(k, "inner-solve step", s)
+                    s, inner_steps = inner_solve(net, estimator, hyper, theta, s, g, B, alpha, wake, X, readout, masks)
+                    readout.finite("inner-solve step", s)
 
         # 7. apply, and remember what the next correction needs
         model_gradient = None
@@ -140,7 +142,11 @@ def make_curvature_method(name: str, net: Network, hyper: Hyper, platform: str) 
         new_state = OptState(k + 1, ea, inverse, current, previous, wake)
         timer.times["total"] = sum(timer.times.values())
         trace = StepTrace(alpha, masks, labels, g, current if refresh else None, averaged, solver, estimator.damping, ghat, ghat_wd, unclipped, v, q_step, inner_steps, s)
-        info.update(loss=loss, step_norm=math.sqrt(float(s @ s)), refreshed=refresh, time=timer.times, trace=trace)
+        for quantity, value in dict(factors, loss=loss, step_norm2=s @ s).items():
+            readout.value(quantity, value)
+        read = readout.read()
+        info = clip_info({factor: read[factor] for factor in factors})
+        info.update(loss=float(read["loss"]), step_norm=math.sqrt(float(read["step_norm2"])), refreshed=refresh, time=timer.times, trace=trace)
         return theta + s, new_state, info
 
     return Optimizer(name, hyper, init, step)

@@ -19,9 +19,9 @@ from kldwrm_ref.curvature.averaging import truncated_wake_weights
 from kldwrm_ref.curvature.estimators import Estimator
 from kldwrm_ref.model import losses
 from kldwrm_ref.model.network import Network, PreparedInput
-from kldwrm_ref.optim.clipping import rms_clip
+from kldwrm_ref.optim.clipping import rms_clip_factors
 from kldwrm_ref.optim.hyper import Hyper
-from kldwrm_ref.optim.state import finite_or_raise
+from kldwrm_ref.optim.state import StepReadout
 
 
 class WakeObjective(NamedTuple):
@@ -40,14 +40,15 @@ class WakeObjective(NamedTuple):
     X: PreparedInput  # the batch, prepared once for the step's passes
     masks: tuple[int, ...]  # the step's dropout-mask key: every pass of E_k uses the step's masks
 
-    def value_and_gradient(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
-        """E_k(theta) and its gradient g + B s + scale (sum_j w_j [J^T dKL_j / N + eta (theta - theta_j)])."""
+    def value_and_gradient(self, theta: np.ndarray) -> tuple[Any, np.ndarray]:
+        """E_k(theta) as a float64 0-d array (left where it is computed: only the line search reads
+        it) and its gradient g + B s + scale (sum_j w_j [J^T dKL_j / N + eta (theta - theta_j)])."""
         xp = self.net.backend.xp
         s = theta - self.theta_k
         Bs = self.B_operator.matvec(s)
-        cache = self.net.forward(theta, self.X, self.net.training_rng(self.masks))
+        cache = self.net.forward(theta, self.X, self.net.training_rng(self.masks), validate=False)
         total_dlogits = xp.zeros_like(cache.logits)
-        wake_value = 0.0  # becomes a float64 0-d array: read once, below
+        wake_value = xp.zeros((), dtype=xp.float64)  # made on the device (a host value is a copy)
         for w, ref in zip(self.weights, self.ref_logits):
             values, dlogits = losses.kl(ref, cache.logits, self.kind, self.net.backend)
             wake_value += float(w) * xp.astype(xp.mean(values), xp.float64)
@@ -61,8 +62,7 @@ class WakeObjective(NamedTuple):
                 grad += float(self.scale * w * self.proximal) * d
         grad += self.g
         grad += Bs
-        model_value, wake_total = host_floats(xp, self.g @ s + 0.5 * s @ Bs, wake_value)
-        return model_value + self.scale * wake_total, grad
+        return xp.astype(self.g @ s + 0.5 * s @ Bs, xp.float64) + self.scale * wake_value, grad
 
 
 def wake_objective(net: Network, estimator: Estimator, hyper: Hyper, theta_k, g, B, alpha: float, wake: Sequence[np.ndarray], X, k: int, masks: tuple[int, ...]) -> WakeObjective:
@@ -70,14 +70,16 @@ def wake_objective(net: Network, estimator: Estimator, hyper: Hyper, theta_k, g,
     indices, weights = truncated_wake_weights(hyper.rho, k, hyper.m)
     kept = list(wake[-len(indices):])
     proximal = hyper.total_damping if hyper.proximal else 0.0
-    batch = net.prepare(X)
-    ref_logits = [net.forward(t, batch, net.training_rng(masks)).logits for t in kept]
+    batch = net.prepare(X, validate=False)  # the step checked the batch
+    ref_logits = [net.forward(t, batch, net.training_rng(masks), validate=False).logits for t in kept]
     return WakeObjective(net, theta_k, g, estimator.operator(B), hyper.kappa / alpha, proximal, hyper.kl, kept, weights, ref_logits, batch, masks)
 
 
-def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, g, B, alpha: float, wake, X, k: int, masks: tuple[int, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, g, B, alpha: float, wake, X, readout: StepReadout, masks: tuple[int, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
     """Approximately minimise E_k from theta_k + s_q; returns the final step s and the step
-    theta^(i) - theta_k after each inner iteration i = 1..inner_steps (the last is s).
+    theta^(i) - theta_k after each inner iteration i = 1..inner_steps (the last is s).  The
+    iterates' checks join the step's ``readout``: the SGD solver reads nothing to the host; the
+    line search reads two or three numbers per trial point.
 
     inner="sgd" (the authors'): s -= u, u = momentum u + step_factor alpha grad (RMS-clipped if set).
     inner="preconditioned": Gauss-Newton with backtracking (Armijo) line search,
@@ -85,7 +87,7 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
     curvature at the inner iterate; the line search makes every iteration decrease E_k, so it
     converges from the Q step however far that lands.
     """
-    objective = wake_objective(net, estimator, hyper, theta_k, g, B, alpha, wake, X, k, masks)
+    objective = wake_objective(net, estimator, hyper, theta_k, g, B, alpha, wake, X, readout.step, masks)
     xp = array_namespace(s_q)
     s = xp.asarray(s_q, copy=True)
     steps: list[np.ndarray] = []
@@ -95,10 +97,10 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
         for i in range(hyper.inner_steps):
             direction = grad
             if hyper.rms_clip is not None:
-                direction, _ = rms_clip(net, direction, hyper.rms_clip, hyper.rms_clip_per)
+                direction, _ = rms_clip_factors(net, direction, hyper.rms_clip, hyper.rms_clip_per)
             velocity = hyper.inner_momentum * velocity + direction * hyper.inner_step_factor * alpha
             s = s - velocity
-            finite_or_raise(k, "inner-solve step", s)
+            readout.finite("inner-solve step", s)
             steps.append(s)
             if i + 1 < hyper.inner_steps:  # E_k at the final iterate would go unused
                 value, grad = objective.value_and_gradient(theta_k + s)
@@ -109,13 +111,14 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
     for _ in range(hyper.inner_steps):
         preconditioner = fixed if fixed is not None else gauss_newton_inverse(estimator, hyper, B, c, theta_k + s, X)
         direction = -preconditioner.matvec(grad)
-        slope, grad_norm2 = host_floats(xp, grad @ direction, grad @ grad)
+        start_value, slope, grad_norm2 = host_floats(xp, value, grad @ direction, grad @ grad)
         t, grad_norm = 1.0, math.sqrt(grad_norm2)
         for _ in range(40):
             new_value, new_grad = objective.value_and_gradient(theta_k + s + t * direction)
+            trial_value, trial_norm2 = host_floats(xp, new_value, new_grad @ new_grad)
             # Armijo decrease, or (near the minimiser, where E's round-off hides the decrease)
             # a smaller gradient norm
-            if new_value <= value + 1e-4 * t * slope or math.sqrt(float(new_grad @ new_grad)) < grad_norm:
+            if trial_value <= start_value + 1e-4 * t * slope or math.sqrt(trial_norm2) < grad_norm:
                 break
             t *= 0.5
         s, value, grad = s + t * direction, new_value, new_grad

@@ -9,7 +9,7 @@ import numpy as np
 
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.optim.hyper import Hyper
-from kldwrm_ref.optim.state import Optimizer, OptState, check_batch, finite_or_raise, step_size_or_raise
+from kldwrm_ref.optim.state import Optimizer, OptState, StepReadout, checked_batch, step_size_or_raise
 
 
 def make_sgd(net: Network, hyper: Hyper) -> Optimizer:
@@ -20,17 +20,22 @@ def make_sgd(net: Network, hyper: Hyper) -> Optimizer:
     def step(theta: np.ndarray, state: OptState, X: np.ndarray, y: np.ndarray):
         start = time.perf_counter()
         k = state.step
-        check_batch(k, X)
-        loss, g, _ = net.loss_grad_cache(theta, X, y, net.training_rng((hyper.seed, k, 1)))
-        finite_or_raise(k, "loss", loss)
-        finite_or_raise(k, "gradient", g)
+        alpha = step_size_or_raise(hyper.step_size, k)
+        X, y = checked_batch(net, k, theta, X, y)  # the step's first host read
+        readout = StepReadout(k, net.backend.xp)  # its second, at the end
+        loss, g, _ = net.training_pass(theta, X, y, net.training_rng((hyper.seed, k, 1)), validate=False)
+        readout.finite("loss", loss)
+        readout.finite("gradient", g)
         g = g + hyper.weight_decay * theta
         assert state.velocity is not None
         velocity = hyper.momentum * state.velocity + g
-        s = -step_size_or_raise(hyper.step_size, k) * velocity
-        finite_or_raise(k, "step", s)
+        s = -alpha * velocity
+        readout.finite("step", s)
+        readout.value("loss", loss)
+        readout.value("step_norm2", s @ s)
+        read = readout.read()
         elapsed = time.perf_counter() - start
-        info = dict(loss=loss, step_norm=math.sqrt(float(s @ s)), time=dict(forward_backward=elapsed, total=elapsed))
+        info = dict(loss=float(read["loss"]), step_norm=math.sqrt(float(read["step_norm2"])), time=dict(forward_backward=elapsed, total=elapsed))
         return theta + s, state._replace(step=k + 1, velocity=velocity), info
 
     return Optimizer("sgd", hyper, init, step)

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from kldwrm_ref.arrays import array_namespace
+from kldwrm_ref.arrays import NUMPY_NAMESPACE, array_namespace, host_arrays, is_numpy_namespace
 from kldwrm_ref.curvature.averaging import EAState
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.optim.hyper import Hyper
@@ -30,19 +30,64 @@ def _leaves(value: Any) -> list:
     return [] if value is None else [value]
 
 
+class StepReadout:
+    """What a step needs to know on the host, read in one transfer: the finiteness of its
+    quantities and the values its ``info`` reports.  On a GPU each read is a synchronisation, so
+    a step queues them here and reads them once, at its end; a DivergenceError then names the
+    first non-finite quantity in step order, as an immediate check would.  On the host (NumPy)
+    checks are not deferred: each is made when queued, where it costs nothing and stops the step
+    before non-finite values reach the next phase."""
+
+    def __init__(self, step: int, xp: Any):
+        self.step, self.xp = step, xp
+        self.deferred = not is_numpy_namespace(xp)
+        self._checks: list[tuple[str, str, Any]] = []  # (quantity, detail, 0-d bool array)
+        self._values: dict[str, Any] = {}
+
+    def finite(self, quantity: str, value: Any, detail: str = "is not finite") -> None:
+        """Require every entry of ``value`` (numbers, arrays or tuples of them) to be finite."""
+        leaves = _leaves(value)
+        if not all(math.isfinite(n) for n in leaves if isinstance(n, numbers.Real)):
+            raise DivergenceError(self.step, quantity, detail)
+        arrays = [leaf for leaf in leaves if not isinstance(leaf, numbers.Real)]
+        if arrays:
+            xp = self.xp
+            verdicts = [xp.all(xp.isfinite(a)) for a in arrays]
+            self._checks.append((quantity, detail, verdicts[0] if len(verdicts) == 1 else xp.all(xp.stack(verdicts))))
+        if not self.deferred:
+            self.read_checks()
+
+    def value(self, name: str, array: Any) -> None:
+        """Read ``array`` (any shape, or a number) with the checks: :meth:`read` returns it as float64."""
+        self._values[name] = array
+
+    def read_checks(self) -> None:
+        """Read the queued checks now (before a phase that must not see a non-finite value, such as a
+        refresh's eigendecomposition) and raise on the first that fails."""
+        self._raise_first(host_arrays(self.xp, *(v for _, _, v in self._checks)) if self._checks else [])
+
+    def read(self) -> dict[str, np.ndarray]:
+        """Everything queued, in one transfer: raises on the first failed check, else returns the values."""
+        names, n_checks = list(self._values), len(self._checks)
+        read = host_arrays(self.xp, *(v for _, _, v in self._checks), *self._values.values()) if (n_checks or names) else []
+        self._raise_first(read[:n_checks])
+        self._values = {}
+        return dict(zip(names, read[n_checks:]))
+
+    def _raise_first(self, verdicts: list[np.ndarray]) -> None:
+        for (quantity, detail, _), ok in zip(self._checks, verdicts):
+            if not ok:
+                raise DivergenceError(self.step, quantity, detail)
+        self._checks = []
+
+
 def finite_or_raise(step: int, quantity: str, value: Any) -> None:
     """Raise :class:`DivergenceError` unless every entry of ``value`` (numbers, arrays or tuples of
     them) is finite; the arrays' verdicts are read to the host in one transfer."""
-    leaves = _leaves(value)
-    numbers_ = [leaf for leaf in leaves if isinstance(leaf, numbers.Real)]
-    arrays = [leaf for leaf in leaves if not isinstance(leaf, numbers.Real)]
-    if not all(math.isfinite(n) for n in numbers_):
-        raise DivergenceError(step, quantity)
-    if arrays:
-        xp = array_namespace(*arrays)
-        verdicts = [xp.all(xp.isfinite(a)) for a in arrays]
-        if not bool(verdicts[0] if len(verdicts) == 1 else xp.all(xp.stack(verdicts))):
-            raise DivergenceError(step, quantity)
+    arrays = [leaf for leaf in _leaves(value) if not isinstance(leaf, numbers.Real)]
+    readout = StepReadout(step, array_namespace(*arrays) if arrays else NUMPY_NAMESPACE)
+    readout.finite(quantity, value)
+    readout.read_checks()
 
 
 def step_size_or_raise(step_size, k: int) -> float:
@@ -53,11 +98,13 @@ def step_size_or_raise(step_size, k: int) -> float:
     return float(from_schedule)
 
 
-def check_batch(k: int, X: Any) -> None:
-    """A batch with a NaN or an infinity ends the run as diverged at step k (quantity "batch")."""
-    xp = array_namespace(X)
-    if not bool(xp.all(xp.isfinite(X))):
+def checked_batch(net: Network, k: int, theta: Any, X: Any, y: Any) -> tuple[Any, Any]:
+    """The step's batch, its values checked in one host read (:meth:`Network.checked_batch`): a
+    batch with a NaN or an infinity ends the run as diverged at step k (quantity "batch")."""
+    X, y, finite = net.checked_batch(theta, X, y)
+    if not finite:
         raise DivergenceError(k, "batch", "holds a NaN or an infinity")
+    return X, y
 
 
 class Previous(NamedTuple):
