@@ -79,7 +79,7 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
     """Approximately minimise E_k from theta_k + s_q; returns the final step s and the step
     theta^(i) - theta_k after each inner iteration i = 1..inner_steps (the last is s).  The
     iterates' checks join the step's ``readout``: the SGD solver reads nothing to the host; the
-    line search reads two or three numbers per trial point.
+    line search makes one read per iteration and one per trial point.
 
     inner="sgd" (the authors'): s -= u, u = momentum u + step_factor alpha grad (RMS-clipped if set).
     inner="preconditioned": Gauss-Newton with backtracking (Armijo) line search,
