@@ -43,8 +43,8 @@ def _log(direction: str, nbytes: int) -> None:
 
 def to_numpy(x: Any) -> np.ndarray:
     """A host NumPy copy of ``x`` (no copy when it already is a NumPy array)."""
-    if isinstance(x, np.ndarray):
-        return x
+    if isinstance(x, np.ndarray | np.generic):  # NumPy's scalars too (a reduction of a 0-d array is one)
+        return np.asarray(x)
     host = x.get() if hasattr(x, "get") and callable(x.get) else np.from_dlpack(x)  # CuPy: device to host
     _log("to host", host.nbytes)
     return host

@@ -20,6 +20,7 @@ from kldwrm_ref.model import MLP, Network
 from kldwrm_ref.model.conv import Conv2d, Dropout, Flatten, MaxPool2d
 from kldwrm_ref.model.layers import Dense, ReLU
 from kldwrm_ref.optim import DivergenceError
+from kldwrm_ref.optim.qe import WakeObjective
 
 xps = pytest.importorskip("array_api_strict")
 HOST_WAYS = ("__bool__", "__float__", "__int__", "__index__", "__complex__", "__dlpack__", "__array__")
@@ -137,6 +138,30 @@ def test_deferred_checks_name_the_first_non_finite_quantity(counted, monkeypatch
             assert len(refreshes) == 1, refreshes
 
 
+def test_a_non_finite_gradient_stops_qes_line_search_at_once(counted, monkeypatch):
+    """The theory preset's QE (Gauss-Newton with a line search): with the gradient NaN from its
+    phase on and the checks deferred, the inner solve evaluates E_k once and stops, instead of
+    halving its trial step 40 times per iteration; the error still names the gradient."""
+    strict, _ = counted
+    evaluations: list[int] = []
+    value_and_gradient = WakeObjective.value_and_gradient
+    monkeypatch.setattr(WakeObjective, "value_and_gradient", lambda self, theta: evaluations.append(1) or value_and_gradient(self, theta))
+    net = small_mlp()
+    opt = optim.make("qe-kld-wrm", net, platform="kfac", preset="theory", backend=strict, period=PERIOD, step_size=0.1, damping=0.1, inner_steps=3, m=2, inner_after_full_wake=False)
+    error = _diverging(opt, opt.network, batches(net, 4), monkeypatch, 2)
+    assert (error.step, error.quantity) == (2, "gradient"), str(error)
+    healthy = len(evaluations)
+    evaluations.clear()
+    net = small_mlp()
+    opt = optim.make("qe-kld-wrm", net, platform="kfac", preset="theory", backend=strict, period=PERIOD, step_size=0.1, damping=0.1, inner_steps=3, m=2, inner_after_full_wake=False)
+    be = opt.network.backend
+    theta = be.asarray(opt.network.init(0))
+    state = opt.init(theta)
+    for X, y in batches(net, 2):
+        theta, state, _ = opt.step(theta, state, be.asarray(X), be.asarray(y))
+    assert healthy - len(evaluations) == 1, (healthy, len(evaluations))  # the failing step's single evaluation
+
+
 def test_deferred_input_checks_keep_their_messages(counted):
     strict, _ = counted
     net = small_mlp()
@@ -148,6 +173,8 @@ def test_deferred_input_checks_keep_their_messages(counted):
     poisoned[1, 2] = np.inf
     with pytest.raises(DivergenceError, match="diverged at step 0: batch holds a NaN or an infinity"):
         opt.step(theta, opt.init(theta), be.asarray(poisoned), be.asarray(y))
+    with pytest.raises(DivergenceError, match="batch holds a NaN"):  # reported before the labels, as before deferral
+        opt.step(theta, opt.init(theta), be.asarray(poisoned), be.asarray(np.array([0, 1, 2, 7, 0, 1])))
     with pytest.raises(ValueError, match=r"y must hold labels in \[0, 3\), got range \[0, 7\]"):
         opt.step(theta, opt.init(theta), be.asarray(X), be.asarray(np.array([0, 1, 2, 7, 0, 1])))
     with pytest.raises(ValueError, match="theta must be finite; it has 1 non-finite entries"):

@@ -225,6 +225,8 @@ class Network:
         if not host_labels:
             wanted += [xp.min(y), xp.max(y)]
         read = host_floats(xp, *wanted)
+        if not read[0]:  # a non-finite batch is reported before theta's and the labels' values
+            return X, y, False
         if not read[1]:
             self._check_finite("theta", theta)
         if not host_labels:

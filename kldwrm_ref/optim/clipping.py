@@ -35,10 +35,12 @@ def clip_groups(net: Network, per: str) -> list[slice]:
 
 
 def _bounded(xp: Any, limit: float, value: Any) -> Any:
-    """min(1, limit / value) where value > 0, else 1 (float64 arrays, elementwise)."""
+    """min(1, limit / value) where value > 0, else 1 (float64 arrays, elementwise), computed as
+    limit / value where value > limit (no division that could overflow) and 1 elsewhere: the same
+    numbers, since limit / value >= 1 exactly when 0 < value <= limit."""
     one = xp.ones((), dtype=xp.float64)  # made on the device: a host value would be a copy, a synchronisation
-    positive = value > 0
-    return xp.where(positive, xp.minimum(one, limit / xp.where(positive, value, one)), one)
+    above = value > limit
+    return xp.where(above, limit / xp.where(above, value, one), one)
 
 
 def _rms_factors(v: Any, limit: float, groups: list[slice]) -> Any:

@@ -112,6 +112,10 @@ def inner_solve(net: Network, estimator: Estimator, hyper: Hyper, theta_k, s_q, 
         preconditioner = fixed if fixed is not None else gauss_newton_inverse(estimator, hyper, B, c, theta_k + s, X)
         direction = -preconditioner.matvec(grad)
         start_value, slope, grad_norm2 = host_floats(xp, value, grad @ direction, grad @ grad)
+        if not (math.isfinite(slope) and math.isfinite(grad_norm2)):  # every trial point would be non-finite:
+            s = s + direction  # stop at once with such a step (the step's readout reports it)
+            steps.append(s)
+            break
         t, grad_norm = 1.0, math.sqrt(grad_norm2)
         for _ in range(40):
             new_value, new_grad = objective.value_and_gradient(theta_k + s + t * direction)

@@ -48,6 +48,7 @@ class StepReadout:
         """Require every entry of ``value`` (numbers, arrays or tuples of them) to be finite."""
         leaves = _leaves(value)
         if not all(math.isfinite(n) for n in leaves if isinstance(n, numbers.Real)):
+            self.read_checks()  # an earlier quantity's failure is named first
             raise DivergenceError(self.step, quantity, detail)
         arrays = [leaf for leaf in leaves if not isinstance(leaf, numbers.Real)]
         if arrays:
