@@ -132,6 +132,21 @@ def test_im2col_and_its_adjoint(backend, geometry, n, extra, reps, dtype, seed):
     lhs, rhs = float(np.sum(dx.astype(np.float64) * x_rows)), float(np.sum(u.astype(np.float64) * _direct_im2col(x_rows, k, s, p)))
     assert abs(lhs - rhs) <= TOLERANCE[dtype] * max(1.0, float(np.sum(np.abs(u))) * float(np.max(np.abs(x))))
     close(dx, ops.col2im(u, shape, k, s, p), dtype)
+    # into buffers (the CPU's chunked convolution reuses one): overwritten, not accumulated into
+    cols_out, dx_out = np.full(cols.shape, np.nan, dtype=dtype), np.full(dx.shape, np.nan, dtype=dtype)
+    assert be.im2col(x, k, s, p, out=cols_out) is cols_out and be.col2im(u, shape, k, s, p, out=dx_out) is dx_out
+    np.testing.assert_array_equal(cols_out, np.asarray(cols))
+    np.testing.assert_array_equal(dx_out, np.asarray(dx))
+
+
+@pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
+def test_a_patch_buffer_of_the_wrong_shape_dtype_or_layout_is_refused(backend):
+    be, x = get_backend(backend), np.ones((2, 1, 4, 4))
+    for bad in (np.empty((2, 4, 8)), np.empty((2, 4, 9), dtype=np.float32), np.empty((2, 9, 4)).transpose(0, 2, 1)):
+        with pytest.raises(ValueError, match=r"out must be a C-contiguous float64 array of shape \(2, 4, 9\)"):
+            be.im2col(x, 2, 1, 0, out=bad)
+    with pytest.raises(ValueError, match=r"out must be a C-contiguous float64 array of shape \(2, 1, 4, 4\)"):
+        be.col2im(np.ones((2, 4, 9)), (1, 4, 4), 2, 1, 0, out=np.empty((2, 1, 4, 5)))
 
 
 @pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])

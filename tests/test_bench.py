@@ -78,6 +78,10 @@ def test_the_memory_pass_sees_an_array_planted_in_the_step_and_only_on_the_steps
     monkeypatch.setattr(curvature_method, "clip_factors", allocating(curvature_method.clip_factors))
     every = step_bench.step_memory("kfac", "kfac", "paper", np.float64, "numpy", (6, 5, 3), 8, period=2)
     assert every["step_bytes"] >= PLANTED_BYTES
+    # the allocation census of a step between refreshes: the planted array once more, and the largest
+    assert clean["largest_allocation_bytes"] < 2**20 and refresh_only["largest_allocation_bytes"] < 2**20
+    assert (every["allocations"], every["largest_allocation_bytes"]) == (clean["allocations"] + 1, PLANTED_BYTES)
+    assert every["allocated_bytes"] == clean["allocated_bytes"] + PLANTED_BYTES
 
 
 def test_a_paper_cnn_step_never_holds_a_batch_of_patches():
@@ -85,9 +89,12 @@ def test_a_paper_cnn_step_never_holds_a_batch_of_patches():
     refreshes works in under 20 MiB and a refresh step in under 40 MiB, though conv1's patches
     alone would be 29.5 MB and conv2's 16.4 MB (they are recomputed per chunk, model/conv.py).
     The step's own activations and cotangents (conv1's output and its cotangent are 5.9 MB each)
-    are what remains."""
+    are what remains.  The allocation census: no array above conv1's output (5.9 MB), and since the
+    chunks reuse one buffer of patches and one of patch cotangents, under 48 MiB allocated in all
+    (134 MiB when each chunk had its own) in under 100 arrays of 4 KiB or more (135 then)."""
     memory = step_bench.step_memory("kfac", "kfac", "paper", np.float32, "auto", "paper-cnn", 512, period=2)
     assert memory["step_bytes"] < 20 * 2**20 and memory["refresh_step_bytes"] < 40 * 2**20, memory
+    assert memory["largest_allocation_bytes"] <= 512 * 5 * 24 * 24 * 4 and memory["allocated_bytes"] < 48 * 2**20 and memory["allocations"] < 100, memory
 
 
 def test_kernel_bench_times_every_operation_on_each_cpu_backend(capsys):

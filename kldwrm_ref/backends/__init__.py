@@ -104,7 +104,7 @@ def host_hop_backend(xp: Any) -> Backend:
 
         def call(*args, **kwargs):
             result = twin(*(to_numpy(a) if _is_array(a) else a for a in args), **{k: to_numpy(v) if _is_array(v) else v for k, v in kwargs.items()})
-            out = args[2] if op == "per_sample_rows" else kwargs.get("out") if op == "ea_update" else None
+            out = args[2] if op == "per_sample_rows" else kwargs.get("out")
             if out is not None:  # the kernels with an ``out`` argument write into it
                 out[...] = from_numpy(xp, result)
                 return out

@@ -212,20 +212,22 @@ def matmul(a, b):
     return a @ b
 
 
-def im2col(x, kernel, stride, padding):
+def im2col(x, kernel, stride, padding, out=None):
     """Patches (N, C k k, T) of x (N, C, H, W), one thread per patch entry; see :func:`kldwrm_ref.backends.reference.im2col`."""
     out_h, out_w = reference.conv_out_hw(x.shape[2:], kernel, stride, padding)
-    cols = _xp(x).empty((x.shape[0], x.shape[1] * kernel * kernel, out_h * out_w), dtype=x.dtype)
+    shape = (x.shape[0], x.shape[1] * kernel * kernel, out_h * out_w)
+    cols = _xp(x).empty(shape, dtype=x.dtype) if out is None else reference.checked_out(out, shape, x.dtype)
     _launch(_im2col_kernel, cols.size, x, cols, int(kernel), int(stride), int(padding), out_w)
     return cols
 
 
-def col2im(cols, in_shape, kernel, stride, padding):
+def col2im(cols, in_shape, kernel, stride, padding, out=None):
     """im2col's adjoint onto (R, C, H, W), one thread per input element (a gather, no atomics);
     see :func:`kldwrm_ref.backends.reference.col2im`."""
     c, h, w = in_shape
     out_h, out_w = reference.conv_out_hw((h, w), kernel, stride, padding)
-    dx = _xp(cols).empty((cols.shape[0], c, h, w), dtype=cols.dtype)
+    shape = (cols.shape[0], c, h, w)
+    dx = _xp(cols).empty(shape, dtype=cols.dtype) if out is None else reference.checked_out(out, shape, cols.dtype)
     _launch(_col2im_kernel, dx.size, cols, dx, int(kernel), int(stride), int(padding), out_h, out_w)
     return dx
 

@@ -242,24 +242,36 @@ def matmul(a, b):
     return a @ b
 
 
-def im2col(x, kernel, stride, padding):
+def im2col(x, kernel, stride, padding, out=None):
     """Patches (N, C k k, T) of x (N, C, H, W); see :func:`kldwrm_ref.backends.reference.im2col`."""
     (x,) = _contiguous(x)
     out_h, out_w = reference.conv_out_hw(x.shape[2:], kernel, stride, padding)
     x_padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else x
-    cols = np.empty((x.shape[0], x.shape[1] * kernel * kernel, out_h * out_w), dtype=x.dtype)
+    shape = (x.shape[0], x.shape[1] * kernel * kernel, out_h * out_w)
+    cols = np.empty(shape, dtype=x.dtype) if out is None else reference.checked_out(out, shape, x.dtype)
     _im2col_kernel(x_padded, cols, int(kernel), int(stride), out_h, out_w)
     return cols
 
 
-def col2im(cols, in_shape, kernel, stride, padding):
-    """im2col's adjoint onto (R, C, H, W); see :func:`kldwrm_ref.backends.reference.col2im`."""
+def col2im(cols, in_shape, kernel, stride, padding, out=None):
+    """im2col's adjoint onto (R, C, H, W); see :func:`kldwrm_ref.backends.reference.col2im`.  With
+    ``out`` and no padding the scatter-add runs in ``out`` itself."""
     (cols,) = _contiguous(cols)
     c, h, w = in_shape
     out_h, out_w = reference.conv_out_hw((h, w), kernel, stride, padding)
+    if out is not None:
+        reference.checked_out(out, (cols.shape[0], c, h, w), cols.dtype)
+    if out is not None and not padding:
+        out.fill(0)
+        _col2im_kernel(cols, out, int(kernel), int(stride), out_h, out_w)
+        return out
     dx_padded = np.zeros((cols.shape[0], c, h + 2 * padding, w + 2 * padding), dtype=cols.dtype)
     _col2im_kernel(cols, dx_padded, int(kernel), int(stride), out_h, out_w)
-    return dx_padded[:, :, padding : padding + h, padding : padding + w] if padding else dx_padded
+    dx = dx_padded[:, :, padding : padding + h, padding : padding + w] if padding else dx_padded
+    if out is None:
+        return dx
+    out[...] = dx
+    return out
 
 
 def max_pool(x, kernel):

@@ -119,21 +119,33 @@ def conv_out_hw(in_hw, kernel: int, stride: int, padding: int) -> tuple[int, int
     return (in_hw[0] + 2 * padding - kernel) // stride + 1, (in_hw[1] + 2 * padding - kernel) // stride + 1
 
 
-def im2col(x: np.ndarray, kernel: int, stride: int, padding: int) -> np.ndarray:
+def checked_out(out, shape: tuple[int, ...], dtype):
+    """``out`` when it can take a kernel's result in place: C-contiguous, of ``shape`` and ``dtype``."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {dtype} array of shape {tuple(shape)}, got {out.dtype} {tuple(out.shape)}{'' if out.flags.c_contiguous else ' (not C-contiguous)'}")
+    return out
+
+
+def im2col(x: np.ndarray, kernel: int, stride: int, padding: int, out: np.ndarray | None = None) -> np.ndarray:
     """Patches P (N, C k k, T) of x (N, C, H, W), channel-major: column t = oh * W_out + ow of P[n]
     is the (C, k, k) window, row-major, under output position t of the zero-padded input
     (docs/theory.md §5.6).  In this layout the copy reads runs of W_out neighbouring pixels and a
-    convolution's output W_mat P[n] is (out, T), already channel-major."""
+    convolution's output W_mat P[n] is (out, T), already channel-major.  ``out``: written in place
+    and returned (a buffer reused across chunks of samples)."""
     n, c = x.shape[:2]
     out_h, out_w = conv_out_hw(x.shape[2:], kernel, stride, padding)
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else x
     windows = np.lib.stride_tricks.sliding_window_view(xp, (kernel, kernel), axis=(2, 3))
-    windows = windows[:, :, : stride * (out_h - 1) + 1 : stride, : stride * (out_w - 1) + 1 : stride]
-    return windows.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kernel * kernel, out_h * out_w)
+    windows = windows[:, :, : stride * (out_h - 1) + 1 : stride, : stride * (out_w - 1) + 1 : stride].transpose(0, 1, 4, 5, 2, 3)
+    if out is None:
+        return windows.reshape(n, c * kernel * kernel, out_h * out_w)
+    checked_out(out, (n, c * kernel * kernel, out_h * out_w), x.dtype).reshape(windows.shape)[...] = windows
+    return out
 
 
-def col2im(cols: np.ndarray, in_shape, kernel: int, stride: int, padding: int) -> np.ndarray:
-    """The adjoint of :func:`im2col`: scatter-add patch cotangents (R, C k k, T) onto (R, C, H, W)."""
+def col2im(cols: np.ndarray, in_shape, kernel: int, stride: int, padding: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The adjoint of :func:`im2col`: scatter-add patch cotangents (R, C k k, T) onto (R, C, H, W)
+    (``out``: overwritten with the result and returned)."""
     c, h, w = in_shape
     out_h, out_w = conv_out_hw((h, w), kernel, stride, padding)
     cols = cols.reshape(cols.shape[0], c, kernel, kernel, out_h, out_w)
@@ -143,7 +155,11 @@ def col2im(cols: np.ndarray, in_shape, kernel: int, stride: int, padding: int) -
             rows = slice(i, i + stride * (out_h - 1) + 1, stride)
             columns = slice(j, j + stride * (out_w - 1) + 1, stride)
             dxp[:, :, rows, columns] += cols[:, :, i, j]
-    return dxp[:, :, padding : padding + h, padding : padding + w]
+    dx = dxp[:, :, padding : padding + h, padding : padding + w]
+    if out is None:
+        return dx
+    checked_out(out, dx.shape, dx.dtype)[...] = dx
+    return out
 
 
 def pool_index_dtype(kernel: int):

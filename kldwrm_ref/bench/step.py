@@ -10,7 +10,8 @@ is to the machine's matrix-product throughput.
    Timed with nothing else running; memory is a separate pass (:func:`step_memory`): the
    working memory of a step between refreshes and of a refresh step (the high-water mark of
    what the step allocates above what existed when it started, tracemalloc on the CPU, the memory
-   pool's growth on a GPU), and the host transfers of a step between refreshes.
+   pool's growth on a GPU), the host transfers of a step between refreshes and, on the host,
+   its allocation census (how many arrays of at least 4 KiB it allocates, and their bytes).
 2. Limit: the throughput of a large GEMM in float32 and float64, the FLOPs of each step counted
    from the shapes (:func:`step_flops`), and the achieved fraction of that throughput.
 3. Scaling: K-FAC step time against hidden width and batch size, and the dense Fisher build
@@ -23,13 +24,14 @@ import argparse
 import time
 import tracemalloc
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import numpy as np
 
 from kldwrm_ref import optim
-from kldwrm_ref.arrays import counting_transfers, is_cupy_namespace
+from kldwrm_ref.arrays import counting_transfers, is_cupy_namespace, is_numpy_namespace
+from kldwrm_ref.bench.allocations import counting_allocations
 from kldwrm_ref.bench.timing import gemm_throughput, median_time
 from kldwrm_ref.curvature.fisher import fisher
 from kldwrm_ref.data import synthetic_classification
@@ -128,20 +130,36 @@ def step_memory(name: str, platform: str, preset: str, dtype, backend: str, arch
     3 warm-up steps, the largest working memory of a step between refreshes and of a refresh step
     (bytes allocated above what existed when the step started, at its high-water mark: tracemalloc
     on the host, which NumPy reports every array to; on a GPU the growth of CuPy's memory pool,
-    i.e. device memory the pool had to add), and the most host transfers of a step between
-    refreshes (:func:`kldwrm_ref.arrays.counting_transfers`; none on the CPU)."""
+    i.e. device memory the pool had to add), the most host transfers of a step between
+    refreshes (:func:`kldwrm_ref.arrays.counting_transfers`; none on the CPU) and, on the host, the
+    allocation census of a typical step between refreshes, the one of median bytes
+    (:func:`kldwrm_ref.bench.allocations.counting_allocations`: arrays of at least 4 KiB, how many,
+    their bytes in all, the largest; None on a GPU; Q and QE's step after a refresh, which
+    rebuilds their inverse, is the refresh's work, not a typical step)."""
     opt, net, step, theta, state, batch_k, n_steps = _setup(name, platform, preset, dtype, backend, architecture, batch, **overrides)
-    high_water = _high_water(opt.network.backend.xp if opt.network is not None else net.backend.xp)
+    xp = opt.network.backend.xp if opt.network is not None else net.backend.xp
+    high_water, census = _high_water(xp), _census(xp)
     worst = {True: 0, False: 0}
-    transfers = 0
+    transfers, censuses = 0, []
     for k in range(n_steps + 3):
-        with high_water() as used, counting_transfers() as log:
+        with high_water() as used, counting_transfers() as log, census() as allocated:
             theta, state, info = step(theta, state, *batch_k(k))
         if k >= 3:
             refreshed = bool(info.get("refreshed", False))
             worst[refreshed] = max(worst[refreshed], used())
-            transfers = transfers if refreshed else max(transfers, len(log))
-    return dict(step_bytes=worst[False], refresh_step_bytes=worst[True], host_transfers=transfers)
+            if not refreshed:
+                transfers = max(transfers, len(log))
+                censuses += [allocated] if allocated is not None else []
+    typical = sorted(censuses, key=lambda census: census.total_bytes)[len(censuses) // 2] if censuses else None
+    counts = dict(allocations=typical.count, allocated_bytes=typical.total_bytes, largest_allocation_bytes=typical.largest) if typical is not None else dict(allocations=None, allocated_bytes=None, largest_allocation_bytes=None)
+    return dict(step_bytes=worst[False], refresh_step_bytes=worst[True], host_transfers=transfers, **counts)
+
+
+def _census(xp):
+    """A context factory yielding the block's allocation census on the host, None on a GPU."""
+    if is_numpy_namespace(xp):
+        return counting_allocations
+    return lambda: nullcontext(None)
 
 
 def _high_water(xp):
@@ -244,14 +262,16 @@ def scaling(dtype, backend: str) -> dict:
 
 def format_breakdown(results: list[dict], peaks: dict) -> str:
     header = f"{'architecture':<12} {'optimizer':<12} {'preset':<6} {'dtype':<7} {'backend':<7}"
-    header += f" {'non-refr':>8} {'refresh':>8} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'MiB/step':>8} {'MiB/refr':>8} {'GFLOP':>6} {'% GEMM':>7}"
+    header += f" {'non-refr':>8} {'refresh':>8} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'MiB/step':>8} {'MiB/refr':>8} {'allocs':>6} {'MiB alloc':>9} {'GFLOP':>6} {'% GEMM':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
         fraction = r["flops"] / r["mean_s"] / peaks[peak_key(r)]
         line = f"{r['architecture']:<12} {r['optimizer']:<12} {r['preset']:<6} {r['dtype']:<7} {r['backend']:<7} {1e3 * r['median_non_refresh_s']:>8.2f} {1e3 * r['refresh_s']:>8.2f} {1e3 * r['mean_s']:>8.2f}"
         line += "".join(f" {1e3 * r['phases_s'][p]:>8.2f}" for p in PHASES) + f" {1e3 * r['phases_s']['rest']:>6.2f}"
         flops = f"{r['flops'] / 1e9:>6.2f} {100 * fraction:>6.1f}%" if np.isfinite(r["flops"]) else f"{'-':>6} {'-':>7}"
-        line += f" {r.get('step_bytes', float('nan')) / 2**20:>8.2f} {r.get('refresh_step_bytes', float('nan')) / 2**20:>8.1f} {flops}"
+        line += f" {r.get('step_bytes', float('nan')) / 2**20:>8.2f} {r.get('refresh_step_bytes', float('nan')) / 2**20:>8.1f}"
+        census = (f"{r['allocations']:>6} {r['allocated_bytes'] / 2**20:>9.1f}") if r.get("allocations") is not None else f"{'-':>6} {'-':>9}"
+        line += f" {census} {flops}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -332,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("GEMM throughput (n^3 product; cuda: the tiled kernel): " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
     results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, args.architectures, **overrides)
     print("\nper-step breakdown (ms; non-refr = median step between refreshes, refresh = mean refresh step, mean = amortised over 2 refresh periods;"
-          " MiB/step, MiB/refr = working memory of a step between refreshes / a refresh step, from a separate pass; % GEMM = step FLOPs / mean time / GEMM throughput)")
+          " MiB/step, MiB/refr = working memory of a step between refreshes / a refresh step, from a separate pass;"
+          " allocs, MiB alloc = the arrays of >= 4 KiB a typical step between refreshes allocates and their bytes in all (host only); % GEMM = step FLOPs / mean time / GEMM throughput)")
     print(format_breakdown(results, peaks))
     print("\ntargets (amortised mean step):")
     print(targets(results, peaks))

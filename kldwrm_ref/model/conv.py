@@ -120,9 +120,10 @@ class Conv2d:
     def _out_hw(self, in_hw) -> tuple[int, int]:
         return conv_out_hw(in_hw, self.kernel_size, self.stride, self.padding)
 
-    def im2col(self, x: Any, backend: Backend) -> Any:
-        """Patches P (N, k, T) of x (N, in, H, W): P[n, :, t] is the (in, kh, kw) window under output position t."""
-        return backend.im2col(x, self.kernel_size, self.stride, self.padding)
+    def im2col(self, x: Any, backend: Backend, out: Any = None) -> Any:
+        """Patches P (N, k, T) of x (N, in, H, W): P[n, :, t] is the (in, kh, kw) window under output
+        position t (written into ``out`` when given)."""
+        return backend.im2col(x, self.kernel_size, self.stride, self.padding, out=out)
 
     def init(self, params, rng):
         torch_uniform(params[0], params[1], rng)
@@ -138,14 +139,18 @@ class Conv2d:
         return max(1, PATCH_CHUNK_BYTES // per_sample)
 
     def _patch_chunks(self, cache: ConvCache, backend: Backend):
-        """(samples, their patches) covering the batch: the kept patches once, or chunks recomputed."""
+        """(samples, their patches) covering the batch: the kept patches once, or chunks recomputed
+        into one buffer, so a chunk's patches are valid only until the next chunk is drawn."""
         if cache.patches is not None:
             yield slice(0, cache.x.shape[0]), cache.patches
             return
         n, step = cache.x.shape[0], self._chunk_samples(cache.x, backend.xp)
+        buffer = None
         for start in range(0, n, step):
             rows = slice(start, min(start + step, n))
-            yield rows, self.im2col(cache.x[rows, ...], backend)
+            patches = self.im2col(cache.x[rows, ...], backend, out=None if buffer is None else buffer[: rows.stop - start])
+            buffer = patches if buffer is None else buffer
+            yield rows, patches
 
     def _all_patches(self, cache: ConvCache, backend: Backend) -> Any:
         """The whole batch's patches (per-sample rows and jvp, which the dense platform uses)."""
@@ -190,10 +195,13 @@ class Conv2d:
         in_shape = (self.in_channels, *cache.x.shape[2:])
         if cache.patches is not None:
             return backend.col2im(xp.matmul(W_t, deltas), in_shape, self.kernel_size, self.stride, self.padding)
-        step = self._chunk_samples(cache.x, xp)
-        dx = np.empty((dy.shape[0], *in_shape), dtype=np.result_type(W_t, deltas))
+        step, dtype = self._chunk_samples(cache.x, xp), np.result_type(W_t, deltas)
+        dx = np.empty((dy.shape[0], *in_shape), dtype=dtype)
+        products = np.empty((min(step, dy.shape[0]), self.patch_size, deltas.shape[2]), dtype=dtype)  # one chunk's patch cotangents, reused
         for start in range(0, dy.shape[0], step):
-            dx[start : start + step] = backend.col2im(xp.matmul(W_t, deltas[start : start + step, ...]), in_shape, self.kernel_size, self.stride, self.padding)
+            chunk = deltas[start : start + step, ...]
+            np.matmul(W_t, chunk, out=products[: chunk.shape[0]])
+            backend.col2im(products[: chunk.shape[0]], in_shape, self.kernel_size, self.stride, self.padding, out=dx[start : start + step])
         return dx
 
     def param_gradients(self, params, cache, dy, backend):

@@ -1,0 +1,62 @@
+"""The allocation census (kldwrm_ref.bench.allocations) against allocations whose sizes the test
+knows independently: the element count times the item size of arrays it makes itself."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from kldwrm_ref.bench.allocations import counting_allocations
+
+try:
+    from numpy._core.multiarray import get_handler_name
+except ImportError:  # NumPy 1.x
+    from numpy.core.multiarray import get_handler_name
+
+
+def test_the_census_sees_every_kind_of_allocation_at_or_above_its_threshold():
+    with counting_allocations(min_bytes=1000) as census:
+        empty = np.empty(1000)  # malloc, 8000 bytes
+        zeros = np.zeros((20, 30), dtype=np.float32)  # calloc, 2400 bytes
+        small = np.ones(100, dtype=np.int8)  # 100 bytes: below the threshold
+        total = empty + 1.0  # a ufunc's output, 8000 bytes
+        grown = np.arange(300, dtype=np.int64)  # 2400 bytes
+        grown.resize(400, refcheck=False)  # realloc to 3200 bytes
+    assert census.sizes == [8000, 2400, 8000, 2400, 3200]
+    assert (census.count, census.total_bytes, census.largest) == (5, 24_000, 8000)
+    assert small.nbytes < 1000 and zeros.sum() == 0 and total.shape == (1000,) and grown.shape == (400,)
+
+
+def test_the_handler_is_put_back_and_arrays_made_under_it_outlive_it():
+    before = get_handler_name()
+    with counting_allocations() as census:
+        kept = np.full(50_000, 2.0)
+        assert get_handler_name() != before
+    assert get_handler_name() == before and census.sizes == [400_000]
+    after = np.empty(50_000)  # not counted: the census is closed
+    assert census.count == 1 and float(kept.sum()) == 100_000.0 and after.size == 50_000
+    del kept  # freed by NumPy's own free function, after the census
+    with pytest.raises(ZeroDivisionError), counting_allocations():
+        raise ZeroDivisionError
+    assert get_handler_name() == before
+
+
+def test_censuses_nest_and_each_counts_what_happened_inside_it():
+    with counting_allocations() as outer:
+        a = np.empty(1024)
+        with counting_allocations(min_bytes=0) as inner:
+            b = np.empty(2, dtype=np.int32)
+            c = np.empty(4096, dtype=np.uint8)
+        d = np.empty(2048)
+    assert inner.sizes == [8, 4096] and outer.sizes == [8192, 4096, 16384]
+    assert a.size + b.size + c.size + d.size == 1024 + 2 + 4096 + 2048
+
+
+def test_only_the_calling_threads_allocations_are_counted():
+    made = []
+    worker = threading.Thread(target=lambda: made.append(np.empty(100_000)))
+    with counting_allocations() as census:
+        worker.start()
+        worker.join()
+        mine = np.empty(10_000)
+    assert census.sizes == [80_000] and made[0].nbytes == 800_000 and mine.nbytes == 80_000
