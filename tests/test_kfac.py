@@ -218,3 +218,21 @@ def test_blocks_must_cover_each_parameter_once():
         KFACOperator([block, overlapping], 9, NUMPY)
     with pytest.raises(ValueError, match="must cover each of the n_params=9 parameters once"):
         KFACOperator([block, KronBlock(np.eye(1), np.eye(3), np.array([5, 6, 7]), "layer 1")], 9, NUMPY)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 9\), got \[0, 9\]"):
+        KFACOperator([block, KronBlock(np.eye(1), np.eye(3), np.array([6, 7, 9]), "layer 1")], 9, NUMPY)
+
+
+def test_blocks_out_of_theta_order_are_put_back_by_the_inverse_permutation():
+    """Blocks whose positions interleave in theta: unpermute is argsort of their concatenation, and
+    the operator equals the dense block-diagonal matrix assembled position by position."""
+    rng = np.random.default_rng(4)
+    positions = rng.permutation(12)
+    blocks = [KronBlock(m @ m.T, g @ g.T, positions[start : start + m.shape[0] * g.shape[0]], f"block {i}")
+              for i, (start, m, g) in enumerate(((0, rng.standard_normal((3, 3)), rng.standard_normal((2, 2))), (6, rng.standard_normal((2, 2)), rng.standard_normal((3, 3)))))]
+    operator = KFACOperator(blocks, 12, NUMPY)
+    np.testing.assert_array_equal(operator.unpermute, np.argsort(positions))
+    dense = np.zeros((12, 12))
+    for block in blocks:
+        dense[np.ix_(block.positions, block.positions)] = np.kron(block.G, block.A)  # row-major (out, k) V: vec(G V A) = (G kron A) vec(V) for symmetric A
+    v = rng.standard_normal(12)
+    np.testing.assert_allclose(operator.matvec(v), dense @ v, rtol=1e-12, atol=1e-12)

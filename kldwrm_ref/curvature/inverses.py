@@ -63,13 +63,19 @@ class BlockDiagonalOperator(Operator):
         covered = sum(b.positions.size for b in self.blocks)
         if covered != n_params:
             raise ValueError(f"blocks cover {covered} parameters, expected n_params={n_params}")
-        order = np.concatenate([b.positions for b in self.blocks])
-        if not np.array_equal(np.sort(order), np.arange(n_params)):
-            raise ValueError(f"the blocks' positions must cover each of the n_params={n_params} parameters once")
+        order, identity = np.concatenate([b.positions for b in self.blocks]), np.arange(n_params)
+        inverse = identity  # the permutation that puts the blocks' concatenation back in theta order
+        if not np.array_equal(order, identity):  # found in one pass (a sort took 8 ms at 200k parameters; QE builds an operator every step)
+            if order.min() < 0 or order.max() >= n_params:
+                raise ValueError(f"the blocks' positions must lie in [0, {n_params}), got [{order.min()}, {order.max()}]")
+            inverse = np.full(n_params, -1, dtype=np.int64)
+            inverse[order] = identity
+            if np.any(inverse[order] != identity):  # a position listed twice keeps only its last entry
+                raise ValueError(f"the blocks' positions must cover each of the n_params={n_params} parameters once")
         self.indices = [block_index(b.positions) for b in self.blocks]
         self.gathers = [index if isinstance(index, slice) else backend.asarray(index) for index in self.indices]
-        in_order = all(isinstance(index, slice) for index in self.indices) and np.array_equal(order, np.arange(n_params))
-        self.unpermute = None if in_order else backend.asarray(np.argsort(order))
+        in_order = inverse is identity and all(isinstance(index, slice) for index in self.indices)
+        self.unpermute = None if in_order else backend.asarray(inverse)
         self.shape, self.dtype = (n_params, n_params), self.blocks[0].A.dtype
 
     def apply_block(self, i: int, V: Any) -> Any:
