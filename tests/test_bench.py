@@ -137,3 +137,14 @@ def test_step_bench_times_the_cuda_backend(capsys):
     peak = device_gemm_throughput(np.float64, repeats=1)
     print(step_bench.format_breakdown([result], {"cuda-float64": peak}))
     assert "cuda" in capsys.readouterr().out
+
+
+def test_the_dense_ea_cm_row_runs_once_whatever_the_architectures(monkeypatch):
+    """EA-CM on the dense platform always times a 49-32-10 MLP, so a breakdown over two
+    architectures runs it once and every K-FAC-platform optimiser once per architecture."""
+    calls = []
+    monkeypatch.setattr(step_bench, "time_steps", lambda name, platform, preset, dtype, backend, arch, batch, **_: calls.append((name, platform, arch)) or {})
+    monkeypatch.setattr(step_bench, "step_memory", lambda *args, **kwargs: {})
+    step_bench.breakdown(["paper"], [np.float32], ["numpy"], [(6, 5, 3), (4, 3, 2)])
+    assert [c for c in calls if c[1] == "dense"] == [("ea-cm", "dense", (49, 32, 10))]
+    assert sorted(c for c in calls if c[1] == "kfac") == sorted((name, "kfac", arch) for arch in ((6, 5, 3), (4, 3, 2)) for name, platform in step_bench.BREAKDOWN_OPTIMIZERS if platform == "kfac")
