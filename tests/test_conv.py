@@ -231,6 +231,29 @@ def test_chunked_patches_give_the_independent_gradients_jacobians_kfc_factors_an
         np.testing.assert_allclose(rows.sum(axis=0), net.vjp(theta, cache, summed), rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_chunks_share_one_patch_buffer_and_never_write_into_the_input(backend):
+    """A 1 x 1 convolution's patches are the input itself (NumPy's im2col then returns a read-only
+    view of it): chunked passes must still write each chunk into their own buffer, leave X as it
+    was, and equal the whole-batch pass, in the forward product, the weight gradient and the A factor."""
+    net = Network([Conv2d(2, 3, 1), Flatten(), Dense(3 * 4 * 4, 2)], (2, 4, 4), np.float64, backend)
+    rng = np.random.default_rng(7)
+    theta, X, y = net.init(0), rng.standard_normal((5, 2, 4, 4)), rng.integers(0, 2, 5)
+    X_before = X.copy()
+    loss, grad, cache = net.loss_grad_cache(theta, X, y)
+    dy = rng.standard_normal((5, 3, 4, 4))
+    factors = net.layers[0].kfac_factors(cache.caches[0], dy, 5, net.backend)
+    with chunked_patches(2 * 2 * 16 * 8):  # two samples per chunk, an uneven last chunk
+        chunked_loss, chunked_grad, chunked_cache = net.loss_grad_cache(theta, X, y)
+        assert chunked_cache.caches[0].patches is None
+        chunked_factors = net.layers[0].kfac_factors(chunked_cache.caches[0], dy, 5, net.backend)
+    np.testing.assert_array_equal(X, X_before)
+    assert chunked_loss == pytest.approx(loss, rel=1e-14)
+    np.testing.assert_allclose(chunked_grad, grad, rtol=1e-13, atol=1e-15)
+    for got, want in zip(chunked_factors, factors):
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+
+
 def test_patches_are_kept_below_the_cache_size_and_chunked_above_it():
     """The paper CNN at batch 512 in float32: conv1's 29.5 MB and conv2's 16.4 MB of patches are
     never held (chunks of at most PATCH_CHUNK_BYTES); a small batch keeps its patches."""

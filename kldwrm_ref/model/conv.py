@@ -145,12 +145,11 @@ class Conv2d:
             yield slice(0, cache.x.shape[0]), cache.patches
             return
         n, step = cache.x.shape[0], self._chunk_samples(cache.x, backend.xp)
-        buffer = None
+        h, w = self._out_hw(cache.x.shape[2:])
+        buffer = np.empty((min(step, n), self.patch_size, h * w), dtype=cache.x.dtype)  # chunks exist on NumPy only
         for start in range(0, n, step):
             rows = slice(start, min(start + step, n))
-            patches = self.im2col(cache.x[rows, ...], backend, out=None if buffer is None else buffer[: rows.stop - start])
-            buffer = patches if buffer is None else buffer
-            yield rows, patches
+            yield rows, self.im2col(cache.x[rows, ...], backend, out=buffer[: rows.stop - start])
 
     def _all_patches(self, cache: ConvCache, backend: Backend) -> Any:
         """The whole batch's patches (per-sample rows and jvp, which the dense platform uses)."""
