@@ -60,3 +60,62 @@ def test_only_the_calling_threads_allocations_are_counted():
         worker.join()
         mine = np.empty(10_000)
     assert census.sizes == [80_000] and made[0].nbytes == 800_000 and mine.nbytes == 80_000
+
+
+def test_a_census_open_in_another_thread_counts_none_of_this_threads_allocations():
+    opened, release, seen = threading.Event(), threading.Event(), {}
+
+    def worker():
+        with counting_allocations() as theirs:
+            opened.set()
+            release.wait()
+        seen["theirs"] = theirs.sizes
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    opened.wait()
+    with counting_allocations() as mine:
+        kept = np.empty(10_000)
+    release.set()
+    thread.join()
+    assert mine.sizes == [80_000] and seen["theirs"] == [] and kept.size == 10_000
+
+
+def test_censuses_closed_out_of_order_count_what_each_saw_and_put_the_handler_back():
+    """A opens, B opens inside it, A closes before B: what B sees after that counts in B alone, and
+    closing B reinstalls the handler from before A."""
+    before = get_handler_name()
+    a, b = counting_allocations(), counting_allocations()
+    census_a = a.__enter__()
+    first = np.empty(1000)
+    census_b = b.__enter__()
+    second = np.empty(2000)
+    a.__exit__(None, None, None)
+    third = np.empty(3000)
+    b.__exit__(None, None, None)
+    assert census_a.sizes == [8000, 16000] and census_b.sizes == [16000, 24000]
+    assert get_handler_name() == before and first.size + second.size + third.size == 6000
+    # the middle of three closes first: the innermost then nests in the outer, even while another
+    # thread's census holds the middle one's record
+    opened, release, seen = threading.Event(), threading.Event(), {}
+
+    def elsewhere():
+        with counting_allocations() as theirs:
+            opened.set()
+            release.wait()
+        seen["theirs"] = theirs.sizes
+
+    with counting_allocations() as outer:
+        middle, inner = counting_allocations(), counting_allocations()
+        census_middle, census_inner = middle.__enter__(), inner.__enter__()
+        x = np.empty(1024)
+        middle.__exit__(None, None, None)
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        opened.wait()
+        y = np.empty(2048)
+        release.set()
+        thread.join()
+        inner.__exit__(None, None, None)
+    assert outer.sizes == [8192, 16384] and census_middle.sizes == [8192] and census_inner.sizes == [8192, 16384]
+    assert seen["theirs"] == [] and get_handler_name() == before and x.size + y.size == 3072
