@@ -7,6 +7,7 @@ non-square ones; the simulator runs kernels in Python, so its shapes stay small.
 
 import numpy as np
 import pytest
+from devices import CUDA
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,7 @@ from kldwrm_ref import MLP, optim
 from kldwrm_ref.backends import AUTO_NUMPY, BACKENDS, NUMPY, OPERATIONS, get_backend
 from kldwrm_ref.backends import reference as ops
 
-KERNEL_BACKENDS = ["numba", "cuda"]
+KERNEL_BACKENDS = ["numba", CUDA]
 TOLERANCE = {np.float64: 1e-12, np.float32: 2e-5}  # relative to the largest entry
 
 
@@ -192,7 +193,7 @@ def test_backend_seam():
     assert set(BACKENDS) == {"numpy", "numba", "cuda", "auto"}
 
 
-@pytest.mark.parametrize("backend", ["numba", "cuda"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name, platform, preset", [("kfac", "kfac", "paper"), ("q-kld-wrm", "kfac", "theory"), ("qe-kld-wrm", "kfac", "paper"), ("so-kld-wrm", "dense", "theory")])
 def test_full_optimiser_steps_equal_numpy(backend, name, platform, preset):
     """Three steps of each optimiser on a small net: every backend gives NumPy's iterates to 1e-10."""
@@ -212,7 +213,7 @@ def test_full_optimiser_steps_equal_numpy(backend, name, platform, preset):
     assert np.max(np.abs(thetas[backend] - thetas["numpy"])) <= 1e-10 * scale
 
 
-@pytest.mark.parametrize("backend", ["numba", "cuda"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", ["kfac", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"])
 def test_cnn_optimiser_steps_equal_numpy(backend, name):
     """Paper-preset steps on a tiny CNN (conv, pool, dropout; QE's inner solve from the first step):

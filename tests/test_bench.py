@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from devices import cuda_reason
 
 from kldwrm_ref import MLP
 from kldwrm_ref.bench import cli as bench
@@ -126,6 +127,7 @@ def test_step_bench_separates_refresh_steps_from_the_others(monkeypatch):
     assert result["median_non_refresh_s"] < DELAY / 2
 
 
+@pytest.mark.skipif(cuda_reason() is not None, reason=f"neither the CUDA simulator nor a GPU: {cuda_reason()}")
 def test_step_bench_times_the_cuda_backend(capsys):
     """``kldwrm bench step --backends cuda`` times the step with every array on the device (simulator here: the
     numbers mean nothing, the bookkeeping is what is checked) against the device's GEMM rate."""

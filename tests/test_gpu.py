@@ -24,6 +24,7 @@ import types
 
 import numpy as np
 import pytest
+from devices import cuda_reason, gpu_reason, simulated
 
 from kldwrm_ref import optim
 from kldwrm_ref.arrays import counting_transfers, to_numpy
@@ -35,18 +36,7 @@ from kldwrm_ref.model.layers import Dense, ReLU
 SCALAR_BYTES = 8 * 32  # "a few scalars": no copy of a non-refresh step may be larger (the dropout masks aside)
 
 
-def _gpu_reason() -> str | None:
-    """Why the hardware tests cannot run here (None when they can)."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM", "1") != "0":
-        return "NUMBA_ENABLE_CUDASIM is not 0 (run with NUMBA_ENABLE_CUDASIM=0 on a machine with a GPU)"
-    try:
-        probe.require_gpu_stack()
-    except GPUUnavailableError as error:
-        return str(error)
-    return None
-
-
-hardware = pytest.mark.skipif(_gpu_reason() is not None, reason=f"no GPU: {_gpu_reason()}")
+hardware = pytest.mark.skipif(gpu_reason() is not None, reason=f"no GPU: {gpu_reason()}")
 
 
 # ------------------------------------------------------------------------------ the probe
@@ -92,6 +82,7 @@ def test_no_device_is_named(monkeypatch, devices):
         probe.require_gpu_stack()
 
 
+@pytest.mark.skipif(not simulated(), reason="a check of the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
 def test_the_simulator_needs_no_cupy(monkeypatch):
     _fake_imports(monkeypatch, cupy=ImportError("No module named 'cupy'"))
     probe.require_gpu_stack()  # conftest runs the simulator: numba-cuda is enough
@@ -107,7 +98,7 @@ COMMANDS_ON_CUDA = [
 def test_the_command_says_what_is_missing_in_one_line(tmp_path, command):
     """Outside the simulator, on a machine without CuPy or a GPU: one line on stderr, exit 2, no traceback."""
     pytest.importorskip("numba.cuda")
-    if _gpu_reason() is None:
+    if gpu_reason() is None:
         pytest.skip("a GPU is present: nothing is missing")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
     result = subprocess.run([sys.executable, "-m", "kldwrm_ref.cli", *command], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
@@ -118,7 +109,8 @@ def test_the_command_says_what_is_missing_in_one_line(tmp_path, command):
     assert not (tmp_path / "out").exists()
 
 
-# ------------------------------------------------------------------------- end to end (simulator)
+# ------------------------------------------------------------------------- end to end (simulator or GPU)
+@pytest.mark.skipif(cuda_reason() is not None, reason=f"neither the CUDA simulator nor a GPU: {cuda_reason()}")
 def test_mnist_command_with_backend_cuda_matches_numpy(tmp_path):
     from kldwrm_ref.cli import main
 
