@@ -1,6 +1,7 @@
 """The allocation census (kldwrm_ref.bench.allocations) against allocations whose sizes the test
 knows independently: the element count times the item size of arrays it makes itself."""
 
+import asyncio
 import threading
 
 import numpy as np
@@ -119,3 +120,45 @@ def test_censuses_closed_out_of_order_count_what_each_saw_and_put_the_handler_ba
         inner.__exit__(None, None, None)
     assert outer.sizes == [8192, 16384] and census_middle.sizes == [8192] and census_inner.sizes == [8192, 16384]
     assert seen["theirs"] == [] and get_handler_name() == before and x.size + y.size == 3072
+
+
+def test_tasks_started_inside_a_census_never_count_in_a_later_one():
+    """An asyncio task copies its context, handler included: what it allocates after the census it
+    started in has closed counts in that closed census, never in one opened later (whose record
+    would otherwise be the old one's), and a census it opens nests without a cycle."""
+    seen = {}
+
+    async def late():
+        await asyncio.sleep(0.01)
+        return np.empty(7777)
+
+    async def nested():
+        with counting_allocations() as theirs:
+            await asyncio.sleep(0.01)  # the parent's census closes meanwhile
+            with counting_allocations() as innermost:
+                kept = np.empty(1000)
+        seen["theirs"], seen["innermost"] = theirs.sizes, innermost.sizes
+        return kept
+
+    async def main():
+        with counting_allocations() as first:
+            tasks = [asyncio.create_task(late()), asyncio.create_task(nested())]
+            await asyncio.sleep(0)
+        with counting_allocations() as later:
+            made = await asyncio.gather(*tasks)
+        seen["first"], seen["later"] = first.sizes, later.sizes
+        return made
+
+    made = asyncio.run(main())
+    assert seen == {"first": [], "later": [], "theirs": [8000], "innermost": [8000]} and made[0].size == 7777
+
+
+def test_a_census_counts_none_of_its_own_work_nor_failed_allocations_and_checks_its_threshold():
+    with counting_allocations(min_bytes=0) as outer:
+        with counting_allocations(min_bytes=0) as inner:
+            with pytest.raises(MemoryError):
+                np.empty(2**62, dtype=np.uint8)
+    assert outer.sizes == [] and inner.sizes == []
+    for bad in (-1, 2**63, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"min_bytes must be an integer in \[0, 2\*\*63\)"), counting_allocations(bad):
+            pass

@@ -2,50 +2,56 @@
 
 ``with counting_allocations() as census: ...`` then ``census.count`` (allocations of at least
 ``census.min_bytes``), ``census.total_bytes``, ``census.largest`` and ``census.sizes`` (the first
-:data:`SIZES_KEPT`, in order).  It answers what tracemalloc cannot: tracemalloc keeps live blocks
-and a high-water mark, so a temporary allocated and freed inside a step shows in neither; the
-census sees each allocation as it happens.
+:data:`SIZES_KEPT`, in order), filled when the block ends.  It answers what tracemalloc cannot:
+tracemalloc keeps live blocks and a high-water mark, so a temporary allocated and freed inside a
+step shows in neither; the census sees each allocation as it happens.
 
-How: since NumPy 1.22 (NEP 49) every array's data buffer comes from a *memory handler*, a C struct
-of malloc / calloc / realloc / free functions and a context pointer, chosen per context (a
-context variable), so a handler installed here sees only the calling thread's allocations.  Each
-open census installs a handler of its own whose allocating functions are compiled C (Numba
-``cfunc``s, so no Python code, signal handler or exception can run inside an allocation): they
-add the size to the census's record (the context pointer) and to the records of the censuses it
-is nested in, then call NumPy's default functions.  The free function *is* NumPy's default free.
-Handlers, their records and their names live in C memory that is never freed, so an array made
-under a census can outlive it, down to interpreter exit; records are reused by later censuses, so
-a realloc of an old census's array (``ndarray.resize``) counts in whichever census holds its
-record then.  The handler is installed through NumPy's C-API table (``PyDataMem_SetHandler``) and
-checked by name; where that fails, :class:`CensusUnavailable` is raised.
+How: since NumPy 1.22 (NEP 49) every buffer NumPy allocates for array data (and for some scratch
+space, such as sorting's) comes from a *memory handler*, a C struct of malloc / calloc / realloc /
+free functions and a context pointer, chosen per context variable: a handler installed here
+serves the calling context (its thread, and the asyncio tasks it starts meanwhile, which copy the
+context) and no other.  Each census installs a handler of its own whose allocating functions are
+compiled C (Numba ``cfunc``s, so no Python code, signal handler or exception runs inside an
+allocation): they call NumPy's default function and, when it succeeds, add the size to the
+census's record (the context pointer) and to the records of the censuses it is nested in.  The
+free function *is* NumPy's default free.  Handlers and records live in C memory that is never
+freed, so an array made under a census may outlive it, down to interpreter exit.  A census's
+record is reused only once nothing refers to its handler any more (no array made under it, no
+context that inherited it), so whatever allocates later under an old handler counts in that
+closed census and nowhere else.  The handler is installed through NumPy's C-API table
+(``PyDataMem_SetHandler``) and checked by name; where that fails, :class:`CensusUnavailable` is
+raised.
 
-Not counted: memory that is not an array's data (BLAS's and LAPACK's work buffers, Python objects,
-array headers, the bytes an unpickled array keeps its data in) and buffers Numba-compiled code
-allocates for itself (the project's kernels write into arrays their NumPy wrappers allocate, so
-their outputs are counted).  A realloc counts its new size.  A GPU's arrays come from CuPy's
-memory pool; :func:`kldwrm_ref.bench.step.step_memory` reports the pool's growth there instead.
+Not counted: memory NumPy does not allocate through its handler (BLAS's and LAPACK's work
+buffers, Python objects and array headers, the bytes an unpickled array keeps its data in) and
+buffers Numba-compiled code allocates for itself (the project's kernels write into arrays their
+NumPy wrappers allocate, so their outputs are counted).  A realloc counts its new size.  A GPU's
+arrays come from CuPy's memory pool; :func:`kldwrm_ref.bench.step.step_memory` reports the pool's
+growth there instead.
 """
 
 from __future__ import annotations
 
 import contextvars
 import ctypes
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import cfunc, types
+from numba import cfunc, njit, types
 
 __all__ = ["MIN_BYTES", "SIZES_KEPT", "Census", "CensusUnavailable", "counting_allocations"]
 
 MIN_BYTES = 4096  # the default threshold: "a few kilobytes"
 SIZES_KEPT = 64  # sizes listed per census (all are counted)
-MAX_OPEN = 256  # censuses open at once, over every thread
+BLOCK = 64  # records and handlers are made this many at a time
 
 
 class CensusUnavailable(RuntimeError):
-    """This NumPy does not accept the census's memory handler."""
+    """This NumPy (or Numba) cannot host the census's memory handler."""
 
 
 @dataclass
@@ -63,12 +69,15 @@ class Census:
 # ----------------------------------------------------------------- a census's record (int64 words)
 _COUNT, _TOTAL, _LARGEST, _MIN, _KEPT, _PARENT, _SIZES = range(7)
 _RECORD = _SIZES + SIZES_KEPT  # words per record; _PARENT: offset in words to the enclosing census's record, 0 if none
+_WORD = 8
+_LONGEST_CHAIN = 1 << 16  # a safety net: nesting is never this deep
 
 
+@njit
 def _note(record, nbytes):
-    """Add one allocation to ``record`` and every record it is nested in (compiled into the cfuncs)."""
+    """Add one allocation to ``record`` and every record it is nested in."""
     at = 0
-    while True:
+    for _ in range(_LONGEST_CHAIN):
         if nbytes >= record[at + _MIN]:
             record[at + _COUNT] += 1
             record[at + _TOTAL] += nbytes
@@ -97,9 +106,23 @@ _HANDLER_NAME = "kldwrm_ref allocation census"
 _SET_HANDLER, _DEFAULT_HANDLER = 304, 306  # NumPy's C-API table: PyDataMem_SetHandler, &PyDataMem_DefaultHandler (since 1.22)
 
 
+class _Slot:
+    """One census's record and handler (C memory never freed) and the capsule that names the
+    handler to NumPy; ``refs`` is the capsule's reference count when only the slot holds it."""
+
+    def __init__(self, record: int, handler: int, capsule) -> None:
+        self.record, self.handler, self.capsule = record, handler, capsule
+        self.words = (ctypes.c_int64 * _RECORD).from_address(record)
+        self.open = False
+        self.refs = 0  # set once the slot is the capsule's only holder (Engine.new_block)
+
+    def reusable(self) -> bool:
+        """Closed, and nothing else refers to its handler (an array made under it, a context)."""
+        return not self.open and sys.getrefcount(self.capsule) <= self.refs
+
+
 class _Engine:
-    """Built once per process: the compiled allocating functions, MAX_OPEN records and handlers in
-    C memory never freed, and the capsules that name them to NumPy."""
+    """Built once per process: the compiled allocating functions, and slots made in blocks."""
 
     def __init__(self) -> None:
         try:
@@ -107,63 +130,80 @@ class _Engine:
         except ImportError:  # NumPy 1.x
             from numpy.core import multiarray  # type: ignore[no-redef]
         self.handler_name = multiarray.get_handler_name
-        api, libc = ctypes.pythonapi, ctypes.CDLL(None)
+        self.api, self.libc = ctypes.pythonapi, ctypes.CDLL(None)
+        api, libc = self.api, self.libc
         api.PyCapsule_GetPointer.restype, api.PyCapsule_GetPointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
         api.PyCapsule_New.restype, api.PyCapsule_New.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
         libc.calloc.restype, libc.calloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t, ctypes.c_size_t]
         table = ctypes.cast(api.PyCapsule_GetPointer(multiarray._ARRAY_API, None), ctypes.POINTER(ctypes.c_void_p))
         self.set_handler = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)(table[_SET_HANDLER])
         default_capsule = ctypes.cast(table[_DEFAULT_HANDLER], ctypes.POINTER(ctypes.py_object)).contents.value
-        default = _Handler.from_address(api.PyCapsule_GetPointer(default_capsule, b"mem_handler")).allocator
-        ctx = default.ctx or 0
-        # NumPy's own functions, their context passed as an integer (a constant of the compiled code)
-        d_malloc = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t)(default.malloc)
-        d_calloc = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t)(default.calloc)
-        d_realloc = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t)(default.realloc)
-        note = _compiled_note()
-        record_ptr = types.CPointer(types.int64)
+        self.default = _Handler.from_address(api.PyCapsule_GetPointer(default_capsule, b"mem_handler")).allocator
+        ctx = self.default.ctx or 0
+        # NumPy's own functions, their context passed as an integer constant of the compiled code;
+        # pointers travel as uintp (the same register as a pointer in the C calling convention)
+        size_t = ctypes.c_size_t
+        d_malloc = ctypes.CFUNCTYPE(size_t, size_t, size_t)(self.default.malloc)
+        d_calloc = ctypes.CFUNCTYPE(size_t, size_t, size_t, size_t)(self.default.calloc)
+        d_realloc = ctypes.CFUNCTYPE(size_t, size_t, size_t, size_t)(self.default.realloc)
+        record, uintp = types.CPointer(types.int64), types.uintp
 
-        @cfunc(types.voidptr(record_ptr, types.uintp), nopython=True)
-        def census_malloc(record, size):
-            note(record, size)
-            return d_malloc(ctx, size)
+        @cfunc(uintp(record, uintp), nopython=True)
+        def census_malloc(words, size):
+            pointer = d_malloc(ctx, size)
+            if pointer != 0:
+                _note(words, size)
+            return pointer
 
-        @cfunc(types.voidptr(record_ptr, types.uintp, types.uintp), nopython=True)
-        def census_calloc(record, nelem, elsize):
-            note(record, nelem * elsize)
-            return d_calloc(ctx, nelem, elsize)
+        @cfunc(uintp(record, uintp, uintp), nopython=True)
+        def census_calloc(words, nelem, elsize):
+            pointer = d_calloc(ctx, nelem, elsize)
+            if pointer != 0:
+                _note(words, nelem * elsize)
+            return pointer
 
-        @cfunc(types.voidptr(record_ptr, types.voidptr, types.uintp), nopython=True)
-        def census_realloc(record, ptr, new_size):
-            note(record, new_size)
-            return d_realloc(ctx, ptr, new_size)
+        @cfunc(uintp(record, uintp, uintp), nopython=True)
+        def census_realloc(words, old, new_size):
+            pointer = d_realloc(ctx, old, new_size)
+            if pointer != 0:
+                _note(words, new_size)
+            return pointer
 
         self.compiled = (census_malloc, census_calloc, census_realloc)  # kept for the process's life
-        words = 8  # bytes per record word
-        self.records = libc.calloc(MAX_OPEN * _RECORD, words)
-        self.record_array = np.ctypeslib.as_array((ctypes.c_int64 * (MAX_OPEN * _RECORD)).from_address(self.records)).reshape(MAX_OPEN, _RECORD)
-        name = libc.calloc(len(b"mem_handler") + 1, 1)  # the capsule's name, which NumPy checks on every use
-        ctypes.memmove(name, b"mem_handler", len(b"mem_handler"))
-        handlers = libc.calloc(MAX_OPEN, ctypes.sizeof(_Handler))
-        if not (self.records and name and handlers):
+        self.name = libc.calloc(len(b"mem_handler") + 1, 1)  # the capsules' name, which NumPy checks on every use
+        if not self.name:
+            raise MemoryError("no memory for the allocation census")
+        ctypes.memmove(self.name, b"mem_handler", len(b"mem_handler"))
+        self.slots: list[_Slot] = []
+
+    def new_block(self) -> None:
+        records, handlers = self.libc.calloc(BLOCK * _RECORD, _WORD), self.libc.calloc(BLOCK, ctypes.sizeof(_Handler))
+        if not (records and handlers):
             raise CensusUnavailable("no memory for the allocation census's records")
-        self.capsules = []
-        for slot in range(MAX_OPEN):
-            handler = _Handler.from_address(handlers + slot * ctypes.sizeof(_Handler))
-            handler.name, handler.version = _HANDLER_NAME.encode(), 1
-            handler.allocator = _Allocator(self.records + slot * _RECORD * words, census_malloc.address, census_calloc.address, census_realloc.address, default.free)
-            self.capsules.append(api.PyCapsule_New(ctypes.addressof(handler), ctypes.cast(name, ctypes.c_char_p), None))
-        self.free_slots = list(range(MAX_OPEN - 1, -1, -1))
+        malloc, calloc, realloc = (f.address for f in self.compiled)
+        for i in range(BLOCK):
+            record, handler = records + i * _RECORD * _WORD, handlers + i * ctypes.sizeof(_Handler)
+            struct = _Handler.from_address(handler)
+            struct.name, struct.version = _HANDLER_NAME.encode(), 1
+            struct.allocator = _Allocator(record, malloc, calloc, realloc, self.default.free)
+            self.slots.append(_Slot(record, handler, self.api.PyCapsule_New(handler, ctypes.cast(self.name, ctypes.c_char_p), None)))
+            self.slots[-1].refs = sys.getrefcount(self.slots[-1].capsule)
 
-
-def _compiled_note():
-    from numba import njit
-
-    return njit(_note)
+    def take_slot(self) -> _Slot:
+        """A reusable slot, marked open (a new block when none is free)."""
+        slot = next((slot for slot in self.slots if slot.reusable()), None)
+        if slot is None:
+            self.new_block()
+            slot = self.slots[-1]
+        slot.open = True
+        return slot
 
 
 _engine: _Engine | None = None
-_open: contextvars.ContextVar[tuple] = contextvars.ContextVar("kldwrm_ref_open_censuses", default=())  # (slot, handler before it) per open census, innermost last
+_lock = threading.Lock()  # the engine's build and its slots
+# per open census, innermost last: (its slot, its capsule, the handler before it); a context that
+# holds the stack (a task started inside a census copies it) keeps each capsule, so each slot, from reuse
+_open: contextvars.ContextVar[tuple] = contextvars.ContextVar("kldwrm_ref_open_censuses", default=())
 
 
 def _get_engine() -> _Engine:
@@ -171,30 +211,34 @@ def _get_engine() -> _Engine:
     if _engine is None:
         try:
             _engine = _Engine()
-        except (AttributeError, ValueError, OSError, TypeError) as error:
-            raise CensusUnavailable(f"NumPy {np.__version__}'s C API is not reachable for the allocation census: {error}") from error
+        except Exception as error:  # NumPy's C API or Numba's cfuncs out of reach
+            raise CensusUnavailable(f"the allocation census cannot run with NumPy {np.__version__}: {type(error).__name__}: {error}") from error
     return _engine
 
 
 @contextmanager
 def counting_allocations(min_bytes: int = MIN_BYTES) -> Iterator[Census]:
-    """Within the block, count the calling context's NumPy array allocations of at least
-    ``min_bytes`` (module docstring); censuses nest, each counting everything inside it."""
-    engine = _get_engine()
-    if not engine.free_slots:
-        raise CensusUnavailable(f"more than {MAX_OPEN} allocation censuses are open at once")
-    slot = engine.free_slots.pop()
-    record, stack = engine.record_array[slot], _open.get()
-    record[:] = 0
-    record[_MIN] = int(min_bytes)
-    if stack:
-        record[_PARENT] = (stack[-1][0] - slot) * _RECORD
-    previous = engine.set_handler(engine.capsules[slot])
-    if engine.handler_name() != _HANDLER_NAME:
-        engine.set_handler(previous)
-        engine.free_slots.append(slot)
-        raise CensusUnavailable(f"NumPy {np.__version__} did not accept the allocation census's memory handler")
-    _open.set((*stack, (slot, previous)))
+    """Within the block, count the calling context's NumPy allocations of at least ``min_bytes``
+    (module docstring); censuses nest, each counting everything inside it."""
+    if isinstance(min_bytes, bool) or not isinstance(min_bytes, int | np.integer) or not 0 <= min_bytes < 2**63:
+        raise ValueError(f"min_bytes must be an integer in [0, 2**63), got {min_bytes!r}")
+    with _lock:
+        engine = _get_engine()
+        slot = engine.take_slot()
+    try:
+        stack = _open.get()
+        ctypes.memset(slot.record, 0, _RECORD * _WORD)
+        slot.words[_MIN] = int(min_bytes)
+        if stack:
+            slot.words[_PARENT] = (stack[-1][0].record - slot.record) // _WORD
+        previous = engine.set_handler(slot.capsule)
+        if engine.handler_name() != _HANDLER_NAME:
+            engine.set_handler(previous)
+            raise CensusUnavailable(f"NumPy {np.__version__} did not accept the allocation census's memory handler")
+    except BaseException:
+        slot.open = False
+        raise
+    _open.set((*stack, (slot, slot.capsule, previous)))
     census = Census(int(min_bytes))
     try:
         yield census
@@ -202,24 +246,22 @@ def counting_allocations(min_bytes: int = MIN_BYTES) -> Iterator[Census]:
         _close(engine, slot, census)
 
 
-def _close(engine: _Engine, slot: int, census: Census) -> None:
-    """Read the census's record, take it off its context's stack (reinstalling the handler below
-    it when it was innermost; relinking the one above when not) and free its slot."""
-    record = engine.record_array[slot]
-    census.count, census.total_bytes, census.largest = int(record[_COUNT]), int(record[_TOTAL]), int(record[_LARGEST])
-    census.sizes = [int(s) for s in record[_SIZES : _SIZES + record[_KEPT]]]
+def _close(engine: _Engine, slot: _Slot, census: Census) -> None:
+    """Read the census's record and take it off its context's stack: reinstall the handler from
+    before it when it was innermost, else relink the census opened inside it to its parent."""
+    words = slot.words
+    census.count, census.total_bytes, census.largest = words[_COUNT], words[_TOTAL], words[_LARGEST]
+    census.sizes = list(words[_SIZES : _SIZES + words[_KEPT]])
     stack = _open.get()
-    opened_here = [i for i, (s, _) in enumerate(stack) if s == slot]
-    if not opened_here:
-        raise RuntimeError("an allocation census must close in the context (thread) it opened in")
-    at = opened_here[0]
-    previous = stack[at][1]
+    at = next((i for i, entry in enumerate(stack) if entry[0] is slot), None)
+    if at is None:
+        raise RuntimeError("an allocation census must close in the context (thread, task) it opened in")
+    previous = stack[at][2]
     if at == len(stack) - 1:
         engine.set_handler(previous)
     else:  # closed before a census opened inside it: that one now nests in this one's parent
-        above_slot = stack[at + 1][0]
-        parent = slot + record[_PARENT] // _RECORD if record[_PARENT] else None
-        engine.record_array[above_slot, _PARENT] = 0 if parent is None else (parent - above_slot) * _RECORD
-        stack = (*stack[: at + 1], (above_slot, previous), *stack[at + 2 :])
+        above = stack[at + 1][0]
+        above.words[_PARENT] = (slot.record + words[_PARENT] * _WORD - above.record) // _WORD if words[_PARENT] else 0
+        stack = (*stack[: at + 1], (above, above.capsule, previous), *stack[at + 2 :])
     _open.set(stack[:at] + stack[at + 1 :])
-    engine.free_slots.append(slot)
+    slot.open = False
