@@ -3,6 +3,7 @@ knows independently: the element count times the item size of arrays it makes it
 
 import asyncio
 import threading
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import pytest
@@ -63,23 +64,33 @@ def test_only_the_calling_threads_allocations_are_counted():
     assert census.sizes == [80_000] and made[0].nbytes == 800_000 and mine.nbytes == 80_000
 
 
-def test_a_census_open_in_another_thread_counts_none_of_this_threads_allocations():
+@contextmanager
+def census_open_in_another_thread(depth: int = 1):
+    """``depth`` nested censuses opened in another thread and held open while the block runs; the
+    yielded dict gets the sizes of each once they close."""
     opened, release, seen = threading.Event(), threading.Event(), {}
 
     def worker():
-        with counting_allocations() as theirs:
+        with ExitStack() as stack:
+            theirs = [stack.enter_context(counting_allocations()) for _ in range(depth)]
             opened.set()
             release.wait()
-        seen["theirs"] = theirs.sizes
+        seen["sizes"] = [census.sizes for census in theirs]
 
     thread = threading.Thread(target=worker)
     thread.start()
     opened.wait()
-    with counting_allocations() as mine:
+    try:
+        yield seen
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_a_census_open_in_another_thread_counts_none_of_this_threads_allocations():
+    with census_open_in_another_thread() as theirs, counting_allocations() as mine:
         kept = np.empty(10_000)
-    release.set()
-    thread.join()
-    assert mine.sizes == [80_000] and seen["theirs"] == [] and kept.size == 10_000
+    assert mine.sizes == [80_000] and theirs["sizes"] == [[]] and kept.size == 10_000
 
 
 def test_censuses_closed_out_of_order_count_what_each_saw_and_put_the_handler_back():
@@ -96,30 +107,18 @@ def test_censuses_closed_out_of_order_count_what_each_saw_and_put_the_handler_ba
     b.__exit__(None, None, None)
     assert census_a.sizes == [8000, 16000] and census_b.sizes == [16000, 24000]
     assert get_handler_name() == before and first.size + second.size + third.size == 6000
-    # the middle of three closes first: the innermost then nests in the outer, even while another
-    # thread's census holds the middle one's record
-    opened, release, seen = threading.Event(), threading.Event(), {}
-
-    def elsewhere():
-        with counting_allocations() as theirs:
-            opened.set()
-            release.wait()
-        seen["theirs"] = theirs.sizes
-
+    # the middle of three closes first: the innermost then nests in the outer, even when another
+    # thread's censuses take every free record, the middle one's included, meanwhile
     with counting_allocations() as outer:
         middle, inner = counting_allocations(), counting_allocations()
         census_middle, census_inner = middle.__enter__(), inner.__enter__()
         x = np.empty(1024)
         middle.__exit__(None, None, None)
-        thread = threading.Thread(target=elsewhere)
-        thread.start()
-        opened.wait()
-        y = np.empty(2048)
-        release.set()
-        thread.join()
+        with census_open_in_another_thread(depth=70) as theirs:
+            y = np.empty(2048)
         inner.__exit__(None, None, None)
     assert outer.sizes == [8192, 16384] and census_middle.sizes == [8192] and census_inner.sizes == [8192, 16384]
-    assert seen["theirs"] == [] and get_handler_name() == before and x.size + y.size == 3072
+    assert theirs["sizes"] == [[]] * 70 and get_handler_name() == before and x.size + y.size == 3072
 
 
 def test_tasks_started_inside_a_census_never_count_in_a_later_one():
