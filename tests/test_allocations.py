@@ -161,3 +161,13 @@ def test_a_census_counts_none_of_its_own_work_nor_failed_allocations_and_checks_
     for bad in (-1, 2**63, 1.5, float("nan"), True):
         with pytest.raises(ValueError, match=r"min_bytes must be an integer in \[0, 2\*\*63\)"), counting_allocations(bad):
             pass
+
+
+def test_an_array_made_under_a_closed_census_counts_nowhere_else_when_it_grows():
+    """b nested in a, an array made under b: once both closed, nothing holds a's record, which a
+    census in another thread may take; growing the array must not count there."""
+    with counting_allocations(0) as a, counting_allocations(0) as b:
+        grown = np.arange(10)
+    with census_open_in_another_thread(depth=70) as theirs:
+        grown.resize(5000, refcheck=False)
+    assert a.sizes == b.sizes == [80] and theirs["sizes"] == [[]] * 70 and grown.size == 5000

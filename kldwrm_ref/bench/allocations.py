@@ -17,8 +17,10 @@ census's record (the context pointer) and to the records of the censuses it is n
 free function *is* NumPy's default free.  Handlers and records live in C memory that is never
 freed, so an array made under a census may outlive it, down to interpreter exit.  A census's
 record is reused only once nothing refers to its handler any more (no array made under it, no
-context that inherited it), so whatever allocates later under an old handler counts in that
-closed census and nowhere else.  The handler is installed through NumPy's C-API table
+context that inherited it), and a closed census is unlinked from the one it was nested in, so
+whatever allocates later under an old handler (an ``ndarray.resize`` of an array made under it)
+counts in that closed census and nowhere else.  Close a census in the context it opened in, as a
+``with`` block does.  The handler is installed through NumPy's C-API table
 (``PyDataMem_SetHandler``) and checked by name; where that fails, :class:`CensusUnavailable` is
 raised.
 
@@ -264,4 +266,5 @@ def _close(engine: _Engine, slot: _Slot, census: Census) -> None:
         above.words[_PARENT] = (slot.record + words[_PARENT] * _WORD - above.record) // _WORD if words[_PARENT] else 0
         stack = (*stack[: at + 1], (above, above.capsule, previous), *stack[at + 2 :])
     _open.set(stack[:at] + stack[at + 1 :])
+    words[_PARENT] = 0  # what still allocates under its handler counts here alone: the parent's record may be reused
     slot.open = False
