@@ -86,7 +86,7 @@ def fisher_sqrt(net: Network, theta: np.ndarray, X: np.ndarray, fisher_type: str
         cache = net.forward(theta, X)
     rows = cotangent_rows(net, cache, fisher_type, y, samples, rng)
     cotangents = net.backward(theta, cache, rows)
-    return net.per_sample_gradients(cache, cotangents) / np.sqrt(cache.logits.shape[0])
+    return net.per_sample_gradients(cache, cotangents) / math.sqrt(cache.logits.shape[0])  # a Python float keeps the dtype
 
 
 def fisher(net: Network, theta: np.ndarray, X: np.ndarray, fisher_type: str = "exact", y=None, samples: int = 1, rng=None, cache: NetworkCache | None = None) -> np.ndarray:

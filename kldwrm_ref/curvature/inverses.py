@@ -281,8 +281,8 @@ class ExactKronSumInverse(BlockDiagonalOperator):
             gamma_a, gamma_g = factored_gammas(pi, damping)
             bar_a, bar_g = to_numpy(bar.A), to_numpy(bar.G)  # the damped averages B of A v = mu B v, built on the host
             with one_blas_thread():
-                ea = safe_eigh(cur.A, f"{bar.name} Kronecker-sum factor A", bar_a + gamma_a * np.eye(bar_a.shape[0]))
-                eg = safe_eigh(cur.G, f"{bar.name} Kronecker-sum factor G", bar_g + gamma_g * np.eye(bar_g.shape[0]))
+                ea = safe_eigh(cur.A, f"{bar.name} Kronecker-sum factor A", bar_a + gamma_a * np.eye(bar_a.shape[0], dtype=bar_a.dtype))
+                eg = safe_eigh(cur.G, f"{bar.name} Kronecker-sum factor G", bar_g + gamma_g * np.eye(bar_g.shape[0], dtype=bar_g.dtype))
             self.general.append((eg, ea))
 
     @property
