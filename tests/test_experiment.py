@@ -94,6 +94,30 @@ def test_evaluation_matches_the_model(tmp_path):
     assert float(row["test_accuracy"]) == np.mean(np.argmax(logits, 1) == data.y_test)
 
 
+def test_evaluation_in_passes_of_any_size_scores_every_row_once():
+    """Trainer.evaluate in passes of 7 rows, of the default (512 on the CPU) and of all 1,100 rows
+    equals an independent score of the whole split at once: the mean of -log softmax at the label
+    by logsumexp, and the argmax accuracy."""
+    from kldwrm_ref import MLP
+    from kldwrm_ref.experiments.trainers import EVAL_ROWS_HOST, Trainer
+
+    net = MLP([12, 8, 10])
+    rng = np.random.default_rng(3)
+    theta, X, y = net.init(1), rng.standard_normal((1100, 12)), rng.integers(0, 10, 1100)
+    logits = net.logits(theta, X)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    want_loss = float(np.mean(np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(1100), y]))
+    want_correct = np.argmax(logits, axis=1) == y
+    opt = optim.make("kfac", net, preset="paper", backend="numpy")
+    assert Trainer(opt, net, 40).chunk == EVAL_ROWS_HOST == 512
+    for chunk in (7, None, 1100):
+        trainer = Trainer(opt, net, 40, chunk)
+        trainer.start(theta, opt.init(theta), X, y)
+        loss, accuracy, correct = trainer.evaluate(X, y)
+        assert loss == pytest.approx(want_loss, rel=1e-12) and accuracy == np.mean(want_correct)
+        np.testing.assert_array_equal(correct, want_correct)
+
+
 class _Interrupt(Exception):
     pass
 
