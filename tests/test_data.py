@@ -76,6 +76,10 @@ def test_idx_directory_is_loaded_and_normalised_with_training_statistics(tmp_pat
     pooled = arrays["test_images"].reshape(10000, 7, 4, 7, 4).mean(axis=(2, 4)).reshape(10000, 49) / 255.0
     np.testing.assert_allclose(mnist.X_test, (pooled - data.MNIST_MEAN) / data.MNIST_STD)
     np.testing.assert_array_equal(mnist.y_val, arrays["train_labels"][-1000:])
+    for dtype in (np.float32, np.float64):  # unpooled: pixel by pixel, in float64 and then cast, to the last bit
+        full = data.load_mnist(dtype=dtype)
+        np.testing.assert_array_equal(full.X_test, ((arrays["test_images"] / 255.0 - data.MNIST_MEAN) / data.MNIST_STD).astype(dtype))
+        assert full.X_test.dtype == dtype and full.X_train.shape == (60000, 784)
 
 
 def test_missing_idx_file_tells_how_to_supply(tmp_path):
