@@ -1,14 +1,18 @@
 """The allocation census (kldwrm_ref.bench.allocations) against allocations whose sizes the test
-knows independently: the element count times the item size of arrays it makes itself."""
+knows independently: the element count times the item size of arrays it makes itself; the GPU's
+pool census against requests made through a stand-in for CuPy's memory-hook protocol."""
 
 import asyncio
+import sys
 import threading
+import types
 from contextlib import ExitStack, contextmanager
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
-from kldwrm_ref.bench.allocations import counting_allocations
+from kldwrm_ref.bench.allocations import counting_allocations, counting_pool_allocations
 
 try:
     from numpy._core.multiarray import get_handler_name
@@ -171,3 +175,63 @@ def test_an_array_made_under_a_closed_census_counts_nowhere_else_when_it_grows()
     with census_open_in_another_thread(depth=70) as theirs:
         grown.resize(5000, refcheck=False)
     assert a.sizes == b.sizes == [80] and theirs["sizes"] == [[]] * 70 and grown.size == 5000
+
+
+class FakeMemoryHook:
+    """CuPy's memory-hook protocol (``cupy.cuda.MemoryHook``), for machines without CuPy: ``with hook``
+    registers it among the thread's hooks under its name (a second hook of that name is refused),
+    and the pool calls each registered hook's ``malloc_postprocess`` by keyword after a request."""
+
+    hooks: ClassVar[dict] = {}
+    name = "MemoryHook"
+
+    def __enter__(self):
+        if self.name in self.hooks:
+            raise RuntimeError(f"memory hook {self.name} already exists")
+        self.hooks[self.name] = self
+        return self
+
+    def __exit__(self, *exc):
+        del self.hooks[self.name]
+
+    def malloc_postprocess(self, **kwargs):
+        pass
+
+
+def fake_pool_request(size: int) -> None:
+    """A request to the fake pool: CuPy rounds to 512 bytes and passes both sizes."""
+    for hook in list(FakeMemoryHook.hooks.values()):
+        hook.malloc_postprocess(device_id=0, size=size, mem_size=-(-size // 512) * 512, mem_ptr=1 << 40, pmem_id=hex(id(hook)))
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    cupy, cuda = types.ModuleType("cupy"), types.ModuleType("cupy.cuda")
+    cuda.MemoryHook = FakeMemoryHook
+    cupy.cuda = cuda
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    monkeypatch.setattr(FakeMemoryHook, "hooks", {})
+
+
+def test_the_pool_census_counts_requested_sizes_nests_and_removes_its_hook(fake_cupy):
+    fake_pool_request(10_000)  # before: not counted
+    with counting_pool_allocations(min_bytes=4000) as outer:
+        fake_pool_request(5000)
+        fake_pool_request(100)  # below the threshold
+        with counting_pool_allocations(min_bytes=0) as inner:
+            fake_pool_request(4001)
+            fake_pool_request(8)
+        fake_pool_request(4000)
+    fake_pool_request(9000)  # after: not counted
+    assert outer.sizes == [5000, 4001, 4000] and (outer.count, outer.total_bytes, outer.largest) == (3, 13_001, 5000)
+    assert inner.sizes == [4001, 8] and (inner.count, inner.total_bytes, inner.largest) == (2, 4009, 4001)
+    assert FakeMemoryHook.hooks == {}
+
+
+def test_the_pool_census_checks_its_threshold_before_touching_cupy(fake_cupy):
+    for bad in (-1, 2**63, 1.5, True, "4096"):
+        with pytest.raises(ValueError, match=r"min_bytes must be an integer in \[0, 2\*\*63\)"):
+            with counting_pool_allocations(min_bytes=bad):
+                pass
+    assert FakeMemoryHook.hooks == {}

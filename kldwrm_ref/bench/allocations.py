@@ -27,9 +27,14 @@ raised.
 Not counted: memory NumPy does not allocate through its handler (BLAS's and LAPACK's work
 buffers, Python objects and array headers, the bytes an unpickled array keeps its data in) and
 buffers Numba-compiled code allocates for itself (the project's kernels write into arrays their
-NumPy wrappers allocate, so their outputs are counted).  A realloc counts its new size.  A GPU's
-arrays come from CuPy's memory pool; :func:`kldwrm_ref.bench.step.step_memory` reports the pool's
-growth there instead.
+NumPy wrappers allocate, so their outputs are counted).  A realloc counts its new size.
+
+On a GPU, :func:`counting_pool_allocations` is the same census over CuPy arrays: every array CuPy
+allocates is one request to its memory pool (served from the pool's free blocks or from the
+device), and a CuPy memory hook (``cupy.cuda.MemoryHook``) is called after each request with the
+requested size.  Hooks are per thread, so it counts the calling thread's requests.  Not counted
+there: cuBLAS's and cuSOLVER's workspaces, and numba-cuda's own allocations (the project's
+numba-cuda kernels write into CuPy arrays their wrappers allocate).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import cfunc, njit, types
 
-__all__ = ["MIN_BYTES", "SIZES_KEPT", "Census", "CensusUnavailable", "counting_allocations"]
+__all__ = ["MIN_BYTES", "SIZES_KEPT", "Census", "CensusUnavailable", "counting_allocations", "counting_pool_allocations"]
 
 MIN_BYTES = 4096  # the default threshold: "a few kilobytes"
 SIZES_KEPT = 64  # sizes listed per census (all are counted)
@@ -66,6 +71,21 @@ class Census:
     total_bytes: int = 0
     largest: int = 0
     sizes: list[int] = field(default_factory=list)
+
+    def note(self, nbytes: int) -> None:
+        """Count one allocation of ``nbytes`` (when at least :attr:`min_bytes`)."""
+        if nbytes >= self.min_bytes:
+            self.count += 1
+            self.total_bytes += nbytes
+            self.largest = max(self.largest, nbytes)
+            if len(self.sizes) < SIZES_KEPT:
+                self.sizes.append(nbytes)
+
+
+def _checked_min_bytes(min_bytes) -> int:
+    if isinstance(min_bytes, bool) or not isinstance(min_bytes, int | np.integer) or not 0 <= min_bytes < 2**63:
+        raise ValueError(f"min_bytes must be an integer in [0, 2**63), got {min_bytes!r}")
+    return int(min_bytes)
 
 
 # ----------------------------------------------------------------- a census's record (int64 words)
@@ -222,8 +242,7 @@ def _get_engine() -> _Engine:
 def counting_allocations(min_bytes: int = MIN_BYTES) -> Iterator[Census]:
     """Within the block, count the calling context's NumPy allocations of at least ``min_bytes``
     (module docstring); censuses nest, each counting everything inside it."""
-    if isinstance(min_bytes, bool) or not isinstance(min_bytes, int | np.integer) or not 0 <= min_bytes < 2**63:
-        raise ValueError(f"min_bytes must be an integer in [0, 2**63), got {min_bytes!r}")
+    min_bytes = _checked_min_bytes(min_bytes)
     with _lock:
         engine = _get_engine()
         slot = engine.take_slot()
@@ -268,3 +287,24 @@ def _close(engine: _Engine, slot: _Slot, census: Census) -> None:
     _open.set(stack[:at] + stack[at + 1 :])
     words[_PARENT] = 0  # what still allocates under its handler counts here alone: the parent's record may be reused
     slot.open = False
+
+
+@contextmanager
+def counting_pool_allocations(min_bytes: int = MIN_BYTES) -> Iterator[Census]:
+    """Within the block, count the calling thread's requests to CuPy's memory pool of at least
+    ``min_bytes`` (the requested sizes: one per CuPy array; module docstring); censuses nest, each
+    counting everything inside it.  Needs CuPy."""
+    census = Census(_checked_min_bytes(min_bytes))
+    from cupy.cuda import MemoryHook  # GPU only: imported when a census opens
+
+    class PoolCensus(MemoryHook):
+        """Notes the requested size after each pool request (CuPy passes the hook's arguments by name)."""
+
+        def __init__(self) -> None:
+            self.name = f"kldwrm-pool-census-{id(self):x}"  # CuPy keys a thread's hooks by name
+
+        def malloc_postprocess(self, **kwargs) -> None:
+            census.note(int(kwargs["size"]))
+
+    with PoolCensus():
+        yield census

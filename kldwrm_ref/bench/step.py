@@ -10,8 +10,9 @@ is to the machine's matrix-product throughput.
    Timed with nothing else running; memory is a separate pass (:func:`step_memory`): the
    working memory of a step between refreshes and of a refresh step (the high-water mark of
    what the step allocates above what existed when it started, tracemalloc on the CPU, the memory
-   pool's growth on a GPU), the host transfers of a step between refreshes and, on the host,
-   its allocation census (how many arrays of at least 4 KiB it allocates, and their bytes).
+   pool's growth on a GPU), the host transfers of a step between refreshes and its allocation
+   census (how many arrays of at least 4 KiB it allocates, and their bytes: NumPy's allocations
+   on the host, requests to CuPy's memory pool on a GPU).
 2. Limit: the throughput of a large GEMM in float32 and float64, the FLOPs of each step counted
    from the shapes (:func:`step_flops`), and the achieved fraction of that throughput.
 3. Scaling: K-FAC step time against hidden width and batch size, and the dense Fisher build
@@ -31,7 +32,7 @@ import numpy as np
 
 from kldwrm_ref import optim
 from kldwrm_ref.arrays import counting_transfers, is_cupy_namespace, is_numpy_namespace
-from kldwrm_ref.bench.allocations import counting_allocations
+from kldwrm_ref.bench.allocations import counting_allocations, counting_pool_allocations
 from kldwrm_ref.bench.timing import gemm_throughput, median_time
 from kldwrm_ref.curvature.fisher import fisher
 from kldwrm_ref.data import synthetic_classification
@@ -131,11 +132,12 @@ def step_memory(name: str, platform: str, preset: str, dtype, backend: str, arch
     (bytes allocated above what existed when the step started, at its high-water mark: tracemalloc
     on the host, which NumPy reports every array to; on a GPU the growth of CuPy's memory pool,
     i.e. device memory the pool had to add), the most host transfers of a step between
-    refreshes (:func:`kldwrm_ref.arrays.counting_transfers`; none on the CPU) and, on the host, the
-    allocation census of a typical step between refreshes, the one of median bytes
-    (:func:`kldwrm_ref.bench.allocations.counting_allocations`: arrays of at least 4 KiB, how many,
-    their bytes in all, the largest; None on a GPU; Q and QE's step after a refresh, which
-    rebuilds their inverse, is the refresh's work, not a typical step)."""
+    refreshes (:func:`kldwrm_ref.arrays.counting_transfers`; none on the CPU) and the allocation
+    census of a typical step between refreshes, the one of median bytes (arrays of at least 4 KiB,
+    how many, their bytes in all, the largest: :func:`~kldwrm_ref.bench.allocations.counting_allocations`
+    on the host, :func:`~kldwrm_ref.bench.allocations.counting_pool_allocations` on a GPU; Q and
+    QE's step after a refresh, which rebuilds their inverse, is the refresh's work, not a typical
+    step)."""
     opt, net, step, theta, state, batch_k, n_steps = _setup(name, platform, preset, dtype, backend, architecture, batch, **overrides)
     xp = opt.network.backend.xp if opt.network is not None else net.backend.xp
     high_water, census = _high_water(xp), _census(xp)
@@ -156,9 +158,12 @@ def step_memory(name: str, platform: str, preset: str, dtype, backend: str, arch
 
 
 def _census(xp):
-    """A context factory yielding the block's allocation census on the host, None on a GPU."""
+    """A context factory yielding the block's allocation census: NumPy's allocations on the host,
+    CuPy's memory-pool requests on a GPU, None in another namespace."""
     if is_numpy_namespace(xp):
         return counting_allocations
+    if is_cupy_namespace(xp):
+        return counting_pool_allocations
     return lambda: nullcontext(None)
 
 
@@ -356,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, args.architectures, **overrides)
     print("\nper-step breakdown (ms; non-refr = median step between refreshes, refresh = mean refresh step, mean = amortised over 2 refresh periods;"
           " MiB/step, MiB/refr = working memory of a step between refreshes / a refresh step, from a separate pass;"
-          " allocs, MiB alloc = the arrays of >= 4 KiB a typical step between refreshes allocates and their bytes in all (host only); % GEMM = step FLOPs / mean time / GEMM throughput)")
+          " allocs, MiB alloc = the arrays of >= 4 KiB a typical step between refreshes allocates and their bytes in all (cuda: requests to CuPy's memory pool); % GEMM = step FLOPs / mean time / GEMM throughput)")
     print(format_breakdown(results, peaks))
     print("\ntargets (amortised mean step):")
     print(targets(results, peaks))
