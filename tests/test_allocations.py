@@ -179,15 +179,16 @@ def test_an_array_made_under_a_closed_census_counts_nowhere_else_when_it_grows()
 
 class FakeMemoryHook:
     """CuPy's memory-hook protocol (``cupy.cuda.MemoryHook``), for machines without CuPy: ``with hook``
-    registers it among the thread's hooks under its name (a second hook of that name is refused),
-    and the pool calls each registered hook's ``malloc_postprocess`` by keyword after a request."""
+    registers it among the thread's hooks under its name (a second hook of that name is refused
+    with a KeyError), and the pool calls each registered hook's ``malloc_postprocess`` by keyword
+    after a request, with a null ``mem_ptr`` when the request failed."""
 
     hooks: ClassVar[dict] = {}
     name = "MemoryHook"
 
     def __enter__(self):
         if self.name in self.hooks:
-            raise RuntimeError(f"memory hook {self.name} already exists")
+            raise KeyError(f"memory hook {self.name} already exists")
         self.hooks[self.name] = self
         return self
 
@@ -198,10 +199,10 @@ class FakeMemoryHook:
         pass
 
 
-def fake_pool_request(size: int) -> None:
+def fake_pool_request(size: int, failed: bool = False) -> None:
     """A request to the fake pool: CuPy rounds to 512 bytes and passes both sizes."""
     for hook in list(FakeMemoryHook.hooks.values()):
-        hook.malloc_postprocess(device_id=0, size=size, mem_size=-(-size // 512) * 512, mem_ptr=1 << 40, pmem_id=hex(id(hook)))
+        hook.malloc_postprocess(device_id=0, size=size, mem_size=-(-size // 512) * 512, mem_ptr=0 if failed else 1 << 40, pmem_id=0 if failed else 7)
 
 
 @pytest.fixture
@@ -214,11 +215,12 @@ def fake_cupy(monkeypatch):
     monkeypatch.setattr(FakeMemoryHook, "hooks", {})
 
 
-def test_the_pool_census_counts_requested_sizes_nests_and_removes_its_hook(fake_cupy):
+def test_the_pool_census_counts_successful_requests_by_requested_size_nests_and_removes_its_hook(fake_cupy):
     fake_pool_request(10_000)  # before: not counted
     with counting_pool_allocations(min_bytes=4000) as outer:
         fake_pool_request(5000)
         fake_pool_request(100)  # below the threshold
+        fake_pool_request(2**40, failed=True)  # out of memory: not counted
         with counting_pool_allocations(min_bytes=0) as inner:
             fake_pool_request(4001)
             fake_pool_request(8)

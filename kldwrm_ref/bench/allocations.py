@@ -298,13 +298,15 @@ def counting_pool_allocations(min_bytes: int = MIN_BYTES) -> Iterator[Census]:
     from cupy.cuda import MemoryHook  # GPU only: imported when a census opens
 
     class PoolCensus(MemoryHook):
-        """Notes the requested size after each pool request (CuPy passes the hook's arguments by name)."""
+        """Notes the requested size after each pool request that succeeded (CuPy passes the
+        hook's arguments by name, and a null ``mem_ptr`` when the request failed)."""
 
         def __init__(self) -> None:
             self.name = f"kldwrm-pool-census-{id(self):x}"  # CuPy keys a thread's hooks by name
 
         def malloc_postprocess(self, **kwargs) -> None:
-            census.note(int(kwargs["size"]))
+            if kwargs.get("mem_ptr", 1):
+                census.note(int(kwargs["size"]))
 
     with PoolCensus():
         yield census
