@@ -85,6 +85,32 @@ def test_the_memory_pass_sees_an_array_planted_in_the_step_and_only_on_the_steps
     assert every["allocated_bytes"] == clean["allocated_bytes"] + PLANTED_BYTES
 
 
+def planting_operations(function):
+    """``function`` after two array operations of its own (``ones`` and ``sum``, on array-api-strict)."""
+    import array_api_strict
+
+    def busy(*args, **kwargs):
+        array_api_strict.sum(array_api_strict.ones(3))
+        return function(*args, **kwargs)
+
+    return busy
+
+
+def test_the_operation_pass_sees_operations_planted_in_the_step_and_only_on_the_steps_that_make_them(monkeypatch):
+    """Two operations planted in the preconditioning phase (every step) or in the curvature refresh
+    (refresh steps only) add exactly two to those steps' counts; the dense platform has none."""
+    pytest.importorskip("array_api_strict")
+    clean = step_bench.step_operations("kfac", "kfac", "paper", np.float64, (6, 5, 3), 8, period=2)
+    assert 0 < clean["operations"] < clean["refresh_operations"], clean
+    monkeypatch.setattr(KFACEstimator, "compute", planting_operations(KFACEstimator.compute))
+    refresh_only = step_bench.step_operations("kfac", "kfac", "paper", np.float64, (6, 5, 3), 8, period=2)
+    assert refresh_only == dict(operations=clean["operations"], refresh_operations=clean["refresh_operations"] + 2)
+    monkeypatch.setattr(curvature_method, "clip_factors", planting_operations(curvature_method.clip_factors))
+    every = step_bench.step_operations("kfac", "kfac", "paper", np.float64, (6, 5, 3), 8, period=2)
+    assert every == dict(operations=clean["operations"] + 2, refresh_operations=clean["refresh_operations"] + 4)
+    assert step_bench.step_operations("ea-cm", "dense", "paper", np.float64, (6, 5, 3), 8) == dict(operations=None, refresh_operations=None)
+
+
 def test_a_paper_cnn_step_never_holds_a_batch_of_patches():
     """Memory discipline at the paper's sizes (batch 512, float32, default backend): a step between
     refreshes works in under 20 MiB and a refresh step in under 40 MiB, though conv1's patches
@@ -147,6 +173,7 @@ def test_the_dense_ea_cm_row_runs_once_whatever_the_architectures(monkeypatch):
     calls = []
     monkeypatch.setattr(step_bench, "time_steps", lambda name, platform, preset, dtype, backend, arch, batch, **_: calls.append((name, platform, arch)) or {})
     monkeypatch.setattr(step_bench, "step_memory", lambda *args, **kwargs: {})
+    monkeypatch.setattr(step_bench, "step_operations", lambda *args, **kwargs: {})
     step_bench.breakdown(["paper"], [np.float32], ["numpy"], [(6, 5, 3), (4, 3, 2)])
     assert [c for c in calls if c[1] == "dense"] == [("ea-cm", "dense", (49, 32, 10))]
     assert sorted(c for c in calls if c[1] == "kfac") == sorted((name, "kfac", arch) for arch in ((6, 5, 3), (4, 3, 2)) for name, platform in step_bench.BREAKDOWN_OPTIMIZERS if platform == "kfac")

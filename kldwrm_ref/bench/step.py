@@ -12,7 +12,9 @@ is to the machine's matrix-product throughput.
    what the step allocates above what existed when it started, tracemalloc on the CPU, the memory
    pool's growth on a GPU), the host transfers of a step between refreshes and its allocation
    census (how many arrays of at least 4 KiB it allocates, and their bytes: NumPy's allocations
-   on the host, requests to CuPy's memory pool on a GPU).
+   on the host, requests to CuPy's memory pool on a GPU); and the array operations of a step, a
+   lower bound on its kernel launches on a GPU, counted on array-api-strict arrays
+   (:func:`step_operations`).
 2. Limit: the throughput of a large GEMM in float32 and float64, the FLOPs of each step counted
    from the shapes (:func:`step_flops`), and the achieved fraction of that throughput.
 3. Scaling: K-FAC step time against hidden width and batch size, and the dense Fisher build
@@ -33,6 +35,7 @@ import numpy as np
 from kldwrm_ref import optim
 from kldwrm_ref.arrays import counting_transfers, is_cupy_namespace, is_numpy_namespace
 from kldwrm_ref.bench.allocations import counting_allocations, counting_pool_allocations
+from kldwrm_ref.bench.operations import counting_backend, counting_operations
 from kldwrm_ref.bench.timing import gemm_throughput, median_time
 from kldwrm_ref.curvature.fisher import fisher
 from kldwrm_ref.data import synthetic_classification
@@ -89,7 +92,7 @@ def step_flops(name: str, mlp: MLP, batch: int, hyper: dict) -> float:
     return flops
 
 
-def _setup(name: str, platform: str, preset: str, dtype, backend: str, architecture, batch: int, **overrides):
+def _setup(name: str, platform: str, preset: str, dtype, backend, architecture, batch: int, **overrides):
     """(optimiser, network, step, theta, state, batch_rows, steps to run after 3 warm-up steps)."""
     net = build_network(architecture, dtype=np.dtype(dtype).name)
     opt = optim.make(name, net, platform=platform, preset=preset, backend=backend, **overrides)
@@ -157,6 +160,30 @@ def step_memory(name: str, platform: str, preset: str, dtype, backend: str, arch
     return dict(step_bytes=worst[False], refresh_step_bytes=worst[True], host_transfers=transfers, **counts)
 
 
+def step_operations(name: str, platform: str, preset: str, dtype, architecture, batch: int, **overrides) -> dict:
+    """The operation pass: the same 2 T steps after 3 warm-up steps on array-api-strict arrays
+    (:func:`kldwrm_ref.bench.operations.counting_operations`), the median count of array
+    operations of a step between refreshes and the mean of a refresh step: a lower bound on the
+    kernel launches of a step on a GPU, the same on every device.  None where array-api-strict is
+    not installed, and on the dense platform (host only)."""
+    counts: dict[bool, list[int]] = {True: [], False: []}
+    try:
+        backend = counting_backend()
+    except ImportError:
+        backend = None
+    if backend is not None and platform != "dense":
+        _, _, step, theta, state, batch_k, n_steps = _setup(name, platform, preset, dtype, backend, architecture, batch, **overrides)
+        for k in range(n_steps + 3):
+            with counting_operations() as census:
+                theta, state, info = step(theta, state, *batch_k(k))
+            if k >= 3:
+                counts[bool(info.get("refreshed", False))].append(census.count)
+    return dict(
+        operations=int(np.median(counts[False])) if counts[False] else None,
+        refresh_operations=round(float(np.mean(counts[True]))) if counts[True] else None,
+    )
+
+
 def _census(xp):
     """A context factory yielding the block's allocation census: NumPy's allocations on the host,
     CuPy's memory-pool requests on a GPU, None in another namespace."""
@@ -217,7 +244,7 @@ def _stepper(opt: optim.Optimizer, net, theta, X, y):
         synchronise()
         return out
 
-    return step, theta, opt.init(theta), lambda start, size: (X_dev[start : start + size], y_dev[start : start + size])
+    return step, theta, opt.init(theta), lambda start, size: (X_dev[start : start + size, ...], y_dev[start : start + size])
 
 
 def _synchroniser(xp):
@@ -232,8 +259,10 @@ def _synchroniser(xp):
 def breakdown(presets, dtypes, backends, architectures=((784, 256, 10),), **overrides) -> list[dict]:
     """Every optimiser of :data:`BREAKDOWN_OPTIMIZERS` per architecture (batch 512; EA-CM on the dense
     platform always uses a 49-32-10 MLP at batch 256, so it runs once, with the first
-    architecture): the timing pass, then the memory pass."""
-    results = []
+    architecture): the timing pass, the memory pass, and the operation pass (once per optimiser,
+    preset, dtype and architecture: its counts do not depend on the backend)."""
+    results: list[dict] = []
+    operations: dict[tuple, dict] = {}
     for dtype in dtypes:
         for backend in backends:
             for preset in presets:
@@ -243,7 +272,10 @@ def breakdown(presets, dtypes, backends, architectures=((784, 256, 10),), **over
                             continue
                         arch, batch = ((49, 32, 10), 256) if platform == "dense" else (architecture, 512)
                         timed = time_steps(name, platform, preset, dtype, backend, arch, batch, **overrides)
-                        results.append(dict(timed, **step_memory(name, platform, preset, dtype, backend, arch, batch, **overrides)))
+                        key = (name, platform, preset, np.dtype(dtype).name, arch_label(arch))
+                        if key not in operations:  # the same on every backend
+                            operations[key] = step_operations(name, platform, preset, dtype, arch, batch, **overrides)
+                        results.append(dict(timed, **step_memory(name, platform, preset, dtype, backend, arch, batch, **overrides), **operations[key]))
     return results
 
 
@@ -270,7 +302,8 @@ def scaling(dtype, backend: str) -> dict:
 
 def format_breakdown(results: list[dict], peaks: dict) -> str:
     header = f"{'architecture':<12} {'optimizer':<12} {'preset':<6} {'dtype':<7} {'backend':<7}"
-    header += f" {'non-refr':>8} {'refresh':>8} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'MiB/step':>8} {'MiB/refr':>8} {'allocs':>6} {'MiB alloc':>9} {'GFLOP':>6} {'% GEMM':>7}"
+    header += f" {'non-refr':>8} {'refresh':>8} {'mean ms':>8}" + "".join(f" {p[:8]:>8}" for p in PHASES) + f" {'rest':>6} {'MiB/step':>8} {'MiB/refr':>8} {'allocs':>6} {'MiB alloc':>9}"
+    header += f" {'ops':>5} {'ops/refr':>8} {'reads':>5} {'GFLOP':>6} {'% GEMM':>7}"
     lines = [header, "-" * len(header)]
     for r in results:
         fraction = r["flops"] / r["mean_s"] / peaks[peak_key(r)]
@@ -279,7 +312,8 @@ def format_breakdown(results: list[dict], peaks: dict) -> str:
         flops = f"{r['flops'] / 1e9:>6.2f} {100 * fraction:>6.1f}%" if np.isfinite(r["flops"]) else f"{'-':>6} {'-':>7}"
         line += f" {r.get('step_bytes', float('nan')) / 2**20:>8.2f} {r.get('refresh_step_bytes', float('nan')) / 2**20:>8.1f}"
         census = (f"{r['allocations']:>6} {r['allocated_bytes'] / 2**20:>9.1f}") if r.get("allocations") is not None else f"{'-':>6} {'-':>9}"
-        line += f" {census} {flops}"
+        operations = "".join(f" {r[key]:>{width}}" if r.get(key) is not None else f" {'-':>{width}}" for key, width in (("operations", 5), ("refresh_operations", 8), ("host_transfers", 5)))
+        line += f" {census}{operations} {flops}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -361,7 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, args.architectures, **overrides)
     print("\nper-step breakdown (ms; non-refr = median step between refreshes, refresh = mean refresh step, mean = amortised over 2 refresh periods;"
           " MiB/step, MiB/refr = working memory of a step between refreshes / a refresh step, from a separate pass;"
-          " allocs, MiB alloc = the arrays of >= 4 KiB a typical step between refreshes allocates and their bytes in all (cuda: requests to CuPy's memory pool); % GEMM = step FLOPs / mean time / GEMM throughput)")
+          " allocs, MiB alloc = the arrays of >= 4 KiB a typical step between refreshes allocates and their bytes in all (cuda: requests to CuPy's memory pool);"
+          " ops, ops/refr = array operations of a step between refreshes / a refresh step, counted on array-api-strict (each one GPU kernel launch or more; - without array-api-strict or on the dense platform);"
+          " reads = host transfers of a step between refreshes (each a synchronisation on a GPU; none on the CPU); % GEMM = step FLOPs / mean time / GEMM throughput)")
     print(format_breakdown(results, peaks))
     print("\ntargets (amortised mean step):")
     print(targets(results, peaks))
