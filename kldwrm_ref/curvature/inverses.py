@@ -192,6 +192,8 @@ class _EigenbasisInverse(BlockDiagonalOperator):
         mm = self.backend.matmul
         eg, ea = self.eigens[i]
         d_g, d_a, add = self.scales[i]
+        if ea.vectors.shape[0] == 1:  # A is 1 x 1 (a separate bias block's [1]): Q_A = [+-1] cancels, two products fewer
+            return mm(eg.vectors, self.backend.eigen_divide(mm(eg.vectors.T, V), d_g, d_a, add))
         rotated = mm(mm(eg.vectors.T, V), ea.vectors)
         return mm(mm(eg.vectors, self.backend.eigen_divide(rotated, d_g, d_a, add)), ea.vectors.T)
 
