@@ -111,6 +111,16 @@ def test_the_operation_pass_sees_operations_planted_in_the_step_and_only_on_the_
     assert step_bench.step_operations("ea-cm", "dense", "paper", np.float64, (6, 5, 3), 8) == dict(operations=None, refresh_operations=None)
 
 
+@pytest.mark.parametrize(("architecture", "bound"), [((784, 256, 10), 80), ("paper-cnn", 128)])
+def test_a_kfac_step_between_refreshes_issues_few_operations(architecture, bound):
+    """Dispatch bounds a GPU step (docs/performance.md, "Operations per step"): a K-FAC step between
+    refreshes issues 77 array operations on 784-256-10 and 124 on the paper CNN (81 and 132 when the
+    bias blocks' 1 x 1 eigenbases were still applied)."""
+    pytest.importorskip("array_api_strict")
+    counts = step_bench.step_operations("kfac", "kfac", "paper", np.float32, architecture, 512, period=2)
+    assert counts["operations"] <= bound, counts
+
+
 def test_a_paper_cnn_step_never_holds_a_batch_of_patches():
     """Memory discipline at the paper's sizes (batch 512, float32, default backend): a step between
     refreshes works in under 20 MiB and a refresh step in under 40 MiB, though conv1's patches
