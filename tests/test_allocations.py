@@ -200,9 +200,10 @@ class FakeMemoryHook:
 
 
 def fake_pool_request(size: int, failed: bool = False) -> None:
-    """A request to the fake pool: CuPy rounds to 512 bytes and passes both sizes."""
+    """A request to the fake pool: CuPy rounds to 512 bytes and passes both sizes; a failed
+    request has null ``mem_ptr`` and ``pmem_id``, one of 0 bytes a null ``mem_ptr``."""
     for hook in list(FakeMemoryHook.hooks.values()):
-        hook.malloc_postprocess(device_id=0, size=size, mem_size=-(-size // 512) * 512, mem_ptr=0 if failed else 1 << 40, pmem_id=0 if failed else 7)
+        hook.malloc_postprocess(device_id=0, size=size, mem_size=-(-size // 512) * 512, mem_ptr=0 if failed or not size else 1 << 40, pmem_id=0 if failed else 7)
 
 
 @pytest.fixture
@@ -224,10 +225,11 @@ def test_the_pool_census_counts_successful_requests_by_requested_size_nests_and_
         with counting_pool_allocations(min_bytes=0) as inner:
             fake_pool_request(4001)
             fake_pool_request(8)
+            fake_pool_request(0)  # an empty array: CuPy's pointer is null, its memory object is not
         fake_pool_request(4000)
     fake_pool_request(9000)  # after: not counted
     assert outer.sizes == [5000, 4001, 4000] and (outer.count, outer.total_bytes, outer.largest) == (3, 13_001, 5000)
-    assert inner.sizes == [4001, 8] and (inner.count, inner.total_bytes, inner.largest) == (2, 4009, 4001)
+    assert inner.sizes == [4001, 8, 0] and (inner.count, inner.total_bytes, inner.largest) == (3, 4009, 4001)
     assert FakeMemoryHook.hooks == {}
 
 

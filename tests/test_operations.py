@@ -22,8 +22,11 @@ def test_each_computing_call_counts_once_and_views_and_transfers_not_at_all():
         values, _ = xps.linalg.eigh(xps.eye(2))  # eye, eigh
         spare = xps.empty((4,))  # an allocation, no kernel
         small = xps.finfo(xps.float64).eps  # metadata
-    assert census.by_name == {"__truediv__": 1, "__add__": 1, "__mul__": 1, "sum": 1, "__getitem__[array]": 1, "__setitem__": 1, "eye": 1, "linalg.eigh": 1}
-    assert census.count == 8
+        same = xps.astype(a, xps.float64, copy=False)  # a itself
+        converted = xps.astype(a, xps.float32, copy=False)  # a new array: counts
+        views = (xps.flip(a), xps.real(a), xps.linalg.diagonal(xps.reshape(b, (1, 3))))
+    assert census.by_name == {"__truediv__": 1, "__add__": 1, "__mul__": 1, "sum": 1, "__getitem__[array]": 1, "__setitem__": 1, "eye": 1, "linalg.eigh": 1, "astype": 1}
+    assert census.count == 9 and same is a and converted.dtype == xps.float32 and [v.shape for v in views] == [(3,), (3,), (1,)]
     assert float(total) == 2 * 4 + 3 * 5 + 4 * 6 and scaled.shape == (1, 3) and tail.shape == (2,) and picked.shape == (2,)
     assert values.shape == (2,) and spare.shape == (4,) and small > 0
 
@@ -74,3 +77,17 @@ def test_one_census_at_a_time():
     with counting_operations() as later:  # the refused one released nothing it did not hold
         xps.sum(xps.asarray([1.0]))
     assert later.count == 1
+
+
+def test_a_census_that_fails_to_open_leaves_the_next_one_free(monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(xps, "asarray", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            with counting_operations():
+                pass
+    with counting_operations() as census:
+        xps.sum(xps.asarray([1.0]))
+    assert census.count == 1

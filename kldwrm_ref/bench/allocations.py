@@ -299,13 +299,14 @@ def counting_pool_allocations(min_bytes: int = MIN_BYTES) -> Iterator[Census]:
 
     class PoolCensus(MemoryHook):
         """Notes the requested size after each pool request that succeeded (CuPy passes the
-        hook's arguments by name, and a null ``mem_ptr`` when the request failed)."""
+        hook's arguments by name; a failed request has a null ``mem_ptr`` and a null ``pmem_id``,
+        a request of 0 bytes a null ``mem_ptr`` only)."""
 
         def __init__(self) -> None:
             self.name = f"kldwrm-pool-census-{id(self):x}"  # CuPy keys a thread's hooks by name
 
         def malloc_postprocess(self, **kwargs) -> None:
-            if kwargs.get("mem_ptr", 1):
+            if kwargs.get("mem_ptr", 1) or kwargs.get("pmem_id", 1):
                 census.note(int(kwargs["size"]))
 
     with PoolCensus():

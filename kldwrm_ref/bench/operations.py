@@ -16,11 +16,13 @@ Counter).  Counted:
   assignment into an array (``__setitem__``) and an indexing with an array (a gather);
 - each call of a kernel of :func:`counting_backend` (``kernel:<name>``, the product included).
 
-Not counted: views and metadata (:data:`NOT_LAUNCHES`: ``reshape``, ``permute_dims``, ``.T``,
-basic slicing, ``finfo``, ...), ``empty`` (an allocation), ``asarray`` (a transfer, counted by
+Not counted: views and metadata (:data:`NOT_LAUNCHES`: ``reshape``, ``permute_dims``, ``flip``,
+``.T``, basic slicing, ``finfo``, ...; ``astype`` with ``copy=False`` to the array's own dtype,
+``real`` of a real array), ``empty`` (an allocation), ``asarray`` (a transfer, counted by
 :func:`kldwrm_ref.arrays.counting_transfers`, or nothing), and whatever runs inside a counted
 call.  A count is a lower bound on kernel launches: on a GPU a product or a reduction may launch
-several kernels and ``eigh`` many.  One census at a time, in one thread: it replaces the
+several kernels and ``eigh`` many, and CuPy's ``reshape`` copies a non-contiguous array.  A
+call that raises still counts.  One census at a time, in one thread: it replaces the
 library's functions and the array type's operators while it is open.
 """
 
@@ -40,6 +42,7 @@ NOT_LAUNCHES = frozenset(
     {
         # views and shapes
         "reshape", "permute_dims", "matrix_transpose", "expand_dims", "squeeze", "broadcast_to", "broadcast_arrays", "moveaxis", "unstack",
+        "flip", "diagonal",
         # metadata and flags
         "finfo", "iinfo", "result_type", "can_cast", "isdtype", "broadcast_shapes",
         "get_array_api_strict_flags", "set_array_api_strict_flags", "reset_array_api_strict_flags",
@@ -74,14 +77,14 @@ _state = _State()
 _lock = threading.Lock()
 
 
-def _counted(name: str, function: Callable, counts: Callable[..., bool] = lambda *args: True) -> Callable:
+def _counted(name: str, function: Callable, counts: Callable[..., bool] = lambda *args, **kwargs: True) -> Callable:
     """``function`` noting ``name`` in the open census when called outside a counted call (and
-    when ``counts(*args)``)."""
+    when ``counts(*args, **kwargs)``)."""
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
         census = _state.census
-        if census is not None and _state.depth == 0 and counts(*args):
+        if census is not None and _state.depth == 0 and counts(*args, **kwargs):
             census.count += 1
             census.by_name[name] += 1
         _state.depth += 1
@@ -98,14 +101,27 @@ def _gathers(array: Any, key: Any) -> bool:
     return any(hasattr(k, "shape") for k in (key if isinstance(key, tuple) else (key,)))
 
 
+def _converts(x: Any, dtype: Any, /, *, copy: bool = True, **_: Any) -> bool:
+    """Whether ``astype`` makes an array (not with copy=False to x's own dtype: x itself)."""
+    return copy or x.dtype != dtype
+
+
+def _complex(x: Any) -> bool:
+    """Whether ``real`` / ``imag`` compute (of a real array ``real`` is a view)."""
+    return "complex" in str(x.dtype)
+
+
+_WHEN = {"astype": _converts, "real": _complex}  # functions that launch only on some arguments
+
+
 @contextmanager
 def counting_operations() -> Iterator[OperationCensus]:
     """Within the block, count the array operations on array-api-strict arrays (module docstring)."""
     import array_api_strict as strict
 
+    array_type = type(strict.asarray(0.0))
     if not _lock.acquire(blocking=False):
         raise RuntimeError("an operation census is already open: one at a time")
-    array_type = type(strict.asarray(0.0))
     replaced: list[tuple[Any, str, Any]] = []
 
     def replace(owner: Any, name: str, new: Any) -> None:
@@ -116,7 +132,7 @@ def counting_operations() -> Iterator[OperationCensus]:
         for module, prefix in ((strict, ""), (strict.linalg, "linalg.")):
             for name, value in list(vars(module).items()):
                 if not name.startswith("_") and callable(value) and not isinstance(value, type) and name not in NOT_LAUNCHES:
-                    replace(module, name, _counted(prefix + name, value))
+                    replace(module, name, _counted(prefix + name, value, _WHEN.get(name, lambda *args, **kwargs: True)))
         for name in _OPERATORS:
             if name in vars(array_type):
                 replace(array_type, name, _counted(name, vars(array_type)[name]))

@@ -10,12 +10,12 @@ would be, so the results equal a host computation bit for bit.
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any
 
 import numpy as np
 
-from kldwrm_ref.arrays import array_namespace, to_numpy
+from kldwrm_ref.arrays import array_namespace, from_numpy, to_numpy
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.optim.hyper import RMS_CLIP_GROUPS, Hyper
 from kldwrm_ref.validation import check_choice
@@ -44,10 +44,11 @@ def _bounded(xp: Any, limit: float, value: Any) -> Any:
 
 
 def _rms_factors(v: Any, limit: float, groups: list[slice]) -> Any:
-    """Per group, min(1, limit / RMS(v_t)) with RMS = |v_t| / sqrt(size) (1 for a zero group), float64."""
+    """Per group, min(1, limit / RMS(v_t)) with RMS = |v_t| / sqrt(size) (1 for a zero group), float64:
+    one dot product per group, then every group at once (:func:`_root_sizes`)."""
     xp = array_namespace(v)
-    rms = [xp.sqrt(xp.astype(v[sl] @ v[sl], xp.float64)) / math.sqrt(sl.stop - sl.start) for sl in groups]
-    return _bounded(xp, limit, xp.stack(rms))
+    squares = xp.astype(xp.stack([v[sl] @ v[sl] for sl in groups]), xp.float64)
+    return _bounded(xp, limit, xp.sqrt(squares) / _root_sizes(xp, tuple(sl.stop - sl.start for sl in groups)))
 
 
 def _kl_factor(vg: Any, alpha: float, kl_clip: float) -> Any:
@@ -62,6 +63,14 @@ def _scaled(v: Any, factors: Any, groups: list[slice]) -> Any:
     xp = array_namespace(v)
     factors = xp.astype(factors, v.dtype)
     return xp.concat([v[sl] * factors[t] for t, sl in enumerate(groups)])
+
+
+@functools.lru_cache(maxsize=64)
+def _root_sizes(xp: Any, sizes: tuple[int, ...]) -> Any:
+    """sqrt of each group's size as a float64 array of ``xp``, made once per layout (one upload on
+    a GPU, not one per step), so that every group's RMS is one division, not one per group; the
+    same numbers as dividing group by group by the Python float sqrt(size), bit for bit."""
+    return from_numpy(xp, np.sqrt(np.array(sizes, dtype=np.float64)))
 
 
 def rms_clip_factors(net: Network, v: Any, limit: float, per: str = "layer") -> tuple[Any, Any]:
