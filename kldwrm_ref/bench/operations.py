@@ -77,14 +77,14 @@ _state = _State()
 _lock = threading.Lock()
 
 
-def _counted(name: str, function: Callable, counts: Callable[..., bool] = lambda *args, **kwargs: True) -> Callable:
+def _counted(name: str, function: Callable, counts: Callable[..., bool] | None = None) -> Callable:
     """``function`` noting ``name`` in the open census when called outside a counted call (and
     when ``counts(*args, **kwargs)``)."""
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
         census = _state.census
-        if census is not None and _state.depth == 0 and counts(*args, **kwargs):
+        if census is not None and _state.depth == 0 and (counts is None or counts(*args, **kwargs)):
             census.count += 1
             census.by_name[name] += 1
         _state.depth += 1
@@ -111,7 +111,7 @@ def _complex(x: Any) -> bool:
     return "complex" in str(x.dtype)
 
 
-_WHEN = {"astype": _converts, "real": _complex}  # functions that launch only on some arguments
+_WHEN: dict[str, Callable[..., bool]] = {"astype": _converts, "real": _complex}  # functions that launch only on some arguments
 
 
 @contextmanager
@@ -132,7 +132,7 @@ def counting_operations() -> Iterator[OperationCensus]:
         for module, prefix in ((strict, ""), (strict.linalg, "linalg.")):
             for name, value in list(vars(module).items()):
                 if not name.startswith("_") and callable(value) and not isinstance(value, type) and name not in NOT_LAUNCHES:
-                    replace(module, name, _counted(prefix + name, value, _WHEN.get(name, lambda *args, **kwargs: True)))
+                    replace(module, name, _counted(prefix + name, value, _WHEN.get(name)))
         for name in _OPERATORS:
             if name in vars(array_type):
                 replace(array_type, name, _counted(name, vars(array_type)[name]))
