@@ -7,7 +7,8 @@
 # share: the hardware tests (about 4 min at most), then `kldwrm bench step` on the GPU with
 # numba-cuda's default stream synchronisation before every kernel launch on a CuPy array, and again
 # without it (NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0, safe while CuPy and numba-cuda share the default
-# stream).  The two bench runs write JSON with every number; their text goes to stdout too.
+# stream).  The two bench runs write JSON with every number; their text goes to stdout too.  They
+# skip the operation pass, whose counts are the same on every device (docs/performance.md).
 set -uo pipefail
 OUT=${OUT:-/tmp/kldwrm-gpu}
 mkdir -p "$OUT"
@@ -27,7 +28,7 @@ kldwrm() { python3 -c 'import sys; from kldwrm_ref.cli import main; raise System
 echo "== hardware tests"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backend.py -k "gpu or cuda or hardware" 2>&1 | tee "$OUT/tests.log"
 
-bench=(bench step --architectures 784-256-10 paper-cnn --presets paper --dtypes float32 --backends cuda --no-scaling)
+bench=(bench step --architectures 784-256-10 paper-cnn --presets paper --dtypes float32 --backends cuda --no-scaling --no-operations)
 echo "== kldwrm bench step, cuda, default stream synchronisation"
 timeout 150 kldwrm "${bench[@]}" --json "$OUT/bench-cuda.json" 2>&1 | tee "$OUT/bench-cuda.txt"
 echo "== kldwrm bench step, cuda, NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0"

@@ -187,3 +187,17 @@ def test_the_dense_ea_cm_row_runs_once_whatever_the_architectures(monkeypatch):
     step_bench.breakdown(["paper"], [np.float32], ["numpy"], [(6, 5, 3), (4, 3, 2)])
     assert [c for c in calls if c[1] == "dense"] == [("ea-cm", "dense", (49, 32, 10))]
     assert sorted(c for c in calls if c[1] == "kfac") == sorted((name, "kfac", arch) for arch in ((6, 5, 3), (4, 3, 2)) for name, platform in step_bench.BREAKDOWN_OPTIMIZERS if platform == "kfac")
+
+
+def test_the_operation_pass_runs_once_per_optimiser_and_can_be_skipped(monkeypatch):
+    """The counts do not depend on the backend: two backends share one operation pass per
+    optimiser, and ``count_operations=False`` (``--no-operations``) runs none."""
+    passes = []
+    monkeypatch.setattr(step_bench, "time_steps", lambda *args, **kwargs: {})
+    monkeypatch.setattr(step_bench, "step_memory", lambda *args, **kwargs: {})
+    monkeypatch.setattr(step_bench, "step_operations", lambda name, platform, *args, **kwargs: passes.append((name, platform)) or {"operations": 1})
+    rows = step_bench.breakdown(["paper"], [np.float32], ["numpy", "numba"], [(6, 5, 3)])
+    assert sorted(passes) == sorted(step_bench.BREAKDOWN_OPTIMIZERS) and all(row["operations"] == 1 for row in rows) and len(rows) == 2 * len(passes)
+    passes.clear()
+    rows = step_bench.breakdown(["paper"], [np.float32], ["numpy"], [(6, 5, 3)], count_operations=False)
+    assert passes == [] and all("operations" not in row for row in rows)

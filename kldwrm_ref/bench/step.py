@@ -256,11 +256,12 @@ def _synchroniser(xp):
     return lambda: None
 
 
-def breakdown(presets, dtypes, backends, architectures=((784, 256, 10),), **overrides) -> list[dict]:
+def breakdown(presets, dtypes, backends, architectures=((784, 256, 10),), count_operations: bool = True, **overrides) -> list[dict]:
     """Every optimiser of :data:`BREAKDOWN_OPTIMIZERS` per architecture (batch 512; EA-CM on the dense
     platform always uses a 49-32-10 MLP at batch 256, so it runs once, with the first
-    architecture): the timing pass, the memory pass, and the operation pass (once per optimiser,
-    preset, dtype and architecture: its counts do not depend on the backend)."""
+    architecture): the timing pass, the memory pass, and unless ``count_operations`` is False the
+    operation pass (once per optimiser, preset, dtype and architecture: its counts do not depend
+    on the backend)."""
     results: list[dict] = []
     operations: dict[tuple, dict] = {}
     for dtype in dtypes:
@@ -274,7 +275,7 @@ def breakdown(presets, dtypes, backends, architectures=((784, 256, 10),), **over
                         timed = time_steps(name, platform, preset, dtype, backend, arch, batch, **overrides)
                         key = (name, platform, preset, np.dtype(dtype).name, arch_label(arch))
                         if key not in operations:  # the same on every backend
-                            operations[key] = step_operations(name, platform, preset, dtype, arch, batch, **overrides)
+                            operations[key] = step_operations(name, platform, preset, dtype, arch, batch, **overrides) if count_operations else {}
                         results.append(dict(timed, **step_memory(name, platform, preset, dtype, backend, arch, batch, **overrides), **operations[key]))
     return results
 
@@ -378,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--damping-style", choices=["eigen", "factored", "factored-explicit"], help="override the K-FAC damping style (default: the preset's)")
     parser.add_argument("--architectures", nargs="+", default=["784-256-10"], type=_architecture, metavar="ARCH", help=f"MLP sizes like 784-256-10 (>= 2 layers, each >= 1), or one of {', '.join(NAMED_NETWORKS)} (default: 784-256-10)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling tables")
+    parser.add_argument("--no-operations", action="store_true", help="skip the operation pass (its counts are the same on every device)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to PATH (default: none)")
     args = parser.parse_args(argv)
     if args.json:
@@ -392,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         peaks.update({f"cuda-{name}": device_gemm_throughput(np.dtype(name).type) for name in ("float32", "float64")})
     print("GEMM throughput (n^3 product; cuda: the tiled kernel): " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
-    results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, args.architectures, **overrides)
+    results = breakdown(args.presets, [np.dtype(d).type for d in args.dtypes], args.backends, args.architectures, count_operations=not args.no_operations, **overrides)
     print("\nper-step breakdown (ms; non-refr = median step between refreshes, refresh = mean refresh step, mean = amortised over 2 refresh periods;"
           " MiB/step, MiB/refr = working memory of a step between refreshes / a refresh step, from a separate pass;"
           " allocs, MiB alloc = the arrays of >= 4 KiB a typical step between refreshes allocates and their bytes in all (cuda: requests to CuPy's memory pool);"
