@@ -1,8 +1,8 @@
 """An operation census: how many array operations a block issues, each one GPU kernel launch or more.
 
-On a GPU a step between refreshes is bound by dispatch, not arithmetic: CuPy spends some 16 us of
-host time on each operation whatever its size (docs/gpu.md, measured on an H200), so a step's
-operation count times that bounds its time from below.  The engine is written once against the
+On a GPU a step between refreshes is bound by dispatch, not arithmetic: CuPy spent some 16 us of
+host time on an elementwise operation (docs/gpu.md, measured on an H200), so a step's operation
+count times the dispatch time of one is about the least its step can take.  The engine is written once against the
 array API, so the count does not depend on the device; it is taken here, on any machine, by running
 the code on array-api-strict arrays (a test dependency) with :func:`counting_backend`'s kernels.
 
