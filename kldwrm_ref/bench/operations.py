@@ -2,9 +2,10 @@
 
 On a GPU a step between refreshes is bound by dispatch, not arithmetic: CuPy spent some 16 us of
 host time on an elementwise operation (docs/gpu.md, measured on an H200), so a step's operation
-count times the dispatch time of one is about the least its step can take.  The engine is written once against the
-array API, so the count does not depend on the device; it is taken here, on any machine, by running
-the code on array-api-strict arrays (a test dependency) with :func:`counting_backend`'s kernels.
+count times the dispatch time of one is about the least its step can take.  The engine is
+written once against the array API, so the count does not depend on the device; it is taken
+here, on any machine, by running the code on array-api-strict arrays (a test dependency) with
+:func:`counting_backend`'s kernels.
 
 ``with counting_operations() as census: ...`` then ``census.count`` and ``census.by_name`` (a
 Counter).  Counted:
