@@ -331,6 +331,65 @@ def test_kfc_factors_equal_direct_loops_and_both_scalings_give_the_same_blocks(c
         np.testing.assert_allclose(textbook.G_bias, F[np.ix_(b_index, b_index)], rtol=1e-10, atol=1e-13)  # the separate bias block is exact
 
 
+def direct_moment(x, k, s, p):
+    """sum over samples and output positions of pbar pbar^T, pbar = [patch; 1], by loops (float64)."""
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (p, p), (p, p)))
+    h_out, w_out = (xp.shape[2] - k) // s + 1, (xp.shape[3] - k) // s + 1
+    total = 0.0
+    for m in range(x.shape[0]):
+        for i in range(h_out):
+            for j in range(w_out):
+                pbar = np.append(xp[m, :, i * s : i * s + k, j * s : j * s + k].ravel(), 1.0)
+                total = total + np.outer(pbar, pbar)
+    return total
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(0, 2), st.integers(4, 9), st.integers(4, 9), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_both_ways_to_the_a_factor_equal_direct_loops(c_in, k, s, p, h, w, n, seed):
+    """A's unscaled moment sum_{n,t} pbar pbar^T by row lowering (R^T R, then sums of W_out blocks;
+    whole batch, and chunks of two samples) and by the patches' Gram (whole batch, and chunks of one
+    sample) equals the loop over patches,
+    for every stride, padding and non-square input."""
+    conv = Conv2d(c_in, 2, k, s, p)
+    x = np.random.default_rng(seed).standard_normal((n, c_in, h, w))
+    if h + 2 * p < k or w + 2 * p < k:
+        return
+    want = direct_moment(x, k, s, p)
+    scale = np.abs(want).max()
+    cache = conv.prepare(x, NUMPY)
+    np.testing.assert_allclose(conv._row_moment(x, NUMPY), want, rtol=0, atol=1e-12 * scale)
+    h_out = conv.output_shape(x.shape[1:])[1]
+    with mock.patch.object(conv_module, "PATCH_CHUNK_BYTES", 2 * h_out * c_in * k * (w + 2 * p) * 8):  # lowered rows in chunks of two samples
+        np.testing.assert_allclose(conv._row_moment(x, NUMPY), want, rtol=0, atol=1e-12 * scale)
+    with mock.patch.object(conv_module, "ROW_MOMENT_FLOPS", 0.0):
+        assert not conv.lowers_rows(x.shape[1:])
+        np.testing.assert_allclose(conv._patch_moment(cache, NUMPY), want, rtol=0, atol=1e-12 * scale)
+        with chunked_patches(conv.patch_size * int(np.prod(conv.output_shape(x.shape[1:])[1:])) * 8):
+            np.testing.assert_allclose(conv._patch_moment(conv.prepare(x, NUMPY), NUMPY), want, rtol=0, atol=1e-12 * scale)
+
+
+def test_the_a_factor_is_lowered_by_rows_where_that_is_the_cheaper_product():
+    """The paper CNN's two convolutions (5 x 5 kernels on 28 and 12 pixels) take the row-lowered
+    product; a 3 x 3 convolution of 64 channels on 32 x 32 (4x the patches' FLOPs by rows) does not."""
+    net = paper_cnn(dtype=np.float32)
+    assert [net.layers[i].lowers_rows(net.shapes[i]) for i in (0, 3)] == [True, True]
+    assert not Conv2d(64, 64, 3, padding=1).lowers_rows((64, 32, 32))
+
+
+def test_the_row_lowered_a_factor_on_array_api_strict_arrays_equals_numpy():
+    """The row lowering uses only the array API (stack, permuted views, strided slices, padding by
+    assignment): on array-api-strict arrays it gives NumPy's A to rounding."""
+    import array_api_strict as xps
+
+    from kldwrm_ref.backends import host_hop_backend
+
+    strict = host_hop_backend(xps)
+    conv = Conv2d(2, 3, 3, stride=2, padding=1)
+    x = np.random.default_rng(5).standard_normal((3, 2, 7, 6))
+    got = np.asarray(conv._row_moment(xps.asarray(x), strict))
+    np.testing.assert_allclose(got, conv._row_moment(x, NUMPY), rtol=1e-14, atol=1e-13)
+
+
 @given(cnns(), st.sampled_from(["joint", "separate"]))
 def test_kron_blocks_of_a_cnn(case, bias):
     """Joint: G (x) A on [W | b] in theta's layout; separate: its W-W sub-block, and for a convolution

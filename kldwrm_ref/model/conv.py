@@ -43,6 +43,7 @@ CONV_INITS = ("torch",)
 KFAC_SCALINGS = ("textbook", "authors")
 PATCH_CACHE_BYTES = 4 * 2**20  # CPU: a batch's patches up to this size are computed once per pass input and kept
 PATCH_CHUNK_BYTES = 2 * 2**20  # CPU: above it, patches are recomputed per chunk of samples of about this size
+ROW_MOMENT_FLOPS = 1.5  # A by row lowering where its product costs at most this many times the patches' Gram (docs/performance.md)
 
 
 def torch_uniform(W: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> None:
@@ -233,14 +234,66 @@ class Conv2d:
 
     def kfac_factors(self, cache, dy, n_samples, backend):
         xp = backend.xp
-        k, t = self.patch_size, dy.shape[2] * dy.shape[3]
-        A = sum(homogeneous_moment(xp.reshape(xp.permute_dims(patches, (1, 0, 2)), (k, -1)).T, backend) for _, patches in self._patch_chunks(cache, backend))  # a (k, n T) copy per chunk
+        t = dy.shape[2] * dy.shape[3]
+        A = self._patch_moment(cache, backend)
         deltas = xp.reshape(dy, (dy.shape[0], self.out_channels, t))
         second_moment = xp.sum(xp.matmul(deltas, xp.permute_dims(deltas, (0, 2, 1))), axis=0)  # sum_r sum_t delta delta^T, per row
         sums = xp.sum(dy, axis=(2, 3))
         a_scale, g_scale = (n_samples * t, n_samples) if self.kfac_scaling == "textbook" else (n_samples * t * t, n_samples / t)
         G_bias = backend.matmul(sums.T, sums) / n_samples
         return ConvFactors(A / a_scale, second_moment / g_scale, G_bias, xp.ones((1, 1), dtype=A.dtype))
+
+    def lowers_rows(self, in_shape) -> bool:
+        """Whether :meth:`_patch_moment` takes the row-lowered product for inputs of per-sample
+        shape ``in_shape`` (C, H, W): R^T R has (C k W_pad)^2 entries per lowered row, the patches' Gram
+        (C k k)^2 per patch, W_out patches a row; the row product wins while it costs at most
+        :data:`ROW_MOMENT_FLOPS` times as much (a wider product runs nearer BLAS's peak)."""
+        c, _, w = in_shape
+        _, w_out = self._out_hw(in_shape[1:])
+        return (c * self.kernel_size * (w + 2 * self.padding)) ** 2 <= ROW_MOMENT_FLOPS * w_out * self.patch_size**2
+
+    def _patch_moment(self, cache: ConvCache, backend: Backend) -> Any:
+        """sum_{n,t} pbar pbar^T, unscaled ((k+1) x (k+1), the homogeneous coordinate last): by row
+        lowering (:meth:`_row_moment`) where :meth:`lowers_rows`, else the patches' Gram, chunk by chunk."""
+        if self.lowers_rows(cache.x.shape[1:]):
+            return self._row_moment(cache.x, backend)
+        xp, k = backend.xp, self.patch_size
+        return sum(homogeneous_moment(xp.reshape(xp.permute_dims(patches, (1, 0, 2)), (k, -1)).T, backend) for _, patches in self._patch_chunks(cache, backend))  # a (k, n T) copy per chunk
+
+    def _row_moment(self, x: Any, backend: Backend) -> Any:
+        """sum_{n,t} pbar pbar^T without the patches (docs/theory.md §5.6, "A by row lowering"): with the
+        zero-padded input's rows lowered to R[(n, a), (c, i, u)] = x[n, c, a s + i, u] (one row per
+        sample and output row, k-fold the input) and M = R^T R, the patch at (a, b) holds
+        x[n, c, a s + i, b s + j], so A[(c, i, j), (c', i', j')] = sum_b M[(c, i, b s + j), (c', i', b s + j')]
+        and its homogeneous column sum_b (R^T 1)[(c, i, b s + j)]: one product with W_pad-wide blocks
+        and W_out sums of (C k k)^2 entries.  On the CPU R is built and multiplied in chunks of samples
+        of at most :data:`PATCH_CHUNK_BYTES`, as the patches are."""
+        xp, kernel, s, p, k = backend.xp, self.kernel_size, self.stride, self.padding, self.patch_size
+        n, c, h, w = x.shape
+        h_out, w_out = self._out_hw((h, w))
+        width, rows_span = c * kernel * (w + 2 * p), s * (h_out - 1) + 1
+        per_sample = h_out * width * np.dtype(host_float_dtype(xp, x.dtype)).itemsize
+        step = max(1, PATCH_CHUNK_BYTES // per_sample) if is_numpy_namespace(xp) else n
+        M = column = None
+        for start in range(0, n, step):
+            chunk = x[start : start + step, ...]
+            if p:
+                padded = xp.zeros((chunk.shape[0], c, h + 2 * p, w + 2 * p), dtype=x.dtype)
+                padded[:, :, p : p + h, p : p + w] = chunk
+                chunk = padded
+            lowered = xp.stack([xp.permute_dims(chunk[:, :, i : i + rows_span : s, :], (0, 2, 1, 3)) for i in range(kernel)], axis=3)  # (samples, H_out, c, kernel, W_pad)
+            R = xp.reshape(lowered, (chunk.shape[0] * h_out, width))
+            product, sums = backend.matmul(R.T, R), backend.matmul(xp.ones((1, R.shape[0]), dtype=R.dtype), R)
+            M, column = (product, sums) if M is None else (M + product, column + sums)
+        M = xp.reshape(M, (c * kernel, w + 2 * p, c * kernel, w + 2 * p))
+        column = xp.reshape(column, (c * kernel, w + 2 * p))
+        A = xp.empty((k + 1, k + 1), dtype=M.dtype)
+        A[:k, :k] = xp.reshape(xp.sum(xp.stack([M[:, b * s : b * s + kernel, :, b * s : b * s + kernel] for b in range(w_out)]), axis=0), (k, k))
+        sums = xp.reshape(xp.sum(xp.stack([column[:, b * s : b * s + kernel] for b in range(w_out)]), axis=0), (k,))
+        A[:k, k] = sums
+        A[k, :k] = sums
+        A[k, k] = float(n * h_out * w_out)
+        return A
 
     def kfac_blocks(self, start, bias, name):
         bias_block = BlockSpec("bias", np.empty(0, dtype=int), slice(None), a_factor=3, g_factor=2)  # G_bias (x) A_bias
