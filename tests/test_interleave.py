@@ -10,6 +10,7 @@ from scipy import stats
 
 from kldwrm_ref.bench import interleave as il
 from kldwrm_ref.cli import main
+from kldwrm_ref.storage import read_json
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -87,3 +88,21 @@ def test_bad_arguments_get_one_line_before_anything_runs(args, message, capsys):
     err = capsys.readouterr().err
     assert len([line for line in err.splitlines() if "error:" in line]) == 1
     assert re.search(message, err)
+
+
+def test_a_failing_child_ends_the_run_with_one_line_and_keeps_the_pairs_measured(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def run(tree, job):
+        calls.append(tree)
+        if len(calls) == 5:  # the untimed pair, the first timed pair, then the failure
+            raise RuntimeError("timing kfac in /old failed (exit 1): MemoryError")
+        return dict.fromkeys(il.QUANTITIES, 0.01 * len(calls))
+
+    monkeypatch.setattr(il, "run_in_tree", run)
+    out = tmp_path / "pairs.json"
+    with pytest.raises(SystemExit, match=r"kldwrm bench interleave: timing kfac in /old failed \(exit 1\): MemoryError"):
+        main(["bench", "interleave", str(HERE), str(HERE), "--optimizers", "kfac", "--reps", "4", "--json", str(out)])
+    saved = read_json(out)
+    assert saved["complete"] is False and [(r["rep"], r["tree"]) for r in saved["records"]] == [(1, "before"), (1, "after")]
+    assert "kfac" in capsys.readouterr().out

@@ -6,7 +6,8 @@ optimiser, one fresh process per source tree runs :func:`~kldwrm_ref.bench.step.
 two in turn, alternating which goes first; a first, untimed pair per optimiser fills each tree's
 Numba cache.  Each pair gives a ratio after / before per quantity (the median step between
 refreshes, the mean refresh step, the amortised mean); the summary is the ratios' geometric mean
-with the t interval of the mean log ratio (:func:`~kldwrm_ref.experiments.statistics.paired_comparison`).
+with the t interval of the mean log ratio (``scipy.stats.ttest_1samp``).  An even number of pairs
+balances which checkout runs first.
 
 A source tree is a checkout of this project (a ``git worktree`` of an older commit) whose
 ``time_steps`` takes (name, platform, preset, dtype, backend, architecture, batch); each child
@@ -25,9 +26,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from scipy import stats
+
 from kldwrm_ref import optim
 from kldwrm_ref.bench.step import _architecture
-from kldwrm_ref.experiments.statistics import paired_comparison
 from kldwrm_ref.storage import write_json
 from kldwrm_ref.validation import CommandParser, check_output_file
 
@@ -66,23 +68,29 @@ def check_tree(path: str | os.PathLike, name: str) -> Path:
     return tree
 
 
-def run_in_tree(tree: Path, job: Job) -> dict[str, float]:
+def run_in_tree(tree: Path, job: Job, timeout_s: float = 1800.0) -> dict[str, float]:
     """Time ``job`` in a fresh Python process that imports ``kldwrm_ref`` from ``tree``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job._asdict()), json.dumps(QUANTITIES)], cwd=tree, env=env, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job._asdict()), json.dumps(QUANTITIES)], cwd=tree, env=env, capture_output=True, text=True, check=False, timeout=timeout_s)
+    except subprocess.TimeoutExpired as error:
+        raise RuntimeError(f"timing {job.name} in {tree} took more than {timeout_s:g} s") from error
     if done.returncode != 0:
-        raise RuntimeError(f"timing {job.name} in {tree} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'no message'}")
+        lines = done.stderr.strip().splitlines()
+        errors = [line for line in lines if "Error" in line]
+        raise RuntimeError(f"timing {job.name} in {tree} failed (exit {done.returncode}): {(errors or lines or ['no message'])[-1]}")
     report = json.loads(done.stdout.strip().splitlines()[-1])
     source = Path(report.pop("source")).resolve()
-    if tree not in source.parents:
+    if source.parent.parent != tree:
         raise RuntimeError(f"the child meant for {tree} imported kldwrm_ref from {source.parent}")
     return report
 
 
-def interleave(trees: dict[str, Path], jobs: Sequence[Job], reps: int, run: Callable[[Path, Job], dict[str, float]] = run_in_tree, progress: Callable[[str], None] | None = None) -> list[dict]:
+def interleave(trees: dict[str, Path], jobs: Sequence[Job], reps: int, run: Callable[[Path, Job], dict[str, float]] = run_in_tree, progress: Callable[[str], None] | None = None, records: list[dict] | None = None) -> list[dict]:
     """Records {rep, name, tree, times} of ``reps`` timed pairs per job after one untimed pair;
-    in pair r the "before" tree runs first when r is odd, the "after" tree when r is even."""
-    records = []
+    in pair r the "before" tree runs first when r is odd, the "after" tree when r is even.  Each
+    record is appended to ``records`` (when given) as soon as it is measured."""
+    records = [] if records is None else records
     for rep in range(reps + 1):
         for job in jobs:
             order = TREES if rep % 2 == 1 else TREES[::-1]
@@ -119,8 +127,14 @@ def summarise(records: Sequence[dict], alpha: float = 0.05) -> dict[str, dict[st
             both = [(p["before"][key], p["after"][key]) for p in by_rep.values() if len(p) == 2 and all(math.isfinite(t[key]) and t[key] > 0 for t in p.values())]
             if not both:
                 continue
-            logs = paired_comparison([math.log(a) for _, a in both], [math.log(b) for b, _ in both], alpha)
-            summary[name][key] = Ratio(len(both), math.exp(logs.mean), math.exp(logs.ci_low), math.exp(logs.ci_high), statistics.median(b for b, _ in both), statistics.median(a for _, a in both))
+            logs = [math.log(a / b) for b, a in both]
+            low = high = math.nan
+            if len(logs) >= 2 and max(logs) > min(logs):
+                interval = stats.ttest_1samp(logs, 0.0).confidence_interval(1.0 - alpha)
+                low, high = math.exp(interval.low), math.exp(interval.high)
+            elif len(logs) >= 2:
+                low = high = math.exp(logs[0])
+            summary[name][key] = Ratio(len(both), math.exp(statistics.fmean(logs)), low, high, statistics.median(b for b, _ in both), statistics.median(a for _, a in both))
     return summary
 
 
@@ -141,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", choices=optim.PRESETS, default="paper", help="hyperparameter preset (default: paper)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="floating-point type (default: float32)")
     parser.add_argument("--batch", type=int, default=512, help="batch size, >= 1 (default: 512)")
-    parser.add_argument("--reps", type=int, default=8, help="timed pairs per optimiser, >= 2 (default: 8)")
+    parser.add_argument("--reps", type=int, default=8, help="timed pairs per optimiser, >= 2; an even count balances which checkout runs first (default: 8)")
     parser.add_argument("--json", metavar="PATH", help="also write every pair and the summary to PATH (default: none)")
     args = parser.parse_args(argv)
     try:
@@ -156,9 +170,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     jobs = [Job(name, args.architecture, args.preset, args.dtype, "auto", args.batch) for name in args.optimizers]
     print(f"before {trees['before']}\nafter  {trees['after']}\n{args.reps} timed pairs per optimiser after one untimed pair; each run a fresh process")
-    records = interleave(trees, jobs, args.reps, progress=print)
-    summary = summarise(records)
+    records: list[dict] = []
+    try:
+        interleave(trees, jobs, args.reps, run=run_in_tree, progress=print, records=records)
+    except RuntimeError as error:
+        failure: str | None = str(error)
+    else:
+        failure = None
+    finally:  # the pairs measured so far are kept if a child fails or the run is interrupted
+        summary = summarise(records)
+        if args.json:
+            report = dict(complete=len(records) == 2 * args.reps * len(jobs), trees={k: str(v) for k, v in trees.items()}, jobs=[j._asdict() for j in jobs], records=records)
+            write_json(args.json, dict(report, summary={name: {key: r._asdict() for key, r in ratios.items()} for name, ratios in summary.items()}))
     print("\n" + format_summary(summary))
-    if args.json:
-        write_json(args.json, dict(trees={k: str(v) for k, v in trees.items()}, jobs=[j._asdict() for j in jobs], records=records, summary={n: {k: r._asdict() for k, r in q.items()} for n, q in summary.items()}))
+    if failure:
+        raise SystemExit(f"kldwrm bench interleave: {failure} (the pairs measured before it are summarised above)")
     return 0

@@ -287,9 +287,12 @@ class Conv2d:
             M, column = (product, sums) if M is None else (M + product, column + sums)
         M = xp.reshape(M, (c * kernel, w + 2 * p, c * kernel, w + 2 * p))
         column = xp.reshape(column, (c * kernel, w + 2 * p))
+        blocks, sums = M[:, 0:kernel, :, 0:kernel], column[:, 0:kernel]
+        for b in range(1, w_out):  # a running sum: no W_out-fold temporary
+            blocks, sums = blocks + M[:, b * s : b * s + kernel, :, b * s : b * s + kernel], sums + column[:, b * s : b * s + kernel]
         A = xp.empty((k + 1, k + 1), dtype=M.dtype)
-        A[:k, :k] = xp.reshape(xp.sum(xp.stack([M[:, b * s : b * s + kernel, :, b * s : b * s + kernel] for b in range(w_out)]), axis=0), (k, k))
-        sums = xp.reshape(xp.sum(xp.stack([column[:, b * s : b * s + kernel] for b in range(w_out)]), axis=0), (k,))
+        A[:k, :k] = xp.reshape(blocks, (k, k))
+        sums = xp.reshape(sums, (k,))
         A[:k, k] = sums
         A[k, :k] = sums
         A[k, k] = float(n * h_out * w_out)
