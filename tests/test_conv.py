@@ -4,7 +4,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from kldwrm_ref.backends import NUMPY
@@ -190,8 +190,17 @@ def test_dense_fisher_is_the_hessian_of_the_kl_and_matches_the_complex_step_jaco
     F = fisher(net, theta0, X)
     np.testing.assert_allclose(F, ref.cnn_exact_fisher(spec, theta0, X), rtol=1e-10, atol=1e-12)
     h = 1e-5
+    pattern = kinks(net, theta0, X)
+    assume(all(kinks(net, theta0 + sign * h * e, X) == pattern for e in np.eye(net.n_params) for sign in (1, -1)))  # the KL is smooth in the box
     columns = [(kl_divergence(net, theta0, theta0 + h * e, X)[1] - kl_divergence(net, theta0, theta0 - h * e, X)[1]) / (2 * h) for e in np.eye(net.n_params)]
     assert np.linalg.norm(np.array(columns).T - F) <= 1e-6 * max(np.linalg.norm(F), 1e-8)
+
+
+def kinks(net, theta, X):
+    """Where the network is not smooth in theta: every max-pooling argmax and every ReLU's sign
+    pattern of the pass (a central difference across a switch measures no derivative)."""
+    caches = net.forward(theta, X).caches
+    return tuple(np.asarray(c[0] if isinstance(layer, MaxPool2d) else c).tobytes() for layer, c in zip(net.layers, caches) if isinstance(layer, MaxPool2d | ReLU))
 
 
 @contextmanager
@@ -374,6 +383,8 @@ def test_the_a_factor_is_lowered_by_rows_where_that_is_the_cheaper_product():
     net = paper_cnn(dtype=np.float32)
     assert [net.layers[i].lowers_rows(net.shapes[i]) for i in (0, 3)] == [True, True]
     assert not Conv2d(64, 64, 3, padding=1).lowers_rows((64, 32, 32))
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        Conv2d(1, 1, 5).lowers_rows((1, 2, 20))  # no output row: the lowering would be empty
 
 
 def test_the_row_lowered_a_factor_on_array_api_strict_arrays_equals_numpy():

@@ -249,7 +249,7 @@ class Conv2d:
         (C k k)^2 per patch, W_out patches a row; the row product wins while it costs at most
         :data:`ROW_MOMENT_FLOPS` times as much (a wider product runs nearer BLAS's peak)."""
         c, _, w = in_shape
-        _, w_out = self._out_hw(in_shape[1:])
+        _, _, w_out = self.output_shape(tuple(in_shape))  # refuses inputs the kernel does not fit
         return (c * self.kernel_size * (w + 2 * self.padding)) ** 2 <= ROW_MOMENT_FLOPS * w_out * self.patch_size**2
 
     def _patch_moment(self, cache: ConvCache, backend: Backend) -> Any:
