@@ -140,6 +140,42 @@ def test_im2col_and_its_adjoint(backend, geometry, n, extra, reps, dtype, seed):
     np.testing.assert_array_equal(dx_out, np.asarray(dx))
 
 
+def _direct_lower_rows(x, k, s, p):
+    """Lowered rows (N H_out, C k W_pad) by explicit loops over samples, output rows, (c, i) and
+    padded columns (independent of the kernels)."""
+    n, c, h, w = x.shape
+    out_h, width = (h + 2 * p - k) // s + 1, w + 2 * p
+    rows = np.zeros((n * out_h, c * k * width), dtype=x.dtype)
+    for m in range(n):
+        for a in range(out_h):
+            for ch in range(c):
+                for i in range(k):
+                    for u in range(width):
+                        hh, ww = a * s + i - p, u - p
+                        if 0 <= hh < h and 0 <= ww < w:
+                            rows[m * out_h + a, (ch * k + i) * width + u] = x[m, ch, hh, ww]
+    return rows
+
+
+@pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
+@settings(max_examples=6)
+@given(geometry=conv_geometry, n=st.integers(1, 3), extra=st.tuples(st.integers(0, 4), st.integers(0, 3)), dtype=dtypes, seed=st.integers(0, 2**16))
+def test_lower_rows_equals_direct_loops_and_writes_into_a_buffer(backend, geometry, n, extra, dtype, seed):
+    """lower_rows equals the direct loops for every stride, padding and non-square input, and
+    overwrites a given buffer (the CPU's chunked A factor reuses one); a buffer of the wrong shape is refused."""
+    channels, k, s, p = geometry
+    shape = (channels, max(1, k - 2 * p) + extra[0], max(1, k - 2 * p) + extra[1])
+    be, rng = get_backend(backend), np.random.default_rng(seed)
+    x = rng.standard_normal((n, *shape)).astype(dtype)
+    lowered = be.lower_rows(x, k, s, p)
+    close(lowered, _direct_lower_rows(x, k, s, p), dtype)
+    buffer = np.full(lowered.shape, np.nan, dtype=dtype)
+    assert be.lower_rows(x, k, s, p, out=buffer) is buffer
+    np.testing.assert_array_equal(buffer, np.asarray(lowered))
+    with pytest.raises(ValueError, match=r"out must be a C-contiguous"):
+        be.lower_rows(x, k, s, p, out=np.empty((lowered.shape[0], lowered.shape[1] + 1), dtype=dtype))
+
+
 @pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
 def test_a_patch_buffer_of_the_wrong_shape_dtype_or_layout_is_refused(backend):
     be, x = get_backend(backend), np.ones((2, 1, 4, 4))

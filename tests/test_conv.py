@@ -388,8 +388,9 @@ def test_the_a_factor_is_lowered_by_rows_where_that_is_the_cheaper_product():
 
 
 def test_the_row_lowered_a_factor_on_array_api_strict_arrays_equals_numpy():
-    """The row lowering uses only the array API (stack, permuted views, strided slices, padding by
-    assignment): on array-api-strict arrays it gives NumPy's A to rounding."""
+    """Around the backend's lowering (here the host-hop reference twin) the row-lowered A uses only
+    the array API (products, strided slices, sums of blocks): on array-api-strict arrays it gives
+    NumPy's A to rounding."""
     import array_api_strict as xps
 
     from kldwrm_ref.backends import host_hop_backend

@@ -31,6 +31,7 @@ _cotangent_row = cuda.jit(device=True)(rows.cotangent_row)
 _kl_row = cuda.jit(device=True)(rows.kl_row)
 _im2col_element = cuda.jit(device=True)(rows.im2col_element)
 _col2im_element = cuda.jit(device=True)(rows.col2im_element)
+_lower_rows_element = cuda.jit(device=True)(rows.lower_rows_element)
 _max_pool_element = cuda.jit(device=True)(rows.max_pool_element)
 _max_unpool_element = cuda.jit(device=True)(rows.max_unpool_element)
 
@@ -106,6 +107,12 @@ def _im2col_kernel(x, cols, kernel, stride, padding, out_w):
 def _col2im_kernel(cols, dx, kernel, stride, padding, out_h, out_w):
     for e in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
         _col2im_element(cols, dx, e, kernel, stride, padding, out_h, out_w)
+
+
+@cuda.jit
+def _lower_rows_kernel(x, rows, kernel, stride, padding, out_h):
+    for e in range(cuda.grid(1), rows.size, cuda.gridsize(1)):
+        _lower_rows_element(x, rows, e, kernel, stride, padding, out_h)
 
 
 @cuda.jit
@@ -230,6 +237,16 @@ def col2im(cols, in_shape, kernel, stride, padding, out=None):
     dx = _xp(cols).empty(shape, dtype=cols.dtype) if out is None else reference.checked_out(out, shape, cols.dtype)
     _launch(_col2im_kernel, dx.size, cols, dx, int(kernel), int(stride), int(padding), out_h, out_w)
     return dx
+
+
+def lower_rows(x, kernel, stride, padding, out=None):
+    """Lowered rows (N H_out, C k W_pad) of x (N, C, H, W), one thread per entry; see :func:`kldwrm_ref.backends.reference.lower_rows`."""
+    n, c, h, w = x.shape
+    out_h, _ = reference.conv_out_hw((h, w), kernel, stride, padding)
+    shape = (n * out_h, c * kernel * (w + 2 * padding))
+    rows_out = _xp(x).empty(shape, dtype=x.dtype) if out is None else reference.checked_out(out, shape, x.dtype)
+    _launch(_lower_rows_kernel, rows_out.size, x, rows_out, int(kernel), int(stride), int(padding), out_h)
+    return rows_out
 
 
 def max_pool(x, kernel):

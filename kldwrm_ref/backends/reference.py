@@ -162,6 +162,21 @@ def col2im(cols: np.ndarray, in_shape, kernel: int, stride: int, padding: int, o
     return out
 
 
+def lower_rows(x: np.ndarray, kernel: int, stride: int, padding: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Lowered rows R (N H_out, C k W_pad) of x (N, C, H, W): row (n, a) holds, channel by channel,
+    the k zero-padded input rows a s .. a s + k - 1 end to end, R[(n, a), (c, i, u)] = x_pad[n, c, a s + i, u]
+    (docs/theory.md §5.6, "Row lowering").  ``out``: written in place and returned."""
+    n, c, h, w = x.shape
+    out_h, _ = conv_out_hw((h, w), kernel, stride, padding)
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else x
+    lowered = np.stack([xp[:, :, i : i + stride * (out_h - 1) + 1 : stride, :].transpose(0, 2, 1, 3) for i in range(kernel)], axis=3)  # (N, H_out, C, k, W_pad)
+    shape = (n * out_h, c * kernel * (w + 2 * padding))
+    if out is None:
+        return lowered.reshape(shape)
+    checked_out(out, shape, x.dtype).reshape(lowered.shape)[...] = lowered
+    return out
+
+
 def pool_index_dtype(kernel: int):
     """The integer type of max-pooling's argmax (the window offset 0..k^2 - 1)."""
     return np.int8 if kernel * kernel < 128 else np.int64

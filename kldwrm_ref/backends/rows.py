@@ -126,6 +126,23 @@ def col2im_element(cols, dx, e, kernel, stride, padding, out_h, out_w):
     dx[r, c, h - padding, w - padding] = total
 
 
+def lower_rows_element(x, rows, e, kernel, stride, padding, out_h):
+    """rows.flat[e] = x[n, c, a s + i - p, u - p] (zero in the padding) for the flat index e of the
+    lowered rows (N H_out, C k W_pad), row (n, a), column (c, i, u) row-major: the layout of
+    :func:`kldwrm_ref.backends.reference.lower_rows`."""
+    padded_width = x.shape[3] + 2 * padding
+    row = e // rows.shape[1]
+    column = e % rows.shape[1]
+    n = row // out_h
+    c = column // (kernel * padded_width)
+    h = (row % out_h) * stride + (column // padded_width) % kernel - padding
+    w = column % padded_width - padding
+    if 0 <= h < x.shape[2] and 0 <= w < x.shape[3]:
+        rows[row, column] = x[n, c, h, w]
+    else:
+        rows[row, column] = 0.0
+
+
 def max_pool_element(x, y, argmax, e, kernel):
     """y.flat[e] = the maximum of its k x k window of x, argmax.flat[e] = its first row-major offset."""
     out_h, out_w = y.shape[2], y.shape[3]

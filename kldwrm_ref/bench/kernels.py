@@ -39,6 +39,7 @@ def kernel_inputs(dtype, rng: np.random.Generator) -> dict:
         kl_and_grad=("logits (512, 10), symmetric", (logits, logits[::-1].copy(), "symmetric")),
         im2col=("images (512, 1, 28, 28), 5 x 5", (images, 5, 1, 0)),
         col2im=("patches (512, 5 x 5 x 5, 64)", (conv2_cols, (5, 12, 12), 5, 1, 0)),
+        lower_rows=("(512, 5, 12, 12), 5 x 5", (rng.standard_normal((512, 5, 12, 12)).astype(dtype), 5, 1, 0)),
         max_pool=("(512, 5, 24, 24), 2 x 2", (rng.standard_normal((512, 5, 24, 24)).astype(dtype), 2)),
         max_unpool=("(512, 5, 12, 12) -> 24 x 24", (pooled, argmax, (5, 24, 24), 2)),
         matmul=("(512, 784) @ (784, 256)", (rng.standard_normal((512, 784)).astype(dtype), rng.standard_normal((784, 256)).astype(dtype))),

@@ -260,29 +260,35 @@ class Conv2d:
         xp, k = backend.xp, self.patch_size
         return sum(homogeneous_moment(xp.reshape(xp.permute_dims(patches, (1, 0, 2)), (k, -1)).T, backend) for _, patches in self._patch_chunks(cache, backend))  # a (k, n T) copy per chunk
 
+    def _lowered_rows(self, x: Any, backend: Backend):
+        """The lowered rows (samples H_out, C k W_pad) of x (:func:`~kldwrm_ref.backends.reference.lower_rows`),
+        chunk by chunk: on the CPU chunks of samples of at most :data:`PATCH_CHUNK_BYTES`, built into
+        one buffer (a chunk is valid until the next is drawn); on a GPU the whole batch."""
+        xp, kernel = backend.xp, self.kernel_size
+        n, c, h, w = x.shape
+        h_out, _ = self._out_hw((h, w))
+        width = c * kernel * (w + 2 * self.padding)
+        if not is_numpy_namespace(xp):
+            yield backend.lower_rows(x, kernel, self.stride, self.padding)
+            return
+        step = max(1, PATCH_CHUNK_BYTES // (h_out * width * x.dtype.itemsize))
+        buffer = np.empty((min(step, n) * h_out, width), dtype=x.dtype)
+        for start in range(0, n, step):
+            samples = min(step, n - start)
+            yield backend.lower_rows(x[start : start + samples, ...], kernel, self.stride, self.padding, out=buffer[: samples * h_out])
+
     def _row_moment(self, x: Any, backend: Backend) -> Any:
         """sum_{n,t} pbar pbar^T without the patches (docs/theory.md §5.6, "A by row lowering"): with the
-        zero-padded input's rows lowered to R[(n, a), (c, i, u)] = x[n, c, a s + i, u] (one row per
-        sample and output row, k-fold the input) and M = R^T R, the patch at (a, b) holds
+        zero-padded input's rows lowered (:meth:`_lowered_rows`, R[(n, a), (c, i, u)] = x[n, c, a s + i, u],
+        one row per sample and output row, k-fold the input) and M = R^T R, the patch at (a, b) holds
         x[n, c, a s + i, b s + j], so A[(c, i, j), (c', i', j')] = sum_b M[(c, i, b s + j), (c', i', b s + j')]
         and its homogeneous column sum_b (R^T 1)[(c, i, b s + j)]: one product with W_pad-wide blocks
-        and W_out sums of (C k k)^2 entries.  On the CPU R is built and multiplied in chunks of samples
-        of at most :data:`PATCH_CHUNK_BYTES`, as the patches are."""
+        and W_out sums of (C k k)^2 entries."""
         xp, kernel, s, p, k = backend.xp, self.kernel_size, self.stride, self.padding, self.patch_size
         n, c, h, w = x.shape
         h_out, w_out = self._out_hw((h, w))
-        width, rows_span = c * kernel * (w + 2 * p), s * (h_out - 1) + 1
-        per_sample = h_out * width * np.dtype(host_float_dtype(xp, x.dtype)).itemsize
-        step = max(1, PATCH_CHUNK_BYTES // per_sample) if is_numpy_namespace(xp) else n
         M = column = None
-        for start in range(0, n, step):
-            chunk = x[start : start + step, ...]
-            if p:
-                padded = xp.zeros((chunk.shape[0], c, h + 2 * p, w + 2 * p), dtype=x.dtype)
-                padded[:, :, p : p + h, p : p + w] = chunk
-                chunk = padded
-            lowered = xp.stack([xp.permute_dims(chunk[:, :, i : i + rows_span : s, :], (0, 2, 1, 3)) for i in range(kernel)], axis=3)  # (samples, H_out, c, kernel, W_pad)
-            R = xp.reshape(lowered, (chunk.shape[0] * h_out, width))
+        for R in self._lowered_rows(x, backend):
             product, sums = backend.matmul(R.T, R), backend.matmul(xp.ones((1, R.shape[0]), dtype=R.dtype), R)
             M, column = (product, sums) if M is None else (M + product, column + sums)
         M = xp.reshape(M, (c * kernel, w + 2 * p, c * kernel, w + 2 * p))
