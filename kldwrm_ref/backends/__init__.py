@@ -15,7 +15,8 @@ then passed around as an object:
   eigenbasis divides) and BLAS for products; Numba's one compiled pass wherever NumPy would make
   several passes with full-size temporaries (softmax rows, cotangent rows, label sampling,
   per-sample rows, the EA update, KL rows, im2col / col2im, max-pooling and its adjoint).  The
-  convolutions' lowered rows are one strided copy in NumPy on both CPU backends.
+  convolutions' lowered rows are a NumPy copy of one strided view of the input on the Numba
+  backend (the NumPy twin stacks the k taps).
 
 :func:`host_hop_backend` serves any other array-API namespace (``array-api-strict`` in the tests)
 with the reference twins through a host copy: the step itself is namespace-clean, the kernels

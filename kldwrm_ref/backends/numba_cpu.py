@@ -277,7 +277,8 @@ def col2im(cols, in_shape, kernel, stride, padding, out=None):
 def lower_rows(x, kernel, stride, padding, out=None):
     """Lowered rows (N H_out, C k W_pad) of x (N, C, H, W); see :func:`kldwrm_ref.backends.reference.lower_rows`.
     A channel's k input rows from a s on are consecutive in memory, so R is one copy of a strided
-    view of x, which NumPy makes in one pass near memory speed (a Numba loop was 2-3x slower)."""
+    view of x, which NumPy makes in one pass near memory speed (a Numba loop was 2-3x slower); a
+    padded or non-contiguous input is copied once more first."""
     (x,) = _contiguous(x)
     n, c, h, w = x.shape
     out_h, _ = reference.conv_out_hw((h, w), kernel, stride, padding)

@@ -165,7 +165,7 @@ def col2im(cols: np.ndarray, in_shape, kernel: int, stride: int, padding: int, o
 def lower_rows(x: np.ndarray, kernel: int, stride: int, padding: int, out: np.ndarray | None = None) -> np.ndarray:
     """Lowered rows R (N H_out, C k W_pad) of x (N, C, H, W): row (n, a) holds, channel by channel,
     the k zero-padded input rows a s .. a s + k - 1 end to end, R[(n, a), (c, i, u)] = x_pad[n, c, a s + i, u]
-    (docs/theory.md §5.6, "Row lowering").  ``out``: written in place and returned."""
+    (docs/theory.md §5.6, "A by row lowering").  ``out``: written in place and returned."""
     n, c, h, w = x.shape
     out_h, _ = conv_out_hw((h, w), kernel, stride, padding)
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else x

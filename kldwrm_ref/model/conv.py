@@ -279,7 +279,7 @@ class Conv2d:
 
     def _row_moment(self, x: Any, backend: Backend) -> Any:
         """sum_{n,t} pbar pbar^T without the patches (docs/theory.md §5.6, "A by row lowering"): with the
-        zero-padded input's rows lowered (:meth:`_lowered_rows`, R[(n, a), (c, i, u)] = x[n, c, a s + i, u],
+        zero-padded input's rows lowered (:meth:`_lowered_rows`, R[(n, a), (c, i, u)] = x_pad[n, c, a s + i, u],
         one row per sample and output row, k-fold the input) and M = R^T R, the patch at (a, b) holds
         x[n, c, a s + i, b s + j], so A[(c, i, j), (c', i', j')] = sum_b M[(c, i, b s + j), (c', i', b s + j')]
         and its homogeneous column sum_b (R^T 1)[(c, i, b s + j)]: one product with W_pad-wide blocks
