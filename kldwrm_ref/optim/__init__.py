@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from kldwrm_ref.arrays import is_numpy_namespace
 from kldwrm_ref.backends import DEFAULT_BACKEND, Backend, get_backend
+from kldwrm_ref.memory import reuses_memory
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.optim.clipping import clip_direction, kl_clip_factor, rms_clip
 from kldwrm_ref.optim.curvature_method import SPECS, MethodSpec, make_curvature_method
@@ -68,4 +69,4 @@ def make(name: str, net: Network, platform: str | None = None, preset: str = "th
     if net.backend is not resolved:
         net = net.with_backend(resolved)
     optimizer = make_sgd(net, hyper) if name == "sgd" else make_curvature_method(name, net, hyper, platform)
-    return optimizer._replace(platform=platform, preset=preset, backend=resolved.name, network=net)
+    return optimizer._replace(step=reuses_memory(optimizer.step), platform=platform, preset=preset, backend=resolved.name, network=net)
