@@ -42,7 +42,7 @@ import numpy as np
 __all__ = ["CACHE_BYTES", "MIN_BYTES", "SLOTS", "CacheStats", "cache_stats", "numpy_handlers", "release_cached_memory", "reuses_memory", "reusing_memory"]
 
 MIN_BYTES = 64 * 1024  # blocks this large or larger are cached
-CACHE_BYTES = 512 * 2**20  # the most the cache holds
+CACHE_BYTES = 256 * 2**20  # the most the cache holds
 SLOTS = 256  # the most blocks it holds
 HANDLER_NAME = "kldwrm_ref step memory"
 _HEADER = 64  # bytes before each block's data (keeps malloc's 16-byte alignment)
