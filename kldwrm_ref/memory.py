@@ -92,8 +92,8 @@ class NumpyHandlers:
         table = ctypes.cast(api.PyCapsule_GetPointer(multiarray._ARRAY_API, None), ctypes.POINTER(ctypes.c_void_p))
         self.set_handler = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)(table[_SET_HANDLER])
         default_capsule = ctypes.cast(table[_DEFAULT_HANDLER], ctypes.POINTER(ctypes.py_object)).contents.value
-        self.default = Handler.from_address(api.PyCapsule_GetPointer(default_capsule, b"mem_handler")).allocator
-        self.default_name = self.handler_name()
+        default = Handler.from_address(api.PyCapsule_GetPointer(default_capsule, b"mem_handler"))
+        self.default, self.default_name = default.allocator, default.name.decode()
         self._name = libc.calloc(len(b"mem_handler") + 1, 1)  # the capsules' name, which NumPy checks on every use
         if not self._name:
             raise MemoryError("no memory for a memory handler's name")
@@ -246,6 +246,7 @@ def _get_cache() -> _Cache | None:
         with _lock:
             if _cache is None:
                 _cache = cache
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(cache))  # never freed, not even at exit: arrays may outlive the module
     return _cache
 
 
