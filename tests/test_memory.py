@@ -108,10 +108,10 @@ def test_steps_with_the_cache_equal_steps_without_and_reuse_its_blocks(name, mon
 
     def run(misses):
         opt = optim.make(name, net, preset="paper")
-        theta, state = net.init(0), None
+        theta = net.init(0)
         state = opt.init(theta)
-        for k in range(6):
-            theta, state, _ = opt.step(theta, state, X, y)
+        for _ in range(6):
+            theta, state, _info = opt.step(theta, state, X, y)
             misses.append(memory.cache_stats().misses)
         return theta
 
