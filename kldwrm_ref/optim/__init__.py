@@ -55,7 +55,8 @@ def make(name: str, net: Network, platform: str | None = None, preset: str = "th
     ``platform``: "dense" (exact curvature matrices) or "kfac" (default for ``name="kfac"``);
     ``preset``: "theory" or "paper"; ``overrides``: any :class:`Hyper` field.  The network is
     re-bound to ``backend`` (``Optimizer.network``).  The curvature methods put a
-    :class:`StepTrace` of every step into ``info["trace"]``.
+    :class:`StepTrace` of every step into ``info["trace"]``.  Every step runs inside
+    :func:`kldwrm_ref.memory.reusing_memory` (its large NumPy blocks are reused across steps).
     """
     name = check_choice(name, "name", NAMES)
     platform = check_choice(platform or ("kfac" if name == "kfac" else "dense"), "platform", PLATFORMS)
