@@ -1,5 +1,5 @@
 """The package's import graph: no cycles, and imports go one way along the pipeline
-validation/storage/arrays/data <- backends <- model <- curvature <- optim
+validation/storage/arrays/memory/data <- backends <- model <- curvature <- optim
 <- {theory, experiments, bench, trajectory} <- testing <- cli."""
 
 import ast
@@ -8,7 +8,7 @@ from pathlib import Path
 import kldwrm_ref
 
 PACKAGE = Path(kldwrm_ref.__file__).parent
-LAYERS = {"validation": 0, "storage": 0, "arrays": 0, "data": 1, "backends": 1, "model": 2, "curvature": 3, "optim": 4, "theory": 6, "experiments": 6, "bench": 6, "trajectory": 6, "testing": 7, "cli": 8}
+LAYERS = {"validation": 0, "storage": 0, "arrays": 0, "memory": 0, "data": 1, "backends": 1, "model": 2, "curvature": 3, "optim": 4, "theory": 6, "experiments": 6, "bench": 6, "trajectory": 6, "testing": 7, "cli": 8}
 
 
 def module_name(path: Path) -> str:

@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import cfunc, njit, types
 
+from kldwrm_ref.memory import Allocator, Handler, numpy_handlers
+
 __all__ = ["MIN_BYTES", "SIZES_KEPT", "Census", "CensusUnavailable", "counting_allocations", "counting_pool_allocations"]
 
 MIN_BYTES = 4096  # the default threshold: "a few kilobytes"
@@ -115,17 +117,7 @@ def _note(record, nbytes):
         at += step
 
 
-# ----------------------------------------------------------------- NumPy's C structs (NEP 49)
-class _Allocator(ctypes.Structure):
-    _fields_ = [("ctx", ctypes.c_void_p), ("malloc", ctypes.c_void_p), ("calloc", ctypes.c_void_p), ("realloc", ctypes.c_void_p), ("free", ctypes.c_void_p)]
-
-
-class _Handler(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char * 127), ("version", ctypes.c_uint8), ("allocator", _Allocator)]
-
-
 _HANDLER_NAME = "kldwrm_ref allocation census"
-_SET_HANDLER, _DEFAULT_HANDLER = 304, 306  # NumPy's C-API table: PyDataMem_SetHandler, &PyDataMem_DefaultHandler (since 1.22)
 
 
 class _Slot:
@@ -147,20 +139,9 @@ class _Engine:
     """Built once per process: the compiled allocating functions, and slots made in blocks."""
 
     def __init__(self) -> None:
-        try:
-            from numpy._core import multiarray
-        except ImportError:  # NumPy 1.x
-            from numpy.core import multiarray  # type: ignore[no-redef]
-        self.handler_name = multiarray.get_handler_name
-        self.api, self.libc = ctypes.pythonapi, ctypes.CDLL(None)
-        api, libc = self.api, self.libc
-        api.PyCapsule_GetPointer.restype, api.PyCapsule_GetPointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-        api.PyCapsule_New.restype, api.PyCapsule_New.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-        libc.calloc.restype, libc.calloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t, ctypes.c_size_t]
-        table = ctypes.cast(api.PyCapsule_GetPointer(multiarray._ARRAY_API, None), ctypes.POINTER(ctypes.c_void_p))
-        self.set_handler = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.py_object)(table[_SET_HANDLER])
-        default_capsule = ctypes.cast(table[_DEFAULT_HANDLER], ctypes.POINTER(ctypes.py_object)).contents.value
-        self.default = _Handler.from_address(api.PyCapsule_GetPointer(default_capsule, b"mem_handler")).allocator
+        handlers = numpy_handlers()  # NumPy's memory-handler C API (shared with kldwrm_ref.memory)
+        self.handlers, self.handler_name, self.set_handler = handlers, handlers.handler_name, handlers.set_handler
+        self.api, self.libc, self.default = handlers.api, handlers.libc, handlers.default
         ctx = self.default.ctx or 0
         # NumPy's own functions, their context passed as an integer constant of the compiled code;
         # pointers travel as uintp (the same register as a pointer in the C calling convention)
@@ -192,23 +173,19 @@ class _Engine:
             return pointer
 
         self.compiled = (census_malloc, census_calloc, census_realloc)  # kept for the process's life
-        self.name = libc.calloc(len(b"mem_handler") + 1, 1)  # the capsules' name, which NumPy checks on every use
-        if not self.name:
-            raise MemoryError("no memory for the allocation census")
-        ctypes.memmove(self.name, b"mem_handler", len(b"mem_handler"))
         self.slots: list[_Slot] = []
 
     def new_block(self) -> None:
-        records, handlers = self.libc.calloc(BLOCK * _RECORD, _WORD), self.libc.calloc(BLOCK, ctypes.sizeof(_Handler))
+        records, handlers = self.libc.calloc(BLOCK * _RECORD, _WORD), self.libc.calloc(BLOCK, ctypes.sizeof(Handler))
         if not (records and handlers):
             raise CensusUnavailable("no memory for the allocation census's records")
         malloc, calloc, realloc = (f.address for f in self.compiled)
         for i in range(BLOCK):
-            record, handler = records + i * _RECORD * _WORD, handlers + i * ctypes.sizeof(_Handler)
-            struct = _Handler.from_address(handler)
+            record, handler = records + i * _RECORD * _WORD, handlers + i * ctypes.sizeof(Handler)
+            struct = Handler.from_address(handler)
             struct.name, struct.version = _HANDLER_NAME.encode(), 1
-            struct.allocator = _Allocator(record, malloc, calloc, realloc, self.default.free)
-            self.slots.append(_Slot(record, handler, self.api.PyCapsule_New(handler, ctypes.cast(self.name, ctypes.c_char_p), None)))
+            struct.allocator = Allocator(record, malloc, calloc, realloc, self.default.free)
+            self.slots.append(_Slot(record, handler, self.handlers.capsule(handler)))
             self.slots[-1].refs = sys.getrefcount(self.slots[-1].capsule)
 
     def take_slot(self) -> _Slot:

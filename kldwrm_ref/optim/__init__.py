@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from kldwrm_ref.arrays import is_numpy_namespace
 from kldwrm_ref.backends import DEFAULT_BACKEND, Backend, get_backend
+from kldwrm_ref.memory import reuses_memory
 from kldwrm_ref.model.network import Network
 from kldwrm_ref.optim.clipping import clip_direction, kl_clip_factor, rms_clip
 from kldwrm_ref.optim.curvature_method import SPECS, MethodSpec, make_curvature_method
@@ -54,7 +55,8 @@ def make(name: str, net: Network, platform: str | None = None, preset: str = "th
     ``platform``: "dense" (exact curvature matrices) or "kfac" (default for ``name="kfac"``);
     ``preset``: "theory" or "paper"; ``overrides``: any :class:`Hyper` field.  The network is
     re-bound to ``backend`` (``Optimizer.network``).  The curvature methods put a
-    :class:`StepTrace` of every step into ``info["trace"]``.
+    :class:`StepTrace` of every step into ``info["trace"]``.  Every step runs inside
+    :func:`kldwrm_ref.memory.reusing_memory` (its large NumPy blocks are reused across steps).
     """
     name = check_choice(name, "name", NAMES)
     platform = check_choice(platform or ("kfac" if name == "kfac" else "dense"), "platform", PLATFORMS)
@@ -68,4 +70,4 @@ def make(name: str, net: Network, platform: str | None = None, preset: str = "th
     if net.backend is not resolved:
         net = net.with_backend(resolved)
     optimizer = make_sgd(net, hyper) if name == "sgd" else make_curvature_method(name, net, hyper, platform)
-    return optimizer._replace(platform=platform, preset=preset, backend=resolved.name, network=net)
+    return optimizer._replace(step=reuses_memory(optimizer.step), platform=platform, preset=preset, backend=resolved.name, network=net)
