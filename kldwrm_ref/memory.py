@@ -7,21 +7,29 @@ between steps, glibc hands the step's memory back to the kernel and each step pa
 again: about 10% of a CNN step (docs/performance.md, "Allocation is not a cost on the CPU").
 
 What: while :func:`reusing_memory` is open in a context (``Optimizer.step`` opens it), NumPy
-allocates that context's array data through this module's handler.  Blocks of at least
-:data:`MIN_BYTES` are taken from, and when freed given back to, a cache of at most
-:data:`CACHE_BYTES` holding blocks freed earlier (a cached block serves a request at most a
-quarter plus a page smaller than it); smaller blocks, and every block the full cache cannot
-take, go to NumPy's own functions.  No memory is shared: a block is reused only after NumPy has
-freed the array that held it, so a step stays a pure function.  Arrays made inside outlive the
-block as any array does; when they are freed (anywhere, in any thread) their blocks come back
-to the cache.  :func:`release_cached_memory` empties it.
+allocates that context's array data through this module's handler.  Freed blocks of at least
+:data:`MIN_BYTES` go into a cache of at most :data:`SLOTS` blocks and :data:`CACHE_BYTES`, and
+requests of that size are served from it (a cached block serves a request at most a quarter plus
+a page smaller than it); when it is full, the blocks cached longest ago are freed to make room.
+Everything else comes from, and goes back to, the C library (calloc where NumPy asks for zeros,
+so large zeroed arrays stay lazily mapped).  No memory is shared: a block is reused only after
+NumPy has freed the array that held it, so a step stays a pure function.  Arrays made inside are
+ordinary arrays and outlive the block as any array does, but their memory stays this handler's:
+freeing them (anywhere, in any thread) gives their blocks to the cache, and resizing them goes
+through it.  Tasks and generators started inside the block inherit its context variables, so
+they allocate through the handler too.  The cache holds its blocks until the process ends or
+:func:`release_cached_memory` empties it.
 
 How: NEP 49 lets a handler (a C struct of malloc / calloc / realloc / free and a context pointer)
 serve one context variable's allocations.  Its functions here are compiled C (Numba ``cfunc``s):
-each block carries a 64-byte header (a magic word, its capacity, the bytes NumPy's malloc gave),
-and the cache is a table of :data:`SLOTS` (capacity, address) pairs in C memory.  The table
-changes only while the calling thread holds the GIL (each call checks), which serialises every
-change; a call without the GIL bypasses the cache.  Where another handler is current (the
+each block, large or small, carries a 64-byte header (a magic word, its capacity), and the cache
+is a table of (capacity, address, when cached) triples in C memory.  The table changes only
+while the calling thread holds the GIL, tested as "this thread's own thread state is the one
+attached" (``PyGILState_Check`` answers yes in every thread once a subinterpreter has existed),
+which serialises every change; :func:`release_cached_memory` and :func:`cache_stats` read it in
+one compiled call.  A call without the GIL (NumPy makes them only while parsing text with
+``fromstring`` / ``fromfile``) never touches the table: it allocates and frees with the C
+library, which is thread-safe, and shrinks in place.  Where another handler is current (the
 allocation census of :mod:`kldwrm_ref.bench.allocations`, a user's own), :func:`reusing_memory`
 leaves it in place; where NumPy's C API is out of reach, or on a free-threaded Python, it does
 nothing.  The NEP 49 plumbing (:func:`numpy_handlers`) is shared with the census.
@@ -48,9 +56,9 @@ HANDLER_NAME = "kldwrm_ref step memory"
 _HEADER = 64  # bytes before each block's data (keeps malloc's 16-byte alignment)
 _MAGIC = 0x6B6C6477726D6D65
 _GRAIN, _PAGE = 64 * 1024, 4096  # capacities are rounded to pages, above 1 MiB to 64 KiB
-# the cache's record, int64 words: settings, counters, then SLOTS (capacity, address) pairs
-_MIN, _LIMIT, _CACHED, _HITS, _MISSES, _SLOT0 = 0, 1, 2, 3, 4, 8
-_RECORD = _SLOT0 + 2 * SLOTS
+# the cache's record, int64 words: settings, counters, a clock, then SLOTS (capacity, address, when cached)
+_MIN, _LIMIT, _CACHED, _HITS, _MISSES, _TICK, _SLOT0, _WIDTH = 0, 1, 2, 3, 4, 5, 8, 3
+_RECORD = _SLOT0 + _WIDTH * SLOTS
 _SET_HANDLER, _DEFAULT_HANDLER = 304, 306  # NumPy's C-API table: PyDataMem_SetHandler, &PyDataMem_DefaultHandler (since 1.22)
 
 
@@ -123,86 +131,144 @@ class _Cache:
     def __init__(self, handlers: NumpyHandlers) -> None:
         from numba import carray, cfunc, njit, types
 
-        libc, default = handlers.libc, handlers.default
-        ctx, size_t = default.ctx or 0, ctypes.c_size_t
-        d_malloc = ctypes.CFUNCTYPE(size_t, size_t, size_t)(default.malloc)
-        d_free = ctypes.CFUNCTYPE(None, size_t, size_t, size_t)(default.free)
+        api, libc, size_t = handlers.api, handlers.libc, ctypes.c_size_t
 
         def address(function: Any) -> int:
             return int(ctypes.cast(function, ctypes.c_void_p).value or 0)
 
-        words_at = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_int64), size_t, size_t, size_t)(address(libc.memmove))  # memmove(p, p, 0) returns p, typed
+        # the C library's functions (thread-safe, unlike NumPy's small-block cache, which needs the GIL)
+        c_malloc = ctypes.CFUNCTYPE(size_t, size_t)(address(libc.malloc))
+        c_calloc = ctypes.CFUNCTYPE(size_t, size_t, size_t)(address(libc.calloc))
+        c_free = ctypes.CFUNCTYPE(None, size_t)(address(libc.free))
         memset = ctypes.CFUNCTYPE(size_t, size_t, ctypes.c_int, size_t)(address(libc.memset))
         memcpy = ctypes.CFUNCTYPE(size_t, size_t, size_t, size_t)(address(libc.memcpy))
-        gil_held = ctypes.CFUNCTYPE(ctypes.c_int)(address(handlers.api.PyGILState_Check))
+        words_at = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_int64), size_t, size_t, size_t)(address(libc.memmove))  # memmove(p, p, 0) returns p, typed
+        # whether this thread holds the GIL: its own thread state is the one attached (PyGILState_Check
+        # answers 1 from every thread once a subinterpreter has existed); errs only towards "no"
+        current = ctypes.CFUNCTYPE(size_t)(address(getattr(api, "PyThreadState_GetUnchecked", None) or api._PyThreadState_UncheckedGet))
+        own = ctypes.CFUNCTYPE(size_t)(address(api.PyGILState_GetThisThreadState))
 
         @njit
-        def take(words, size):
-            """Data of at least ``size`` bytes after a header: a cached block, or a new one."""
-            big = size >= words[_MIN]
-            if big and gil_held() == 1:
-                best, best_capacity = -1, 0
+        def gil_held():
+            state = current()
+            return state != 0 and state == own()
+
+        @njit
+        def header_of(data):
+            return carray(words_at(data - _HEADER, data - _HEADER, 0), 3)
+
+        @njit
+        def take(words, size, zeroed):
+            """The data of a block of at least ``size`` bytes after its header (zeroed when asked): a
+            cached block when one fits (only with the GIL), else a new one from the C library."""
+            n = np.int64(size)
+            big = n >= words[_MIN]
+            if big and gil_held():
+                best, best_capacity = -1, np.int64(0)
                 for i in range(SLOTS):
-                    capacity = words[_SLOT0 + 2 * i]
-                    if capacity >= size and capacity - size <= size // 4 + _PAGE and (best < 0 or capacity < best_capacity):
+                    capacity = words[_SLOT0 + _WIDTH * i]
+                    if capacity >= n and capacity - n <= n // 4 + _PAGE and (best < 0 or capacity < best_capacity):
                         best, best_capacity = i, capacity
                 if best >= 0:
-                    data = words[_SLOT0 + 2 * best + 1]
-                    words[_SLOT0 + 2 * best] = 0
-                    words[_SLOT0 + 2 * best + 1] = 0
+                    data = words[_SLOT0 + _WIDTH * best + 1]
+                    words[_SLOT0 + _WIDTH * best] = 0
+                    words[_SLOT0 + _WIDTH * best + 1] = 0
                     words[_CACHED] -= best_capacity
                     words[_HITS] += 1
+                    if zeroed:
+                        memset(data, 0, n)
                     return data
                 words[_MISSES] += 1
-            grain = _GRAIN if size >= 16 * _GRAIN else _PAGE
-            capacity = (size + grain - 1) // grain * grain if big else size
-            base = d_malloc(ctx, capacity + _HEADER)
+            grain = _GRAIN if n >= 16 * _GRAIN else _PAGE
+            capacity = (n + grain - 1) // grain * grain if big else n
+            base = c_calloc(1, capacity + _HEADER) if zeroed else c_malloc(capacity + _HEADER)
             if base == 0:
                 return 0
             header = carray(words_at(base, base, 0), 3)
-            header[0], header[1], header[2] = _MAGIC, capacity, capacity + _HEADER
+            header[0], header[1], header[2] = _MAGIC, capacity, 0
             return base + _HEADER
 
         @njit
+        def evict(words, i):
+            """Free the block of slot ``i`` to the C library and empty the slot."""
+            capacity, data = words[_SLOT0 + _WIDTH * i], words[_SLOT0 + _WIDTH * i + 1]
+            words[_SLOT0 + _WIDTH * i] = 0
+            words[_SLOT0 + _WIDTH * i + 1] = 0
+            words[_CACHED] -= capacity
+            header_of(data)[0] = 0
+            c_free(data - _HEADER)
+
+        @njit
         def give(words, data):
-            """Return a block: to the cache when it is large, the GIL held and there is room."""
-            header = carray(words_at(data - _HEADER, data - _HEADER, 0), 3)
+            """Take back a block: into the cache when it is large and the GIL held (making room by
+            evicting the blocks cached longest ago), else to the C library.  A block whose header
+            is not this cache's (freed twice) is left alone."""
+            header = header_of(data)
+            if header[0] != _MAGIC:
+                return
             capacity = header[1]
-            if capacity >= words[_MIN] and gil_held() == 1 and words[_CACHED] + capacity <= words[_LIMIT]:
-                for i in range(SLOTS):
-                    if words[_SLOT0 + 2 * i] == 0:
-                        words[_SLOT0 + 2 * i] = capacity
-                        words[_SLOT0 + 2 * i + 1] = data
+            if capacity >= words[_MIN] and capacity <= words[_LIMIT] and gil_held():
+                words[_TICK] += 1
+                while True:
+                    free_slot, oldest = -1, -1
+                    for i in range(SLOTS):
+                        if words[_SLOT0 + _WIDTH * i] == 0:
+                            if free_slot < 0:
+                                free_slot = i
+                        elif oldest < 0 or words[_SLOT0 + _WIDTH * i + 2] < words[_SLOT0 + _WIDTH * oldest + 2]:
+                            oldest = i
+                    if free_slot >= 0 and words[_CACHED] + capacity <= words[_LIMIT]:
+                        words[_SLOT0 + _WIDTH * free_slot] = capacity
+                        words[_SLOT0 + _WIDTH * free_slot + 1] = data
+                        words[_SLOT0 + _WIDTH * free_slot + 2] = words[_TICK]
                         words[_CACHED] += capacity
                         return
+                    if oldest < 0:
+                        break
+                    evict(words, oldest)
             header[0] = 0
-            d_free(ctx, data - _HEADER, header[2])
+            c_free(data - _HEADER)
+
+        @njit
+        def release(words):
+            """Free every cached block (called with the GIL held, so in one piece)."""
+            released = np.int64(0)
+            for i in range(SLOTS):
+                if words[_SLOT0 + _WIDTH * i] != 0:
+                    released += words[_SLOT0 + _WIDTH * i]
+                    evict(words, i)
+            return released
+
+        @njit
+        def snapshot(words):
+            blocks = 0
+            for i in range(SLOTS):
+                if words[_SLOT0 + _WIDTH * i] != 0:
+                    blocks += 1
+            return words[_CACHED], blocks, words[_HITS], words[_MISSES]
 
         record, uintp = types.CPointer(types.int64), types.uintp
 
         @cfunc(uintp(record, uintp), nopython=True)
         def cache_malloc(words, size):
-            return take(words, size)
+            return take(words, size, False)
 
         @cfunc(uintp(record, uintp, uintp), nopython=True)
         def cache_calloc(words, count, item):
             if item != 0 and count > (1 << 62) // item:
                 return 0
-            data = take(words, count * item)
-            if data != 0:
-                memset(data, 0, count * item)
-            return data
+            return take(words, count * item, True)
 
         @cfunc(uintp(record, uintp, uintp), nopython=True)
         def cache_realloc(words, data, size):
             if data == 0:
-                return take(words, size)
-            capacity = carray(words_at(data - _HEADER, data - _HEADER, 0), 3)[1]
-            if size <= capacity and (capacity < words[_MIN] or size >= capacity // 2):
-                return data
-            moved = take(words, size)
+                return take(words, size, False)
+            n, capacity = np.int64(size), header_of(data)[1]
+            if n <= capacity and (capacity < words[_MIN] or n >= capacity // 2 or not gil_held()):
+                return data  # kept in place (always without the GIL)
+            moved = take(words, n, False)
             if moved != 0:
-                memcpy(moved, data, min(capacity, size))
+                memcpy(moved, data, min(capacity, n))
                 give(words, data)
             return moved
 
@@ -216,14 +282,13 @@ class _Cache:
         self.handler = libc.calloc(1, ctypes.sizeof(Handler))
         if not (self.record and self.handler):
             raise MemoryError("no memory for the step's memory handler")
-        self.words = (ctypes.c_int64 * _RECORD).from_address(self.record)
+        self.words = np.ctypeslib.as_array((ctypes.c_int64 * _RECORD).from_address(self.record))
         self.words[_MIN], self.words[_LIMIT] = MIN_BYTES, CACHE_BYTES
+        self.release, self.snapshot = release, snapshot  # called from Python with the GIL held: each one piece
         struct = Handler.from_address(self.handler)
         struct.name, struct.version = HANDLER_NAME.encode(), 1
         struct.allocator = Allocator(self.record, *(f.address for f in self.compiled))
         self.capsule = handlers.capsule(self.handler)
-        self.free_block = d_free
-        self.ctx = ctx
 
 
 _cache: _Cache | None = None
@@ -264,6 +329,8 @@ def reusing_memory() -> Iterator[bool]:
     try:
         yield True
     finally:
+        if handlers.handler_name() != HANDLER_NAME:  # a handler opened inside is still open
+            raise RuntimeError("reusing_memory must close after every memory handler opened inside it (it left NumPy's handler as it found it)")
         handlers.set_handler(previous)
 
 
@@ -282,27 +349,13 @@ def cache_stats() -> CacheStats:
     """The cache's :class:`CacheStats` (all zero before its first use)."""
     if _cache is None:
         return CacheStats(0, 0, 0, 0)
-    words = _cache.words
-    with _lock:
-        blocks = sum(1 for i in range(SLOTS) if words[_SLOT0 + 2 * i])
-        return CacheStats(words[_CACHED], blocks, words[_HITS], words[_MISSES])
+    return CacheStats(*(int(v) for v in _cache.snapshot(_cache.words)))
 
 
 def release_cached_memory() -> int:
-    """Give every cached block back to NumPy's free (and so to the C library); returns the bytes
-    released.  Arrays in use are untouched."""
-    if _cache is None:
-        return 0
-    words, released = _cache.words, 0
-    with _lock:  # the GIL is held here too, so no handler call changes the table meanwhile
-        for i in range(SLOTS):
-            capacity, data = words[_SLOT0 + 2 * i], words[_SLOT0 + 2 * i + 1]
-            if capacity:
-                words[_SLOT0 + 2 * i] = words[_SLOT0 + 2 * i + 1] = 0
-                words[_CACHED] -= capacity
-                released += capacity
-                _cache.free_block(_cache.ctx, data - _HEADER, capacity + _HEADER)
-    return released
+    """Give every cached block back to the C library; returns the bytes released.  Arrays in use
+    are untouched."""
+    return 0 if _cache is None else int(_cache.release(_cache.words))
 
 
 def _is_cached_array(array: np.ndarray) -> bool:

@@ -122,3 +122,33 @@ def test_steps_with_the_cache_equal_steps_without_and_reuse_its_blocks(name, mon
     monkeypatch.setattr(memory, "_get_cache", lambda: None)  # steps without the cache (its blocks stay valid)
     without = run([])
     np.testing.assert_array_equal(with_cache, without)
+
+
+def test_a_full_cache_evicts_the_blocks_cached_longest_ago():
+    """Fill every slot with blocks of a size no longer asked for; blocks of another size then take
+    the place of the oldest, and are reused from the second round on."""
+    memory.release_cached_memory()
+    with memory.reusing_memory():
+        stale = [np.empty(80 * 1024 // 8) for _ in range(memory.SLOTS + 20)]
+        del stale
+        assert memory.cache_stats().blocks == memory.SLOTS
+        for round_ in range(4):
+            hits = memory.cache_stats().hits
+            fresh = [np.full(200 * 1024 // 8, float(i)) for i in range(4)]
+            assert all((a == i).all() for i, a in enumerate(fresh))
+            del fresh
+            if round_:
+                assert memory.cache_stats().hits == hits + 4
+    stats = memory.cache_stats()
+    assert stats.blocks <= memory.SLOTS and stats.cached_bytes <= memory.CACHE_BYTES
+
+
+def test_parsing_text_reallocates_without_the_gil_and_keeps_the_numbers():
+    """np.fromstring with a separator grows its buffer by realloc with the GIL released: that path
+    bypasses the cache and must keep the data."""
+    text = " ".join(str(i) for i in range(50_000))
+    with memory.reusing_memory():
+        numbers = np.fromstring(text, dtype=np.float64, sep=" ")
+        small = np.fromstring("1 2", dtype=complex, sep=" ")
+    np.testing.assert_array_equal(numbers, np.arange(50_000.0))
+    np.testing.assert_array_equal(small, [1, 2])
