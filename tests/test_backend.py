@@ -184,6 +184,48 @@ def test_lower_rows_equals_direct_loops_and_writes_into_a_buffer(backend, geomet
 
 
 @pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
+@settings(max_examples=8)
+@given(
+    channels=st.tuples(st.integers(1, 3), st.integers(1, 6)),
+    k=st.integers(1, 4),
+    s=st.sampled_from([1, 1, 2, 3]),
+    p=st.integers(0, 2),
+    n=st.integers(1, 3),
+    extra=st.tuples(st.integers(0, 4), st.integers(0, 3)),
+    bias=st.booleans(),
+    dtype=dtypes,
+    seed=st.integers(0, 2**16),
+)
+def test_conv2d_and_its_weight_gradient_equal_products_with_looped_patches(backend, channels, k, s, p, n, extra, bias, dtype, seed):
+    """conv2d = W_mat P[n] + b and conv2d_weight_grad = sum_n dy_n P[n]^T, P the patches of the
+    direct loops, for every stride, padding and non-square input; on the numba backend the
+    stride-1 cases that fit take the generated kernels (the others the NumPy twin)."""
+    (c, o), be, rng = channels, get_backend(backend), np.random.default_rng(seed)
+    shape = (c, max(1, k - 2 * p) + extra[0], max(1, k - 2 * p) + extra[1])
+    x = rng.standard_normal((n, *shape)).astype(dtype)
+    weight = rng.standard_normal((o, c, k, k)).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype) if bias else None
+    patches = _direct_im2col(x, k, s, p)
+    out_h, out_w = (shape[1] + 2 * p - k) // s + 1, (shape[2] + 2 * p - k) // s + 1
+    want = np.einsum("ok,nkt->not", weight.reshape(o, -1), patches) + (0 if b is None else b[:, None])
+    close(be.conv2d(x, weight, b, s, p), want.reshape(n, o, out_h, out_w), dtype)
+    dy = rng.standard_normal((n, o, out_h, out_w)).astype(dtype)
+    want_dw = np.einsum("not,nkt->ok", dy.reshape(n, o, -1), patches).reshape(o, c, k, k)
+    close(be.conv2d_weight_grad(x, dy, k, s, p), want_dw, dtype)
+
+
+def test_the_generated_convolution_kernels_take_the_paper_cnns_first_convolution_only():
+    """The first convolution (5 x 1 x 5 x 5: 125 products per position) is generated, the second
+    (7 x 5 x 5 x 5: 875) is not; the gradient's scalars come in blocks of output channels."""
+    from kldwrm_ref.backends import direct_conv
+
+    assert direct_conv.fits(1, 5, 5) and not direct_conv.fits(5, 7, 5)
+    source = direct_conv.weight_gradient_source(1, 7, 3, 6, 6, "float64")
+    assert source.count("for t in range(") == 1 + (7 * 3 - 1) // direct_conv.MAX_ACCUMULATORS  # 21 scalars: one block
+    assert direct_conv.weight_gradient_source(1, 9, 3, 6, 6, "float64").count("for t in range(") == 2  # 27 scalars: 8 + 1 channels
+
+
+@pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
 def test_a_patch_buffer_of_the_wrong_shape_dtype_or_layout_is_refused(backend):
     be, x = get_backend(backend), np.ones((2, 1, 4, 4))
     for bad in (np.empty((2, 4, 8)), np.empty((2, 4, 9), dtype=np.float32), np.empty((2, 9, 4)).transpose(0, 2, 1)):

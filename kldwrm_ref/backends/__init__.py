@@ -14,9 +14,9 @@ then passed around as an object:
   rule (:data:`AUTO_NUMPY`): NumPy where it already makes a single pass over the data (the two
   eigenbasis divides) and BLAS for products; Numba's one compiled pass wherever NumPy would make
   several passes with full-size temporaries (softmax rows, cotangent rows, label sampling,
-  per-sample rows, the EA update, KL rows, im2col / col2im, max-pooling and its adjoint).  The
-  convolutions' lowered rows are a NumPy copy of one strided view of the input on the Numba
-  backend (the NumPy twin stacks the k taps).
+  per-sample rows, the EA update, KL rows, im2col / col2im, max-pooling and its adjoint, the
+  direct convolution and its weight gradient).  The convolutions' lowered rows are a NumPy copy of
+  one strided view of the input on the Numba backend (the NumPy twin stacks the k taps).
 
 :func:`host_hop_backend` serves any other array-API namespace (``array-api-strict`` in the tests)
 with the reference twins through a host copy: the step itself is namespace-clean, the kernels
@@ -39,7 +39,10 @@ __all__ = ["BACKENDS", "DEFAULT_BACKEND", "NUMPY", "OPERATIONS", "Backend", "GPU
 
 BACKENDS = ("numpy", "numba", "cuda", "auto")
 DEFAULT_BACKEND = "auto"
-OPERATIONS = ("softmax_cross_entropy", "sample_labels", "fisher_cotangents", "per_sample_rows", "ea_update", "eigen_divide", "kron_sum_divide", "kl_and_grad", "im2col", "col2im", "lower_rows", "max_pool", "max_unpool", "matmul")
+OPERATIONS = (
+    *("softmax_cross_entropy", "sample_labels", "fisher_cotangents", "per_sample_rows", "ea_update", "eigen_divide", "kron_sum_divide", "kl_and_grad"),
+    *("im2col", "col2im", "lower_rows", "conv2d", "conv2d_weight_grad", "max_pool", "max_unpool", "matmul"),
+)
 _MODULES = {"numba": "kldwrm_ref.backends.numba_cpu", "cuda": "kldwrm_ref.backends.cuda"}
 
 
@@ -57,6 +60,8 @@ class Backend(NamedTuple):
     im2col: Callable
     col2im: Callable
     lower_rows: Callable
+    conv2d: Callable
+    conv2d_weight_grad: Callable
     max_pool: Callable
     max_unpool: Callable
     matmul: Callable

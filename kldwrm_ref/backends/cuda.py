@@ -249,6 +249,26 @@ def lower_rows(x, kernel, stride, padding, out=None):
     return rows_out
 
 
+def conv2d(x, weight, bias, stride, padding):
+    """The convolution (N, O, H_out, W_out) as the product of the weight with the patches (cuBLAS);
+    see :func:`kldwrm_ref.backends.reference.conv2d`."""
+    xp, kernel = _xp(x), weight.shape[2]
+    out_h, out_w = reference.conv_out_hw(x.shape[2:], kernel, stride, padding)
+    y = xp.matmul(xp.reshape(weight, (weight.shape[0], -1)), im2col(x, kernel, stride, padding))
+    if bias is not None:
+        y += bias[:, None]
+    return xp.reshape(y, (x.shape[0], weight.shape[0], out_h, out_w))
+
+
+def conv2d_weight_grad(x, dy, kernel, stride, padding):
+    """The weight gradient (O, C, k, k) as per-sample products of the cotangent with the patches,
+    summed; see :func:`kldwrm_ref.backends.reference.conv2d_weight_grad`."""
+    xp = _xp(x)
+    deltas = xp.reshape(dy, (dy.shape[0], dy.shape[1], -1))
+    dw = xp.sum(xp.matmul(deltas, xp.permute_dims(im2col(x, kernel, stride, padding), (0, 2, 1))), axis=0)
+    return xp.reshape(dw, (dy.shape[1], x.shape[1], kernel, kernel))
+
+
 def max_pool(x, kernel):
     """(max over k x k windows, argmax); see :func:`kldwrm_ref.backends.reference.max_pool`."""
     xp = _xp(x)

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit
 
 from kldwrm_ref.arrays import NUMPY_NAMESPACE
-from kldwrm_ref.backends import reference, rows
+from kldwrm_ref.backends import direct_conv, reference, rows
 
 _xent_row = njit(cache=True)(rows.xent_row)
 _sample_row = njit(cache=True)(rows.sample_row)
@@ -291,6 +291,42 @@ def lower_rows(x, kernel, stride, padding, out=None):
     rows = np.empty(shape, dtype=x.dtype) if out is None else reference.checked_out(out, shape, x.dtype)
     rows.reshape(windows.shape)[...] = windows
     return rows
+
+
+def _padded(x, padding):
+    return np.ascontiguousarray(np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else x)
+
+
+def conv2d(x, weight, bias, stride, padding):
+    """The convolution (N, O, H_out, W_out); see :func:`kldwrm_ref.backends.reference.conv2d`.
+    Stride 1 with few products per position (:func:`kldwrm_ref.backends.direct_conv.fits`): the
+    generated kernel for this shape, without patches; otherwise the NumPy twin (the whole
+    batch's patches)."""
+    out_channels, in_channels, kernel = weight.shape[:3]
+    if stride != 1 or not direct_conv.fits(in_channels, out_channels, kernel):
+        return reference.conv2d(x, weight, bias, stride, padding)
+    dtype = np.result_type(x, weight)
+    x_padded = _padded(x.astype(dtype, copy=False), padding)
+    n, _, h, w = x_padded.shape
+    y = np.empty((n, out_channels, h - kernel + 1, w - kernel + 1), dtype=dtype)
+    bias = np.zeros(out_channels, dtype=dtype) if bias is None else np.ascontiguousarray(bias, dtype=dtype)
+    direct_conv.forward_kernel(in_channels, out_channels, kernel, h, w)(x_padded.reshape(-1), np.ascontiguousarray(weight, dtype=dtype), bias, y.reshape(-1))
+    return y
+
+
+def conv2d_weight_grad(x, dy, kernel, stride, padding):
+    """The weight gradient (O, C, k, k) summed over samples; see :func:`kldwrm_ref.backends.reference.conv2d_weight_grad`.
+    Stride 1 with few products per position: the generated kernel; otherwise the NumPy twin."""
+    out_channels, in_channels = dy.shape[1], x.shape[1]
+    if stride != 1 or not direct_conv.fits(in_channels, out_channels, kernel):
+        return reference.conv2d_weight_grad(x, dy, kernel, stride, padding)
+    dtype = np.result_type(x, dy)
+    x_padded = _padded(x.astype(dtype, copy=False), padding)
+    _, _, h, w = x_padded.shape
+    dw = np.empty((out_channels, in_channels, kernel, kernel), dtype=dtype)
+    grad = direct_conv.weight_gradient_kernel(in_channels, out_channels, kernel, h, w, dtype.name)
+    grad(x_padded.reshape(-1), np.ascontiguousarray(dy, dtype=dtype).reshape(-1), dw)
+    return dw
 
 
 def max_pool(x, kernel):

@@ -177,6 +177,26 @@ def lower_rows(x: np.ndarray, kernel: int, stride: int, padding: int, out: np.nd
     return out
 
 
+def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: int, padding: int) -> np.ndarray:
+    """The convolution y[n, o, a, b] = sum_{c,i,j} W[o, c, i, j] x_pad[n, c, a s + i, b s + j] + b[o]
+    (N, O, H_out, W_out) of x (N, C, H, W) by W (O, C, k, k), as the product W_mat P[n] with the
+    whole batch's patches (:func:`im2col`; ``bias`` None: no bias)."""
+    out_h, out_w = conv_out_hw(x.shape[2:], weight.shape[2], stride, padding)
+    y = np.matmul(weight.reshape(weight.shape[0], -1), im2col(x, weight.shape[2], stride, padding))
+    if bias is not None:
+        y += bias[:, None]
+    return y.reshape(x.shape[0], weight.shape[0], out_h, out_w)
+
+
+def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray, kernel: int, stride: int, padding: int) -> np.ndarray:
+    """The convolution's weight gradient summed over samples and positions,
+    dW[o, c, i, j] = sum_{n,a,b} dy[n, o, a, b] x_pad[n, c, a s + i, b s + j] (O, C, k, k), for x
+    (N, C, H, W) and dy (N, O, H_out, W_out): sum_n dy_n P[n]^T with the patches of :func:`im2col`."""
+    deltas = dy.reshape(dy.shape[0], dy.shape[1], -1)
+    dw = np.matmul(deltas, im2col(x, kernel, stride, padding).transpose(0, 2, 1)).sum(axis=0)
+    return dw.reshape(dy.shape[1], x.shape[1], kernel, kernel)
+
+
 def pool_index_dtype(kernel: int):
     """The integer type of max-pooling's argmax (the window offset 0..k^2 - 1)."""
     return np.int8 if kernel * kernel < 128 else np.int64

@@ -27,6 +27,7 @@ def kernel_inputs(dtype, rng: np.random.Generator) -> dict:
     u = np.empty((2560, dense.n_params), dtype)
     images = rng.standard_normal((512, 1, 28, 28)).astype(dtype)
     conv2_cols = rng.standard_normal((512, 125, 64)).astype(dtype)
+    conv1_weight = rng.standard_normal((5, 1, 5, 5)).astype(dtype)
     pooled, argmax = get_backend("numpy").max_pool(rng.standard_normal((512, 5, 24, 24)).astype(dtype), 2)
     return dict(
         softmax_cross_entropy=("logits (512, 10)", (logits, rng.integers(0, 10, 512))),
@@ -40,6 +41,8 @@ def kernel_inputs(dtype, rng: np.random.Generator) -> dict:
         im2col=("images (512, 1, 28, 28), 5 x 5", (images, 5, 1, 0)),
         col2im=("patches (512, 5 x 5 x 5, 64)", (conv2_cols, (5, 12, 12), 5, 1, 0)),
         lower_rows=("(512, 5, 12, 12), 5 x 5", (rng.standard_normal((512, 5, 12, 12)).astype(dtype), 5, 1, 0)),
+        conv2d=("images, W (5, 1, 5, 5)", (images, conv1_weight, conv1_weight[:, 0, 0, 0], 1, 0)),
+        conv2d_weight_grad=("dy (512, 5, 24, 24), 5 x 5", (images, rng.standard_normal((512, 5, 24, 24)).astype(dtype), 5, 1, 0)),
         max_pool=("(512, 5, 24, 24), 2 x 2", (rng.standard_normal((512, 5, 24, 24)).astype(dtype), 2)),
         max_unpool=("(512, 5, 12, 12) -> 24 x 24", (pooled, argmax, (5, 24, 24), 2)),
         matmul=("(512, 784) @ (784, 256)", (rng.standard_normal((512, 784)).astype(dtype), rng.standard_normal((784, 256)).astype(dtype))),

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from kldwrm_ref.arrays import is_numpy_namespace
-from kldwrm_ref.backends import Backend
+from kldwrm_ref.backends import Backend, direct_conv
 from kldwrm_ref.backends.reference import conv_out_hw
 from kldwrm_ref.model.layers import BlockSpec, Dense, Layer, ParameterFree, ReLU, affine_blocks, homogeneous_moment, host_float_dtype, per_sample
 from kldwrm_ref.model.network import Network
@@ -156,10 +156,20 @@ class Conv2d:
         """The whole batch's patches (per-sample rows and jvp, which the dense platform uses)."""
         return cache.patches if cache.patches is not None else self.im2col(cache.x, backend)
 
+    def convolves_directly(self) -> bool:
+        """Whether a pass whose patches are not kept (the CPU's large batches) convolves without
+        patches (``Backend.conv2d`` and ``conv2d_weight_grad``): stride 1 and few products per
+        output position (:func:`kldwrm_ref.backends.direct_conv.fits`; the paper CNN's first
+        convolution, not its second)."""
+        return self.stride == 1 and direct_conv.fits(self.in_channels, self.out_channels, self.kernel_size)
+
     def _apply(self, backend: Backend, cache: ConvCache, W: Any, b: Any | None) -> Any:
-        """W_mat P[n] + b per sample, as (N, out, H_out, W_out); in chunks (NumPy only), each
-        chunk's product is written in place while its patches are in cache."""
+        """W_mat P[n] + b per sample, as (N, out, H_out, W_out); where the patches are not kept,
+        the backend's direct convolution (:meth:`convolves_directly`) or chunks (NumPy only), each
+        chunk's product written in place while its patches are in cache."""
         xp = backend.xp
+        if cache.patches is None and self.convolves_directly():
+            return backend.conv2d(cache.x, W, b, self.stride, self.padding)
         W_mat = xp.reshape(W, (self.out_channels, self.patch_size))
         h, w = self._out_hw(cache.x.shape[2:])
         if cache.patches is not None:
@@ -208,11 +218,15 @@ class Conv2d:
         """dW_mat = sum_n delta_n P_n^T over samples, delta_n (out, T) the cotangent summed over the
         sample's reps (they share its patches), as a stack of per-sample products: no transposing
         copy of the cotangents (twice as fast as one (out, N T) x (N T, k) product at the paper
-        CNN's sizes); db = the cotangent summed over rows and positions."""
+        CNN's sizes), or the backend's direct weight gradient where :meth:`convolves_directly` and
+        the patches are not kept; db = the cotangent summed over rows and positions."""
         xp = backend.xp
         n, t = cache.x.shape[0], dy.shape[2] * dy.shape[3]
         deltas = xp.reshape(dy, (-1, n, self.out_channels, t))
         summed = deltas[0, ...] if deltas.shape[0] == 1 else xp.sum(deltas, axis=0)
+        if cache.patches is None and self.convolves_directly():
+            dW = backend.conv2d_weight_grad(cache.x, xp.reshape(summed, (n, *dy.shape[1:])), self.kernel_size, self.stride, self.padding)
+            return [dW, xp.sum(dy, axis=(0, 2, 3))]
         dW = sum(xp.sum(xp.matmul(summed[rows, ...], xp.permute_dims(patches, (0, 2, 1))), axis=0) for rows, patches in self._patch_chunks(cache, backend))
         return [xp.reshape(dW, params[0].shape), xp.sum(dy, axis=(0, 2, 3))]
 
