@@ -196,8 +196,8 @@ def test_lower_rows_equals_direct_loops_and_writes_into_a_buffer(backend, geomet
     dtype=dtypes,
     seed=st.integers(0, 2**16),
 )
-def test_conv2d_and_its_weight_gradient_equal_products_with_looped_patches(backend, channels, k, s, p, n, extra, bias, dtype, seed):
-    """conv2d = W_mat P[n] + b and conv2d_weight_grad = sum_n dy_n P[n]^T, P the patches of the
+def test_conv2d_and_its_gradients_equal_products_with_looped_patches(backend, channels, k, s, p, n, extra, bias, dtype, seed):
+    """conv2d = W_mat P[n] + b and conv2d_grads = (sum_n dy_n P[n]^T, dy summed), P the patches of the
     direct loops, for every stride, padding and non-square input; on the numba backend the
     stride-1 cases that fit take the generated kernels (the others the NumPy twin)."""
     (c, o), be, rng = channels, get_backend(backend), np.random.default_rng(seed)
@@ -211,7 +211,9 @@ def test_conv2d_and_its_weight_gradient_equal_products_with_looped_patches(backe
     close(be.conv2d(x, weight, b, s, p), want.reshape(n, o, out_h, out_w), dtype)
     dy = rng.standard_normal((n, o, out_h, out_w)).astype(dtype)
     want_dw = np.einsum("not,nkt->ok", dy.reshape(n, o, -1), patches).reshape(o, c, k, k)
-    close(be.conv2d_weight_grad(x, dy, k, s, p), want_dw, dtype)
+    dw, db = be.conv2d_grads(x, dy, k, s, p)
+    close(dw, want_dw, dtype)
+    close(db, dy.astype(np.float64).sum(axis=(0, 2, 3)).astype(dtype), dtype)
 
 
 def test_the_generated_convolution_kernels_take_the_paper_cnns_first_convolution_only():
@@ -220,9 +222,9 @@ def test_the_generated_convolution_kernels_take_the_paper_cnns_first_convolution
     from kldwrm_ref.backends import direct_conv
 
     assert direct_conv.fits(1, 5, 5) and not direct_conv.fits(5, 7, 5)
-    source = direct_conv.weight_gradient_source(1, 7, 3, 6, 6, "float64")
+    source = direct_conv.gradient_source(1, 7, 3, 6, 6, "float64")
     assert source.count("for t in range(") == 1 + (7 * 3 - 1) // direct_conv.MAX_ACCUMULATORS  # 21 scalars: one block
-    assert direct_conv.weight_gradient_source(1, 9, 3, 6, 6, "float64").count("for t in range(") == 2  # 27 scalars: 8 + 1 channels
+    assert direct_conv.gradient_source(1, 9, 3, 6, 6, "float64").count("for t in range(") == 2  # 27 scalars: 8 + 1 channels
 
 
 @pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])

@@ -41,7 +41,7 @@ BACKENDS = ("numpy", "numba", "cuda", "auto")
 DEFAULT_BACKEND = "auto"
 OPERATIONS = (
     *("softmax_cross_entropy", "sample_labels", "fisher_cotangents", "per_sample_rows", "ea_update", "eigen_divide", "kron_sum_divide", "kl_and_grad"),
-    *("im2col", "col2im", "lower_rows", "conv2d", "conv2d_weight_grad", "max_pool", "max_unpool", "matmul"),
+    *("im2col", "col2im", "lower_rows", "conv2d", "conv2d_grads", "max_pool", "max_unpool", "matmul"),
 )
 _MODULES = {"numba": "kldwrm_ref.backends.numba_cpu", "cuda": "kldwrm_ref.backends.cuda"}
 
@@ -61,7 +61,7 @@ class Backend(NamedTuple):
     col2im: Callable
     lower_rows: Callable
     conv2d: Callable
-    conv2d_weight_grad: Callable
+    conv2d_grads: Callable
     max_pool: Callable
     max_unpool: Callable
     matmul: Callable

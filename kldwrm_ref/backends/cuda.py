@@ -260,13 +260,13 @@ def conv2d(x, weight, bias, stride, padding):
     return xp.reshape(y, (x.shape[0], weight.shape[0], out_h, out_w))
 
 
-def conv2d_weight_grad(x, dy, kernel, stride, padding):
-    """The weight gradient (O, C, k, k) as per-sample products of the cotangent with the patches,
-    summed; see :func:`kldwrm_ref.backends.reference.conv2d_weight_grad`."""
+def conv2d_grads(x, dy, kernel, stride, padding):
+    """(dW (O, C, k, k), db (O,)): per-sample products of the cotangent with the patches, summed;
+    see :func:`kldwrm_ref.backends.reference.conv2d_grads`."""
     xp = _xp(x)
     deltas = xp.reshape(dy, (dy.shape[0], dy.shape[1], -1))
     dw = xp.sum(xp.matmul(deltas, xp.permute_dims(im2col(x, kernel, stride, padding), (0, 2, 1))), axis=0)
-    return xp.reshape(dw, (dy.shape[1], x.shape[1], kernel, kernel))
+    return xp.reshape(dw, (dy.shape[1], x.shape[1], kernel, kernel)), xp.sum(deltas, axis=(0, 2))
 
 
 def max_pool(x, kernel):

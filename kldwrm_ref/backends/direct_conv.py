@@ -1,5 +1,5 @@
 """Direct convolution kernels for the CPU, generated per shape: the forward pass and the weight
-gradient of a stride-1 convolution without patches (docs/performance.md, "The convolution
+and bias gradients of a stride-1 convolution without patches (docs/performance.md, "The convolution
 without patches").
 
 A convolution with few products per output position (the paper CNN's first one: 5 outputs of
@@ -16,8 +16,8 @@ over an output row's b (8 or 16 positions per instruction) provided that
   memory checks needed").
 
 Both need the shape as constants, so the kernel's source is written for each (C, O, k, H, W) (and dtype, for the gradient)
-by :func:`forward_source` / :func:`weight_gradient_source` and compiled once per process
-(:func:`forward_kernel`, :func:`weight_gradient_kernel`; about a second each).  The unrolled body
+by :func:`forward_source` / :func:`gradient_source` and compiled once per process
+(:func:`forward_kernel`, :func:`gradient_kernel`; about a second each).  The unrolled body
 grows with O C k^2, so :func:`fits` limits it to :data:`MAX_PRODUCTS` (the paper CNN's second
 convolution, 875 products per position, took 70 s to compile and was not vectorised).
 
@@ -25,7 +25,9 @@ The weight gradient dW[o, c, i, j] = sum_{n,a,b} dy[n, o, a, b] x[n, c, a + i, b
 sample and input row offset (c, i) as O k dot products over the flattened output, in scalars
 that LLVM turns into vector accumulators: each sample's cotangent is first copied into rows of
 the input's width W (zeros past W_out), so that output position t = a W + b reads input t + i W + j
-at a constant offset; the padding positions add zero products.
+at a constant offset; the padding positions add zero products.  The bias gradient
+db[o] = sum_{n,a,b} dy[n, o, a, b] is summed per sample in a loop of its own (summed within the
+copy, it made the kernel 2.5x slower).
 """
 
 from __future__ import annotations
@@ -72,18 +74,19 @@ def forward_source(c: int, o: int, k: int, h: int, w: int) -> str:
     return "\n".join(lines)
 
 
-def weight_gradient_source(c: int, o: int, k: int, h: int, w: int, dtype: str) -> str:
-    """Source of ``grad(x, dy, dw)``: x the flat (N, C, H, W) input, dy the flat (N, O, H - k + 1,
-    W - k + 1) output cotangent, dw (O, C, k, k) overwritten with sum over samples and positions of
-    dy x at each tap (module docstring)."""
+def gradient_source(c: int, o: int, k: int, h: int, w: int, dtype: str) -> str:
+    """Source of ``grads(x, dy, dw, db)``: x the flat (N, C, H, W) input, dy the flat (N, O, H - k + 1,
+    W - k + 1) output cotangent, dw (O, C, k, k) overwritten with the sum over samples and positions
+    of dy x at each tap and db (O,) with the sum of dy (module docstring)."""
     out_h, out_w = h - k + 1, w - k + 1
     plane, out_plane = h * w, out_h * out_w
     length = (out_h - 1) * w + out_w  # flattened positions t = a W + b up to the last output
     block = max(1, MAX_ACCUMULATORS // k)  # output channels per loop
     lines = [
-        "def grad(x, dy, dw):",
+        "def grads(x, dy, dw, db):",
         f"    zero = np.{dtype}(0)",
         "    dw[...] = zero",
+        "    db[...] = zero",
         f"    rows = np.zeros({o * out_h * w}, dtype=np.{dtype})  # one sample's cotangent in rows of width W",
         f"    for n in range(x.size // {c * plane}):",
         f"        cotangent = dy[n * {o * out_plane} :]",
@@ -91,6 +94,11 @@ def weight_gradient_source(c: int, o: int, k: int, h: int, w: int, dtype: str) -
         f"            for a in range({out_h}):",
         f"                for b in range({out_w}):",
         f"                    rows[q * {out_h * w} + a * {w} + b] = cotangent[q * {out_plane} + a * {out_w} + b]",
+        f"        for q in range({o}):",
+        "            total = zero",
+        f"            for u in range({out_plane}):",
+        f"                total += cotangent[q * {out_plane} + u]",
+        "            db[q] += total",
         f"        for ch in range({c}):",
         f"            for i in range({k}):",
         f"                source = x[n * {c * plane} + ch * {plane} + i * {w} :]  # a view: its indices are provably nonnegative",
@@ -119,7 +127,7 @@ def forward_kernel(c: int, o: int, k: int, h: int, w: int):
 
 
 @functools.cache
-def weight_gradient_kernel(c: int, o: int, k: int, h: int, w: int, dtype: str):
-    """The compiled :func:`weight_gradient_source`; its sums are reassociated into vector
-    accumulators (the order of a sum over positions differs from BLAS's, rounding only)."""
-    return _compile(weight_gradient_source(c, o, k, h, w, dtype), "grad", {"contract", "reassoc", "nsz"})
+def gradient_kernel(c: int, o: int, k: int, h: int, w: int, dtype: str):
+    """The compiled :func:`gradient_source`; its sums are reassociated into vector accumulators
+    (the order of a sum over positions differs from BLAS's, rounding only)."""
+    return _compile(gradient_source(c, o, k, h, w, dtype), "grads", {"contract", "reassoc", "nsz"})

@@ -314,19 +314,19 @@ def conv2d(x, weight, bias, stride, padding):
     return y
 
 
-def conv2d_weight_grad(x, dy, kernel, stride, padding):
-    """The weight gradient (O, C, k, k) summed over samples; see :func:`kldwrm_ref.backends.reference.conv2d_weight_grad`.
+def conv2d_grads(x, dy, kernel, stride, padding):
+    """(dW (O, C, k, k), db (O,)) summed over samples; see :func:`kldwrm_ref.backends.reference.conv2d_grads`.
     Stride 1 with few products per position: the generated kernel; otherwise the NumPy twin."""
     out_channels, in_channels = dy.shape[1], x.shape[1]
     if stride != 1 or not direct_conv.fits(in_channels, out_channels, kernel):
-        return reference.conv2d_weight_grad(x, dy, kernel, stride, padding)
+        return reference.conv2d_grads(x, dy, kernel, stride, padding)
     dtype = np.result_type(x, dy)
     x_padded = _padded(x.astype(dtype, copy=False), padding)
     _, _, h, w = x_padded.shape
-    dw = np.empty((out_channels, in_channels, kernel, kernel), dtype=dtype)
-    grad = direct_conv.weight_gradient_kernel(in_channels, out_channels, kernel, h, w, dtype.name)
-    grad(x_padded.reshape(-1), np.ascontiguousarray(dy, dtype=dtype).reshape(-1), dw)
-    return dw
+    dw, db = np.empty((out_channels, in_channels, kernel, kernel), dtype=dtype), np.empty(out_channels, dtype=dtype)
+    grads = direct_conv.gradient_kernel(in_channels, out_channels, kernel, h, w, dtype.name)
+    grads(x_padded.reshape(-1), np.ascontiguousarray(dy, dtype=dtype).reshape(-1), dw, db)
+    return dw, db
 
 
 def max_pool(x, kernel):

@@ -188,13 +188,14 @@ def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: i
     return y.reshape(x.shape[0], weight.shape[0], out_h, out_w)
 
 
-def conv2d_weight_grad(x: np.ndarray, dy: np.ndarray, kernel: int, stride: int, padding: int) -> np.ndarray:
-    """The convolution's weight gradient summed over samples and positions,
-    dW[o, c, i, j] = sum_{n,a,b} dy[n, o, a, b] x_pad[n, c, a s + i, b s + j] (O, C, k, k), for x
-    (N, C, H, W) and dy (N, O, H_out, W_out): sum_n dy_n P[n]^T with the patches of :func:`im2col`."""
+def conv2d_grads(x: np.ndarray, dy: np.ndarray, kernel: int, stride: int, padding: int) -> tuple[np.ndarray, np.ndarray]:
+    """The convolution's weight and bias gradients summed over samples and positions,
+    dW[o, c, i, j] = sum_{n,a,b} dy[n, o, a, b] x_pad[n, c, a s + i, b s + j] (O, C, k, k) and
+    db[o] = sum_{n,a,b} dy[n, o, a, b], for x (N, C, H, W) and dy (N, O, H_out, W_out):
+    dW = sum_n dy_n P[n]^T with the patches of :func:`im2col`."""
     deltas = dy.reshape(dy.shape[0], dy.shape[1], -1)
     dw = np.matmul(deltas, im2col(x, kernel, stride, padding).transpose(0, 2, 1)).sum(axis=0)
-    return dw.reshape(dy.shape[1], x.shape[1], kernel, kernel)
+    return dw.reshape(dy.shape[1], x.shape[1], kernel, kernel), deltas.sum(axis=(0, 2))
 
 
 def pool_index_dtype(kernel: int):

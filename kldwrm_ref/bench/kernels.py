@@ -42,7 +42,7 @@ def kernel_inputs(dtype, rng: np.random.Generator) -> dict:
         col2im=("patches (512, 5 x 5 x 5, 64)", (conv2_cols, (5, 12, 12), 5, 1, 0)),
         lower_rows=("(512, 5, 12, 12), 5 x 5", (rng.standard_normal((512, 5, 12, 12)).astype(dtype), 5, 1, 0)),
         conv2d=("images, W (5, 1, 5, 5)", (images, conv1_weight, conv1_weight[:, 0, 0, 0], 1, 0)),
-        conv2d_weight_grad=("dy (512, 5, 24, 24), 5 x 5", (images, rng.standard_normal((512, 5, 24, 24)).astype(dtype), 5, 1, 0)),
+        conv2d_grads=("dy (512, 5, 24, 24), 5 x 5", (images, rng.standard_normal((512, 5, 24, 24)).astype(dtype), 5, 1, 0)),
         max_pool=("(512, 5, 24, 24), 2 x 2", (rng.standard_normal((512, 5, 24, 24)).astype(dtype), 2)),
         max_unpool=("(512, 5, 12, 12) -> 24 x 24", (pooled, argmax, (5, 24, 24), 2)),
         matmul=("(512, 784) @ (784, 256)", (rng.standard_normal((512, 784)).astype(dtype), rng.standard_normal((784, 256)).astype(dtype))),
