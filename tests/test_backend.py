@@ -216,12 +216,14 @@ def test_conv2d_and_its_gradients_equal_products_with_looped_patches(backend, ch
     close(db, dy.astype(np.float64).sum(axis=(0, 2, 3)).astype(dtype), dtype)
 
 
-def test_the_generated_convolution_kernels_take_the_paper_cnns_first_convolution_only():
-    """The first convolution (5 x 1 x 5 x 5: 125 products per position) is generated, the second
-    (7 x 5 x 5 x 5: 875) is not; the gradient's scalars come in blocks of output channels."""
+def test_the_generated_convolution_kernels_take_the_paper_cnns_sizes():
+    """The forward kernel takes the first convolution (5 x 1 x 5 x 5: 125 products per position),
+    not the second (7 x 5 x 5 x 5: 875); the gradient kernel both, not 32 x 32 x 3 x 3; the
+    gradient's scalars come in blocks of output channels."""
     from kldwrm_ref.backends import direct_conv
 
-    assert direct_conv.fits(1, 5, 5) and not direct_conv.fits(5, 7, 5)
+    assert direct_conv.forward_fits(1, 5, 5) and not direct_conv.forward_fits(5, 7, 5)
+    assert direct_conv.gradient_fits(5, 7, 5) and not direct_conv.gradient_fits(32, 32, 3)
     source = direct_conv.gradient_source(1, 7, 3, 6, 6, "float64")
     assert source.count("for t in range(") == 1 + (7 * 3 - 1) // direct_conv.MAX_ACCUMULATORS  # 21 scalars: one block
     assert direct_conv.gradient_source(1, 9, 3, 6, 6, "float64").count("for t in range(") == 2  # 27 scalars: 8 + 1 channels

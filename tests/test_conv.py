@@ -252,7 +252,8 @@ def test_chunks_share_one_patch_buffer_and_never_write_into_the_input(backend):
     loss, grad, cache = net.loss_grad_cache(theta, X, y)
     dy = rng.standard_normal((5, 3, 4, 4))
     factors = net.layers[0].kfac_factors(cache.caches[0], dy, 5, net.backend)
-    with chunked_patches(2 * 2 * 16 * 8), mock.patch.object(Conv2d, "convolves_directly", lambda self: False):  # two samples per chunk, an uneven last chunk
+    no_direct = mock.patch.multiple(Conv2d, convolves_directly=lambda self: False, differentiates_directly=lambda self: False)
+    with chunked_patches(2 * 2 * 16 * 8), no_direct:  # two samples per chunk, an uneven last chunk
         chunked_loss, chunked_grad, chunked_cache = net.loss_grad_cache(theta, X, y)
         assert chunked_cache.caches[0].patches is None
         chunked_factors = net.layers[0].kfac_factors(chunked_cache.caches[0], dy, 5, net.backend)
@@ -264,11 +265,13 @@ def test_chunks_share_one_patch_buffer_and_never_write_into_the_input(backend):
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-@pytest.mark.parametrize("conv, in_shape", [(Conv2d(1, 5, 5), (1, 12, 10)), (Conv2d(2, 3, 3, padding=1), (2, 5, 6))])
+@pytest.mark.parametrize("conv, in_shape", [(Conv2d(1, 5, 5), (1, 12, 10)), (Conv2d(2, 3, 3, padding=1), (2, 5, 6)), (Conv2d(5, 7, 5), (5, 9, 8))])
 def test_a_direct_convolution_equals_the_products_with_kept_patches(backend, conv, in_shape):
     """Where the patches are not kept, a convolution that :meth:`Conv2d.convolves_directly` makes
-    no patches in its forward pass, weight gradient (cotangent rows summed over two reps) and jvp,
-    and equals the products with kept patches (float64; on numba the generated kernels)."""
+    no patches in its forward pass and jvp, one that :meth:`Conv2d.differentiates_directly` none in
+    its parameter gradients (cotangent rows summed over two reps), and each equals the products with
+    kept patches (float64; on numba the generated kernels; the third is the paper CNN's second
+    convolution, direct in its gradients only)."""
     be, rng = get_backend(backend), np.random.default_rng(11)
     params = [rng.standard_normal(shape) for _, shape in conv.param_shapes()]
     x = rng.standard_normal((7, *in_shape))
@@ -277,15 +280,16 @@ def test_a_direct_convolution_equals_the_products_with_kept_patches(backend, con
     dy = rng.standard_normal((2 * 7, *out.shape[1:]))
     tangents = [rng.standard_normal(p.shape) for p in params]
     dx = rng.standard_normal(x.shape)
-    assert kept.patches is not None and conv.convolves_directly()
+    assert kept.patches is not None and conv.differentiates_directly()
+    no_patches = be._replace(im2col=None)  # a call to im2col fails
+    forward_backend = no_patches if conv.convolves_directly() else be
     with chunked_patches(1):
         direct = conv.prepare(x, be)
-        no_patches = be._replace(im2col=None)  # a call to im2col fails
         assert direct.patches is None
-        np.testing.assert_allclose(conv.forward_prepared(params, direct, no_patches)[0], out, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(conv.forward_prepared(params, direct, forward_backend)[0], out, rtol=1e-12, atol=1e-13)
         for got, want in zip(conv.param_gradients(params, direct, dy, no_patches), conv.param_gradients(params, kept, dy, be)):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(conv.jvp(params, direct, tangents, dx, no_patches), conv.jvp(params, kept, tangents, dx, be), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(conv.jvp(params, direct, tangents, dx, forward_backend), conv.jvp(params, kept, tangents, dx, be), rtol=1e-12, atol=1e-12)
 
 
 def test_patches_are_kept_below_the_cache_size_and_chunked_above_it():

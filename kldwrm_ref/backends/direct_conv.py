@@ -18,8 +18,8 @@ over an output row's b (8 or 16 positions per instruction) provided that
 Both need the shape as constants, so the kernel's source is written for each (C, O, k, H, W) (and dtype, for the gradient)
 by :func:`forward_source` / :func:`gradient_source` and compiled once per process
 (:func:`forward_kernel`, :func:`gradient_kernel`; about a second each).  The unrolled body
-grows with O C k^2, so :func:`fits` limits it to :data:`MAX_PRODUCTS` (the paper CNN's second
-convolution, 875 products per position, took 70 s to compile and was not vectorised).
+grows with O C k^2, so :func:`forward_fits` limits it to :data:`MAX_FORWARD_PRODUCTS` (the paper
+CNN's second convolution, 875 products per position, took 70 s to compile and was not vectorised).
 
 The weight gradient dW[o, c, i, j] = sum_{n,a,b} dy[n, o, a, b] x[n, c, a + i, b + j] is computed per
 sample and input row offset (c, i) as O k dot products over the flattened output, in scalars
@@ -37,13 +37,21 @@ import functools
 import numpy as np
 from numba import njit
 
-MAX_PRODUCTS = 128  # products per output position (O C k^2) of a generated kernel
-MAX_ACCUMULATORS = 25  # the weight gradient's scalars per loop (a block of output channels times k)
+MAX_FORWARD_PRODUCTS = 128  # products per output position (O C k^2) of a generated forward kernel
+MAX_GRADIENT_PRODUCTS = 4096  # of a generated gradient kernel (docs/performance.md: it still won at 4,608, lost at 9,216)
+MAX_ACCUMULATORS = 25  # the gradient's scalars per loop (a block of output channels times k)
 
 
-def fits(in_channels: int, out_channels: int, kernel: int) -> bool:
-    """Whether the generated kernels take a convolution of this size (O C k^2 <= :data:`MAX_PRODUCTS`)."""
-    return out_channels * in_channels * kernel * kernel <= MAX_PRODUCTS
+def forward_fits(in_channels: int, out_channels: int, kernel: int) -> bool:
+    """Whether the generated forward kernel takes a convolution of this size (O C k^2 <= :data:`MAX_FORWARD_PRODUCTS`)."""
+    return out_channels * in_channels * kernel * kernel <= MAX_FORWARD_PRODUCTS
+
+
+def gradient_fits(in_channels: int, out_channels: int, kernel: int) -> bool:
+    """Whether the generated gradient kernel takes a convolution of this size (O C k^2 <= :data:`MAX_GRADIENT_PRODUCTS`):
+    its unrolled body is a block of at most :data:`MAX_ACCUMULATORS` products whatever the size, but
+    with many channels the patches' products run nearer BLAS's peak."""
+    return out_channels * in_channels * kernel * kernel <= MAX_GRADIENT_PRODUCTS
 
 
 def _taps(c: int, k: int) -> list[tuple[int, int, int]]:

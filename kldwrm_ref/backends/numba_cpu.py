@@ -299,11 +299,11 @@ def _padded(x, padding):
 
 def conv2d(x, weight, bias, stride, padding):
     """The convolution (N, O, H_out, W_out); see :func:`kldwrm_ref.backends.reference.conv2d`.
-    Stride 1 with few products per position (:func:`kldwrm_ref.backends.direct_conv.fits`): the
+    Stride 1 with few products per position (:func:`kldwrm_ref.backends.direct_conv.forward_fits`): the
     generated kernel for this shape, without patches; otherwise the NumPy twin (the whole
     batch's patches)."""
     out_channels, in_channels, kernel = weight.shape[:3]
-    if stride != 1 or not direct_conv.fits(in_channels, out_channels, kernel):
+    if stride != 1 or not direct_conv.forward_fits(in_channels, out_channels, kernel):
         return reference.conv2d(x, weight, bias, stride, padding)
     dtype = np.result_type(x, weight)
     x_padded = _padded(x.astype(dtype, copy=False), padding)
@@ -316,9 +316,10 @@ def conv2d(x, weight, bias, stride, padding):
 
 def conv2d_grads(x, dy, kernel, stride, padding):
     """(dW (O, C, k, k), db (O,)) summed over samples; see :func:`kldwrm_ref.backends.reference.conv2d_grads`.
-    Stride 1 with few products per position: the generated kernel; otherwise the NumPy twin."""
+    Stride 1 and :func:`kldwrm_ref.backends.direct_conv.gradient_fits`: the generated kernel for this
+    shape; otherwise the NumPy twin."""
     out_channels, in_channels = dy.shape[1], x.shape[1]
-    if stride != 1 or not direct_conv.fits(in_channels, out_channels, kernel):
+    if stride != 1 or not direct_conv.gradient_fits(in_channels, out_channels, kernel):
         return reference.conv2d_grads(x, dy, kernel, stride, padding)
     dtype = np.result_type(x, dy)
     x_padded = _padded(x.astype(dtype, copy=False), padding)

@@ -15,8 +15,9 @@ needs a transposing copy, and the output (out, T) per sample is already (N, C, H
 Gram matrix over all (sample, position) pairs, copies the patches into (k, N T) operands.
 Patches, pooling and their adjoints are the backend's kernels.  A stride-1 convolution with few
 products per position (:meth:`Conv2d.convolves_directly`: the paper CNN's first) computes its
-output and weight gradient without patches where they are not kept, by the backend's ``conv2d``
-and ``conv2d_grads`` (on the CPU, kernels generated for the shape:
+output without patches where they are not kept, by the backend's ``conv2d``, and a stride-1
+convolution of moderate size (:meth:`Conv2d.differentiates_directly`: both of the paper CNN's)
+its parameter gradients, by ``conv2d_grads`` (on the CPU, kernels generated for the shape:
 :mod:`kldwrm_ref.backends.direct_conv`).
 
 Patches of a whole batch are k T times the input (the paper CNN's first convolution: 29.5 MB at
@@ -161,11 +162,17 @@ class Conv2d:
         return cache.patches if cache.patches is not None else self.im2col(cache.x, backend)
 
     def convolves_directly(self) -> bool:
-        """Whether a pass whose patches are not kept (the CPU's large batches) convolves without
-        patches (``Backend.conv2d`` and ``conv2d_grads``): stride 1 and few products per
-        output position (:func:`kldwrm_ref.backends.direct_conv.fits`; the paper CNN's first
-        convolution, not its second)."""
-        return self.stride == 1 and direct_conv.fits(self.in_channels, self.out_channels, self.kernel_size)
+        """Whether a pass whose patches are not kept (the CPU's large batches) computes its output
+        without patches (``Backend.conv2d``): stride 1 and few products per output position
+        (:func:`kldwrm_ref.backends.direct_conv.forward_fits`; the paper CNN's first convolution,
+        not its second)."""
+        return self.stride == 1 and direct_conv.forward_fits(self.in_channels, self.out_channels, self.kernel_size)
+
+    def differentiates_directly(self) -> bool:
+        """Whether such a pass computes the weight and bias gradients without patches
+        (``Backend.conv2d_grads``): stride 1 and a moderate size
+        (:func:`kldwrm_ref.backends.direct_conv.gradient_fits`; both of the paper CNN's)."""
+        return self.stride == 1 and direct_conv.gradient_fits(self.in_channels, self.out_channels, self.kernel_size)
 
     def _apply(self, backend: Backend, cache: ConvCache, W: Any, b: Any | None) -> Any:
         """W_mat P[n] + b per sample, as (N, out, H_out, W_out); where the patches are not kept,
@@ -222,13 +229,13 @@ class Conv2d:
         """dW_mat = sum_n delta_n P_n^T over samples, delta_n (out, T) the cotangent summed over the
         sample's reps (they share its patches), as a stack of per-sample products: no transposing
         copy of the cotangents (twice as fast as one (out, N T) x (N T, k) product at the paper
-        CNN's sizes), or the backend's direct gradients where :meth:`convolves_directly` and the
-        patches are not kept; db = the cotangent summed over rows and positions."""
+        CNN's sizes), or the backend's direct gradients where :meth:`differentiates_directly` and
+        the patches are not kept; db = the cotangent summed over rows and positions."""
         xp = backend.xp
         n, t = cache.x.shape[0], dy.shape[2] * dy.shape[3]
         deltas = xp.reshape(dy, (-1, n, self.out_channels, t))
         summed = deltas[0, ...] if deltas.shape[0] == 1 else xp.sum(deltas, axis=0)
-        if cache.patches is None and self.convolves_directly():
+        if cache.patches is None and self.differentiates_directly():
             dW, db = backend.conv2d_grads(cache.x, xp.reshape(summed, (n, *dy.shape[1:])), self.kernel_size, self.stride, self.padding)
             return [dW, db]
         dW = sum(xp.sum(xp.matmul(summed[rows, ...], xp.permute_dims(patches, (0, 2, 1))), axis=0) for rows, patches in self._patch_chunks(cache, backend))
