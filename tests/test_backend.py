@@ -219,7 +219,8 @@ def test_conv2d_and_its_gradients_equal_products_with_looped_patches(backend, ch
 def test_the_generated_convolution_kernels_take_the_paper_cnns_sizes():
     """The forward kernel takes the first convolution (5 x 1 x 5 x 5: 125 products per position),
     not the second (7 x 5 x 5 x 5: 875); the gradient kernel both, not 32 x 32 x 3 x 3; the
-    gradient's scalars come in blocks of output channels."""
+    gradient's scalars come in blocks of output channels, the full blocks in one loop (which a
+    case of two full blocks and a rest checks against looped patches)."""
     from kldwrm_ref.backends import direct_conv
 
     assert direct_conv.forward_fits(1, 5, 5) and not direct_conv.forward_fits(5, 7, 5)
@@ -227,6 +228,39 @@ def test_the_generated_convolution_kernels_take_the_paper_cnns_sizes():
     source = direct_conv.gradient_source(1, 7, 3, 6, 6, "float64")
     assert source.count("for t in range(") == 1 + (7 * 3 - 1) // direct_conv.MAX_ACCUMULATORS  # 21 scalars: one block
     assert direct_conv.gradient_source(1, 9, 3, 6, 6, "float64").count("for t in range(") == 2  # 27 scalars: 8 + 1 channels
+    assert direct_conv.gradient_source(1, 1025, 2, 6, 6, "float64").count("for t in range(") == 2  # a loop over 85 blocks of 12, then 5: the source stays small
+    rng = np.random.default_rng(5)
+    x, dy = rng.standard_normal((3, 2, 7, 6)), rng.standard_normal((3, 13, 3, 2))  # 13 outputs of k = 5: two full blocks of 5 in the loop, then 3
+    patches = _direct_im2col(x, 5, 1, 0)
+    dw, db = get_backend("numba").conv2d_grads(x, dy, 5, 1, 0)
+    close(dw, np.einsum("not,nkt->ok", dy.reshape(3, 13, -1), patches).reshape(13, 2, 5, 5), np.float64)
+    close(db, dy.sum(axis=(0, 2, 3)), np.float64)
+
+
+@pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])
+def test_conv2d_refuses_shapes_that_disagree_and_takes_an_empty_batch_and_mixed_dtypes(backend):
+    """One ValueError naming the argument when x, the weight, the bias and dy disagree (the
+    generated kernels would read and write past the arrays); an empty batch gives zero gradients;
+    with float32 x and float64 dy both gradients are float64 on every backend."""
+    be = get_backend(backend)
+    x, weight = np.ones((2, 2, 6, 6)), np.ones((3, 2, 3, 3))
+    bad_forward = [
+        (np.ones((2, 1, 3, 3)), None, r"the weight must have shape \(O, 2, k, k\)"),
+        (np.ones((3, 2, 3, 2)), None, r"the weight must have shape"),
+        (np.ones((3, 2, 7, 7)), None, r"a 7 x 7 kernel does not fit x of shape \(2, 2, 6, 6\)"),
+        (weight, np.ones(2), r"bias must have shape \(3,\), got \(2,\)"),
+    ]
+    for w, b, match in bad_forward:
+        with pytest.raises(ValueError, match=match):
+            be.conv2d(x, w, b, 1, 0)
+    for dy in (np.ones((1, 3, 4, 4)), np.ones((2, 3, 5, 5)), np.ones((2, 3, 4, 4, 1))):
+        with pytest.raises(ValueError, match=r"dy must have shape \(2, 3, 4, 4\)"):
+            be.conv2d_grads(x, dy, 3, 1, 0)
+    dw, db = be.conv2d_grads(np.ones((0, 2, 6, 6)), np.ones((0, 3, 4, 4)), 3, 1, 0)
+    np.testing.assert_array_equal(np.asarray(dw), np.zeros((3, 2, 3, 3)))
+    np.testing.assert_array_equal(np.asarray(db), np.zeros(3))
+    dw, db = be.conv2d_grads(x.astype(np.float32), np.ones((2, 3, 4, 4)), 3, 1, 0)
+    assert dw.dtype == db.dtype == np.float64
 
 
 @pytest.mark.parametrize("backend", ["numpy", *KERNEL_BACKENDS])

@@ -253,7 +253,7 @@ def conv2d(x, weight, bias, stride, padding):
     """The convolution (N, O, H_out, W_out) as the product of the weight with the patches (cuBLAS);
     see :func:`kldwrm_ref.backends.reference.conv2d`."""
     xp, kernel = _xp(x), weight.shape[2]
-    out_h, out_w = reference.conv_out_hw(x.shape[2:], kernel, stride, padding)
+    out_h, out_w = reference.check_conv_shapes(x, weight.shape, bias, None, stride, padding)
     y = xp.matmul(xp.reshape(weight, (weight.shape[0], -1)), im2col(x, kernel, stride, padding))
     if bias is not None:
         y += bias[:, None]
@@ -264,9 +264,10 @@ def conv2d_grads(x, dy, kernel, stride, padding):
     """(dW (O, C, k, k), db (O,)): per-sample products of the cotangent with the patches, summed;
     see :func:`kldwrm_ref.backends.reference.conv2d_grads`."""
     xp = _xp(x)
-    deltas = xp.reshape(dy, (dy.shape[0], dy.shape[1], -1))
+    out_h, out_w = reference.check_conv_shapes(x, (dy.shape[1], x.shape[1], kernel, kernel), None, dy, stride, padding)
+    deltas = xp.reshape(dy, (dy.shape[0], dy.shape[1], out_h * out_w))
     dw = xp.sum(xp.matmul(deltas, xp.permute_dims(im2col(x, kernel, stride, padding), (0, 2, 1))), axis=0)
-    return xp.reshape(dw, (dy.shape[1], x.shape[1], kernel, kernel)), xp.sum(deltas, axis=(0, 2))
+    return xp.reshape(dw, (dy.shape[1], x.shape[1], kernel, kernel)), xp.astype(xp.sum(deltas, axis=(0, 2)), dw.dtype)
 
 
 def max_pool(x, kernel):

@@ -23,9 +23,12 @@ CNN's second convolution, 875 products per position, took 70 s to compile and wa
 
 The weight gradient dW[o, c, i, j] = sum_{n,a,b} dy[n, o, a, b] x[n, c, a + i, b + j] is computed per
 sample and input row offset (c, i) as O k dot products over the flattened output, in scalars
-that LLVM turns into vector accumulators: each sample's cotangent is first copied into rows of
-the input's width W (zeros past W_out), so that output position t = a W + b reads input t + i W + j
-at a constant offset; the padding positions add zero products.  The bias gradient
+that LLVM turns into vector accumulators, a block of output channels at a time (one body for the
+full blocks, in a loop, and one for the rest, so the source stays small whatever O is): each
+sample's cotangent is first copied into rows of the input's width W (zeros past W_out), so that
+output position t = a W + b reads input t + i W + j at a constant offset; the padding positions
+add zero products (so an inf or NaN in x can make a tap NaN whose windows never reach it: 0 inf;
+the network's inputs are checked finite).  The bias gradient
 db[o] = sum_{n,a,b} dy[n, o, a, b] is summed per sample in a loop of its own (summed within the
 copy, it made the kernel 2.5x slower).
 """
@@ -49,8 +52,8 @@ def forward_fits(in_channels: int, out_channels: int, kernel: int) -> bool:
 
 def gradient_fits(in_channels: int, out_channels: int, kernel: int) -> bool:
     """Whether the generated gradient kernel takes a convolution of this size (O C k^2 <= :data:`MAX_GRADIENT_PRODUCTS`):
-    its unrolled body is a block of at most :data:`MAX_ACCUMULATORS` products whatever the size, but
-    with many channels the patches' products run nearer BLAS's peak."""
+    its source has two unrolled blocks of at most :data:`MAX_ACCUMULATORS` products whatever the
+    size, but with many channels the patches' products run nearer BLAS's peak."""
     return out_channels * in_channels * kernel * kernel <= MAX_GRADIENT_PRODUCTS
 
 
@@ -111,14 +114,20 @@ def gradient_source(c: int, o: int, k: int, h: int, w: int, dtype: str) -> str:
         f"            for i in range({k}):",
         f"                source = x[n * {c * plane} + ch * {plane} + i * {w} :]  # a view: its indices are provably nonnegative",
     ]
-    for first in range(0, o, block):
-        outputs = range(first, min(first + block, o))
-        lines += [f"                s{q}_{j} = zero" for q in outputs for j in range(k)]
-        lines.append(f"                for t in range({length}):")
-        lines += [f"                    v{j} = source[t + {j}]" for j in range(k)]
-        lines += [f"                    d{q} = rows[t + {q * out_h * w}]" for q in outputs]
-        lines += [f"                    s{q}_{j} += d{q} * v{j}" for q in outputs for j in range(k)]
-        lines += [f"                dw[{q}, ch, i, {j}] += s{q}_{j}" for q in outputs for j in range(k)]
+    full, rest = divmod(o, block)
+    for first, size, indent in (("first", block, "    "), (str(full * block), rest, "")):  # the full blocks in a loop, then the rest
+        if size == 0 or (indent and full == 0):
+            continue
+        if indent:
+            lines.append(f"                for first in range(0, {full * block}, {block}):")
+        pad = "                " + indent
+        lines.append(f"{pad}block = rows[{first} * {out_h * w} :]")
+        lines += [f"{pad}s{q}_{j} = zero" for q in range(size) for j in range(k)]
+        lines.append(f"{pad}for t in range({length}):")
+        lines += [f"{pad}    v{j} = source[t + {j}]" for j in range(k)]
+        lines += [f"{pad}    d{q} = block[t + {q * out_h * w}]" for q in range(size)]
+        lines += [f"{pad}    s{q}_{j} += d{q} * v{j}" for q in range(size) for j in range(k)]
+        lines += [f"{pad}dw[{first} + {q}, ch, i, {j}] += s{q}_{j}" for q in range(size) for j in range(k)]
     return "\n".join(lines)
 
 

@@ -293,19 +293,23 @@ def lower_rows(x, kernel, stride, padding, out=None):
     return rows
 
 
+_DIRECT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # the generated kernels' (others: the NumPy twin)
+
+
 def _padded(x, padding):
     return np.ascontiguousarray(np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else x)
 
 
 def conv2d(x, weight, bias, stride, padding):
     """The convolution (N, O, H_out, W_out); see :func:`kldwrm_ref.backends.reference.conv2d`.
-    Stride 1 with few products per position (:func:`kldwrm_ref.backends.direct_conv.forward_fits`): the
-    generated kernel for this shape, without patches; otherwise the NumPy twin (the whole
-    batch's patches)."""
+    Stride 1, float32 or float64, with few products per position
+    (:func:`kldwrm_ref.backends.direct_conv.forward_fits`): the generated kernel for this shape,
+    without patches; otherwise the NumPy twin (the whole batch's patches)."""
+    reference.check_conv_shapes(x, weight.shape, bias, None, stride, padding)
     out_channels, in_channels, kernel = weight.shape[:3]
-    if stride != 1 or not direct_conv.forward_fits(in_channels, out_channels, kernel):
-        return reference.conv2d(x, weight, bias, stride, padding)
     dtype = np.result_type(x, weight)
+    if stride != 1 or dtype not in _DIRECT_DTYPES or not direct_conv.forward_fits(in_channels, out_channels, kernel):
+        return reference.conv2d(x, weight, bias, stride, padding)
     x_padded = _padded(x.astype(dtype, copy=False), padding)
     n, _, h, w = x_padded.shape
     y = np.empty((n, out_channels, h - kernel + 1, w - kernel + 1), dtype=dtype)
@@ -316,12 +320,13 @@ def conv2d(x, weight, bias, stride, padding):
 
 def conv2d_grads(x, dy, kernel, stride, padding):
     """(dW (O, C, k, k), db (O,)) summed over samples; see :func:`kldwrm_ref.backends.reference.conv2d_grads`.
-    Stride 1 and :func:`kldwrm_ref.backends.direct_conv.gradient_fits`: the generated kernel for this
-    shape; otherwise the NumPy twin."""
+    Stride 1, float32 or float64 and :func:`kldwrm_ref.backends.direct_conv.gradient_fits`: the
+    generated kernel for this shape; otherwise the NumPy twin."""
     out_channels, in_channels = dy.shape[1], x.shape[1]
-    if stride != 1 or not direct_conv.gradient_fits(in_channels, out_channels, kernel):
-        return reference.conv2d_grads(x, dy, kernel, stride, padding)
+    reference.check_conv_shapes(x, (out_channels, in_channels, kernel, kernel), None, dy, stride, padding)
     dtype = np.result_type(x, dy)
+    if stride != 1 or dtype not in _DIRECT_DTYPES or not direct_conv.gradient_fits(in_channels, out_channels, kernel):
+        return reference.conv2d_grads(x, dy, kernel, stride, padding)
     x_padded = _padded(x.astype(dtype, copy=False), padding)
     _, _, h, w = x_padded.shape
     dw, db = np.empty((out_channels, in_channels, kernel, kernel), dtype=dtype), np.empty(out_channels, dtype=dtype)

@@ -177,11 +177,30 @@ def lower_rows(x: np.ndarray, kernel: int, stride: int, padding: int, out: np.nd
     return out
 
 
+def check_conv_shapes(x, weight_shape, bias, dy, stride: int, padding: int) -> tuple[int, int]:
+    """(H_out, W_out) of a convolution of x (N, C, H, W) by a weight of ``weight_shape`` (O, C, k, k),
+    after checking that x, the weight, the bias (O,) and the output cotangent dy (N, O, H_out, W_out)
+    agree (``bias``, ``dy``: None to skip); one ValueError naming the argument otherwise."""
+    if len(x.shape) != 4:
+        raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+    o, c, k, k2 = weight_shape
+    if c != x.shape[1] or k != k2 or k < 1:
+        raise ValueError(f"the weight must have shape (O, {x.shape[1]}, k, k) for x of shape {tuple(x.shape)}, got {tuple(weight_shape)}")
+    out_h, out_w = conv_out_hw(x.shape[2:], k, stride, padding)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"a {k} x {k} kernel does not fit x of shape {tuple(x.shape)} with padding {padding}")
+    if bias is not None and tuple(bias.shape) != (o,):
+        raise ValueError(f"bias must have shape ({o},), got {tuple(bias.shape)}")
+    if dy is not None and tuple(dy.shape) != (x.shape[0], o, out_h, out_w):
+        raise ValueError(f"dy must have shape {(x.shape[0], o, out_h, out_w)}, got {tuple(dy.shape)}")
+    return out_h, out_w
+
+
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: int, padding: int) -> np.ndarray:
     """The convolution y[n, o, a, b] = sum_{c,i,j} W[o, c, i, j] x_pad[n, c, a s + i, b s + j] + b[o]
     (N, O, H_out, W_out) of x (N, C, H, W) by W (O, C, k, k), as the product W_mat P[n] with the
     whole batch's patches (:func:`im2col`; ``bias`` None: no bias)."""
-    out_h, out_w = conv_out_hw(x.shape[2:], weight.shape[2], stride, padding)
+    out_h, out_w = check_conv_shapes(x, weight.shape, bias, None, stride, padding)
     y = np.matmul(weight.reshape(weight.shape[0], -1), im2col(x, weight.shape[2], stride, padding))
     if bias is not None:
         y += bias[:, None]
@@ -193,9 +212,10 @@ def conv2d_grads(x: np.ndarray, dy: np.ndarray, kernel: int, stride: int, paddin
     dW[o, c, i, j] = sum_{n,a,b} dy[n, o, a, b] x_pad[n, c, a s + i, b s + j] (O, C, k, k) and
     db[o] = sum_{n,a,b} dy[n, o, a, b], for x (N, C, H, W) and dy (N, O, H_out, W_out):
     dW = sum_n dy_n P[n]^T with the patches of :func:`im2col`."""
-    deltas = dy.reshape(dy.shape[0], dy.shape[1], -1)
+    out_h, out_w = check_conv_shapes(x, (dy.shape[1], x.shape[1], kernel, kernel), None, dy, stride, padding)
+    deltas = dy.reshape(dy.shape[0], dy.shape[1], out_h * out_w)
     dw = np.matmul(deltas, im2col(x, kernel, stride, padding).transpose(0, 2, 1)).sum(axis=0)
-    return dw.reshape(dy.shape[1], x.shape[1], kernel, kernel), deltas.sum(axis=(0, 2))
+    return dw.reshape(dy.shape[1], x.shape[1], kernel, kernel), deltas.sum(axis=(0, 2)).astype(dw.dtype, copy=False)
 
 
 def pool_index_dtype(kernel: int):
